@@ -1,0 +1,329 @@
+"""Typed run configuration: frozen dataclasses, TOML recipes and dotted overrides.
+
+Precedence: dataclass defaults < recipe TOML < dotted CLI overrides (`train.global_batch_size=512`).
+The defaults are the embedded smoke run (synthetic data, tiny model, CPU), so
+`clipscale train` with no recipe trains something real. Every component owns its own config
+dataclass and receives only that; `Config` composes them and is never mutated after `validate`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from clipscale.data.config import DataConfig
+from clipscale.loss import LossConfig
+
+
+class ConfigError(ValueError):
+    """A recipe or override is wrong; the message names the key and what to do."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    name: str = "tiny_cpu"
+    """Run name; the run directory is `output_dir/name`."""
+    output_dir: str = "runs"
+    """Parent directory of run directories."""
+    seed: int = 0
+    """Seed for model init, data order and augmentation."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """`auto` uses CUDA (NCCL) when available, else CPU (gloo)."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    name: str = "clipscale-tiny"
+    """open_clip architecture (`ViT-B-32`, ...) or one shipped in clipscale/model_configs."""
+    embed_dim: int | None = None
+    """Override: joint embedding width."""
+    image_size: int | None = None
+    """Override: input resolution in pixels."""
+    patch_size: int | None = None
+    """Override: ViT patch size in pixels."""
+    vision_width: int | None = None
+    """Override: ViT width (heads = width / 32 for clipscale configs, else head_width kept)."""
+    vision_layers: int | None = None
+    """Override: ViT depth."""
+    text_width: int | None = None
+    """Override: text transformer width (heads = width / 32)."""
+    text_layers: int | None = None
+    """Override: text transformer depth."""
+    context_length: int | None = None
+    """Override: text context length in tokens."""
+    patch_dropout: float = 0.0
+    """Fraction of image patches dropped during training (FLIP)."""
+    dropout: float = 0.0
+    """Residual-path dropout probability in both towers' transformer blocks (0 = off)."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OptimConfig:
+    lr_peak: float = 1e-3
+    """Peak learning rate after warmup."""
+    lr_min_ratio: float = 0.0
+    """Final learning rate as a fraction of lr_peak."""
+    warmup_samples: int = 2_000
+    """Linear warmup length, in samples seen (independent of world size)."""
+    schedule: Literal["cosine", "const-cooldown"] = "cosine"
+    """Decay after warmup: cosine to lr_min, or constant then linear cooldown."""
+    cooldown_samples: int = 0
+    """Cooldown length in samples for `const-cooldown`."""
+    weight_decay: float = 0.1
+    """AdamW weight decay (not applied to gains, biases, logit scale, embeddings)."""
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-6
+    grad_clip_norm: float | None = None
+    """Clip the global gradient norm to this value (None = no clipping)."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    global_batch_size: int = 256
+    """Samples per optimizer step summed over all ranks."""
+    total_samples: int = 25_600
+    """Training length in samples seen."""
+    chunk_size: int | None = None
+    """Gradient-cache chunk size per rank (None = no gradient caching)."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Autocast precision of the forward/backward pass."""
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    """Data parallelism: DDP (replicated) or FSDP2 (fully_shard)."""
+    grad_checkpointing: bool = False
+    """Recompute transformer blocks in backward to save activation memory."""
+    compile: bool = False
+    """torch.compile the model."""
+    log_every_steps: int = 10
+    """Write a metrics line every this many steps."""
+    checkpoint_every_samples: int = 12_800
+    """Save a checkpoint every this many samples (and at the end)."""
+    keep_last: int = 0
+    """Keep only this many latest checkpoints (0 = keep all, needed for scaling evaluations)."""
+    num_threads: int | None = None
+    """torch intra-op threads per process on CPU (None = cores / local processes)."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EvalConfig:
+    zeroshot_dir: str = "data/synthetic/zeroshot"
+    """Directory of a zero-shot set: shards + classnames.json + templates.json."""
+    batch_size: int = 256
+    """Evaluation batch size."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LogConfig:
+    wandb: Literal["disabled", "offline", "online"] = "disabled"
+    """Weights & Biases mode."""
+    wandb_project: str = "clipscale"
+    progress_bar: bool = True
+    """Rank-0 progress bar on stderr."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Config:
+    run: RunConfig = dataclasses.field(default_factory=RunConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    log: LogConfig = dataclasses.field(default_factory=LogConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.output_dir) / self.run.name
+
+
+# ---------------------------------------------------------------------------------------------
+# Building a Config from nested dicts with type checks and helpful errors.
+
+
+def _nearest(key: str, options: typing.Iterable[str]) -> str:
+    match = difflib.get_close_matches(key, list(options), n=1)
+    return f"; did you mean '{match[0]}'?" if match else f"; valid keys: {', '.join(sorted(options))}"
+
+
+def _check_type(path: str, value: Any, tp: Any) -> Any:
+    """Return `value` if it matches the annotation `tp` (ints accepted for floats), else raise."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arm in typing.get_args(tp):
+            try:
+                return _check_type(path, value, arm)
+            except ConfigError as e:
+                errors.append(e)
+        raise ConfigError(f"{path}: got {value!r}, expected {_type_name(tp)}")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{path}: got {value!r}, expected one of {list(typing.get_args(tp))}")
+        return value
+    if tp is type(None):
+        if value is not None:
+            raise ConfigError(f"{path}: expected None")
+        return None
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool):
+        if isinstance(value, bool) and tp is not bool or not isinstance(value, tp):
+            raise ConfigError(f"{path}: got {value!r} ({type(value).__name__}), expected {tp.__name__}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: got {value!r}, expected a list")
+        (item_tp, _) = typing.get_args(tp)
+        return tuple(_check_type(f"{path}[{i}]", v, item_tp) for i, v in enumerate(value))
+    raise ConfigError(f"{path}: unsupported annotation {tp}")  # pragma: no cover
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return f"one of {list(typing.get_args(tp))}"
+    return getattr(tp, "__name__", str(tp)).replace("NoneType", "None")
+
+
+def _build(cls: type, values: dict[str, Any], path: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        full = f"{path}.{key}" if path else key
+        if key not in fields:
+            raise ConfigError(f"unknown config key '{full}'{_nearest(key, fields)}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"'{full}' is a section; write [{full}] with keys inside it")
+            kwargs[key] = _build(tp, value, full)
+        else:
+            kwargs[key] = _check_type(full, value, tp)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{path or 'config'}: {e}") from e
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for p in parents:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{dotted}': '{p}' is a value, not a section")
+    node[leaf] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`key.sub=VALUE` -> (key.sub, value); VALUE is read as TOML, else taken as a string."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like section.key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.strip(), value
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe not found: {path}")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"recipe {path} is not valid TOML: {e}") from e
+
+
+def load_config(recipe: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Defaults < recipe < overrides, type-checked; raises ConfigError naming the bad key."""
+    tree: dict[str, Any] = read_toml(recipe) if recipe else {}
+    tree.pop("sweep", None)  # a sweep recipe is also a valid base recipe
+    for text in overrides:
+        _set_dotted(tree, *parse_override(text))
+    return _build(Config, tree, "")
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(tree: dict[str, Any]) -> Config:
+    return _build(Config, tree, "")
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(config_to_dict(cfg), indent=2) + "\n")
+
+
+def validate_for_world(cfg: Config, world_size: int) -> None:
+    """Cross-field checks that depend on the launch; run before any process group starts."""
+    t = cfg.train
+    if t.global_batch_size % world_size:
+        raise ConfigError(
+            f"train.global_batch_size={t.global_batch_size} is not divisible by the world size "
+            f"{world_size}; set it to a multiple of {world_size}"
+        )
+    per_rank = t.global_batch_size // world_size
+    if t.chunk_size is not None and not 0 < t.chunk_size:
+        raise ConfigError(f"train.chunk_size={t.chunk_size} must be positive (or unset to disable)")
+    if t.total_samples < t.global_batch_size:
+        raise ConfigError(
+            f"train.total_samples={t.total_samples} is less than one global batch "
+            f"({t.global_batch_size}); raise it"
+        )
+    if t.precision == "fp16" and t.parallel == "fsdp":
+        raise ConfigError("train.precision='fp16' with train.parallel='fsdp' is unsupported; use bf16")
+    del per_rank
+
+
+def load_sweep(recipe: str | Path) -> list[tuple[str, list[str]]]:
+    """Expand a sweep recipe into (run name, overrides) pairs.
+
+    A sweep recipe is a normal recipe plus a `[sweep]` table whose entries are axes: lists of
+    override sets `{ name = "w64", "model.vision_width" = 64, ... }`. Runs are the product of
+    the axes, named `<run.name>-<name>-<name>...`.
+    """
+    import itertools
+
+    tree = read_toml(recipe)
+    axes = tree.get("sweep")
+    if not isinstance(axes, dict) or not axes:
+        raise ConfigError(f"{recipe}: no [sweep] table with axes")
+    base = load_config(recipe).run.name
+    options: list[list[tuple[str, list[str]]]] = []
+    for axis, entries in axes.items():
+        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+            raise ConfigError(f"sweep.{axis} must be a list of inline tables of overrides")
+        axis_opts = []
+        for i, entry in enumerate(entries):
+            entry = dict(entry)
+            label = str(entry.pop("name", f"{axis}{i}"))
+            axis_opts.append((label, [f"{k}={_toml_value(v)}" for k, v in entry.items()]))
+        options.append(axis_opts)
+    runs = []
+    for combo in itertools.product(*options):
+        name = "-".join([base] + [label for label, _ in combo])
+        overrides = [o for _, ovs in combo for o in ovs] + [f"run.name={_toml_value(name)}"]
+        load_config(recipe, overrides)  # fail now, naming the key, not minutes into the sweep
+        runs.append((name, overrides))
+    return runs
+
+
+def _toml_value(v: Any) -> str:
+    return json.dumps(v) if not isinstance(v, bool) else str(v).lower()
