@@ -63,8 +63,10 @@ class ModelConfig:
     """Override: text context length in tokens."""
     patch_dropout: float = 0.0
     """Fraction of image patches dropped during training (FLIP)."""
-    dropout: float = 0.0
-    """Residual-path dropout probability in both towers' transformer blocks (0 = off)."""
+    init_logit_scale: float | None = None
+    """Initial log logit scale (None = open_clip's ln(1/0.07); SigLIP uses ln(10))."""
+    init_logit_bias: float | None = None
+    """Initial logit bias; setting it adds the learnable bias SigLIP needs (SigLIP uses -10)."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -287,6 +289,8 @@ def validate_for_world(cfg: Config, world_size: int) -> None:
             f"train.total_samples={t.total_samples} is less than one global batch "
             f"({t.global_batch_size}); raise it"
         )
+    if cfg.loss.kind == "siglip" and cfg.model.init_logit_bias is None:
+        raise ConfigError("loss.kind='siglip' needs a logit bias: set model.init_logit_bias=-10.0")
     if t.precision == "fp16" and t.parallel == "fsdp":
         raise ConfigError("train.precision='fp16' with train.parallel='fsdp' is unsupported; use bf16")
     del per_rank

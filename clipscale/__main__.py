@@ -1,0 +1,3 @@
+from clipscale.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,137 @@
+"""Sharded checkpoints with torch.distributed.checkpoint (DCP): atomic, resumable, prunable.
+
+Layout of `RUN_DIR/checkpoints/`:
+
+    step_000100/            a complete checkpoint (only complete ones carry this name)
+        .metadata, *.distcp DCP shards of {"model": ..., "optim": ...}
+        meta.json           {"step", "samples_seen", "loader", "config"} (written last)
+        rng_rank{r}.pt      per-rank RNG states (python, numpy, torch, cuda)
+    step_000200.tmp/        being written; never loaded, removed on the next save
+    latest                  name of the newest complete checkpoint
+
+A checkpoint is written under a `.tmp` name by all ranks and renamed by rank 0 after a barrier,
+so a job killed mid-save leaves the previous checkpoint as `latest`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+
+from clipscale import dist
+
+log = logging.getLogger(__name__)
+META = "meta.json"
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (a `.tmp` or meta-less directory is not complete)."""
+    if not ckpt_dir.is_dir():
+        return []
+    found = [p for p in ckpt_dir.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp")
+             and (p / META).is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
+
+
+def latest_checkpoint(ckpt_dir: Path) -> Path | None:
+    done = complete_checkpoints(ckpt_dir)
+    return done[-1] if done else None
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    return json.loads((path / META).read_text())
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(
+    ckpt_dir: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,
+    meta: dict[str, Any], keep_last: int = 0,
+) -> Path:
+    """Collective: every rank calls it. Returns the final checkpoint path."""
+    final = ckpt_dir / checkpoint_name(step)
+    tmp = final.with_name(final.name + ".tmp")
+    if dist.rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # a leftover from a killed save
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    torch.save(rng_state(), tmp / f"rng_rank{dist.rank()}.pt")
+    dist.barrier()
+    if dist.rank() == 0:
+        (tmp / META).write_text(json.dumps({"step": step, **meta}, indent=1))
+        if final.exists():  # the same step saved again after a resume
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _write_latest(ckpt_dir, final.name)
+        _prune(ckpt_dir, keep_last)
+    dist.barrier()
+    log.info("saved checkpoint %s", final)
+    return final
+
+
+def _write_latest(ckpt_dir: Path, name: str) -> None:
+    pointer = ckpt_dir / "latest.tmp"
+    pointer.write_text(name + "\n")
+    os.replace(pointer, ckpt_dir / "latest")
+
+
+def _prune(ckpt_dir: Path, keep_last: int) -> None:
+    if keep_last <= 0:
+        return
+    for old in complete_checkpoints(ckpt_dir)[:-keep_last]:
+        shutil.rmtree(old)
+
+
+def load_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Collective: load model + optimizer shards into the (possibly sharded) model; return meta.
+
+    RNG states are restored when this rank saved one (same world size); otherwise the caller's
+    seeding stands.
+    """
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    rng_file = path / f"rng_rank{dist.rank()}.pt"
+    if rng_file.exists():
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    return read_meta(path)
+
+
+def load_model_weights(path: Path, model: torch.nn.Module) -> None:
+    """Load only the model part of a checkpoint into an unwrapped model (one process)."""
+    state = {"model": get_model_state_dict(model)}
+    dcp.load(state, checkpoint_id=str(path))
+    model.load_state_dict(state["model"])

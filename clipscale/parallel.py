@@ -1,0 +1,74 @@
+"""How the model is distributed: DDP or FSDP2, mixed precision, activation checkpointing, compile.
+
+`model.py`-side code never imports torch.distributed; everything about replication and sharding
+is decided here from `TrainConfig`.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.nn.parallel import DistributedDataParallel
+
+from clipscale.config import TrainConfig
+from clipscale.dist import DistInfo
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Residual blocks of both towers of an open_clip CLIP model: the FSDP2 sharding units."""
+    blocks = []
+    for tower in (getattr(model, "visual", None), model):
+        transformer = getattr(tower, "transformer", None)
+        if transformer is not None and hasattr(transformer, "resblocks"):
+            blocks.extend(transformer.resblocks)
+    return blocks
+
+
+def parallelize(model: torch.nn.Module, cfg: TrainConfig, info: DistInfo) -> torch.nn.Module:
+    """Apply activation checkpointing, then FSDP2 or DDP, then torch.compile, in that order.
+
+    Order matters: checkpointing wraps block forwards before sharding hooks are installed, and
+    compile sees the final module so it traces the communication hooks too.
+    """
+    if cfg.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    if cfg.parallel == "fsdp":
+        model = shard_fsdp(model, precision=cfg.precision)
+    elif info.world_size > 1:
+        device_ids = [info.device.index] if info.device.type == "cuda" else None
+        model = DistributedDataParallel(model, device_ids=device_ids)
+    if cfg.compile:
+        model = torch.compile(model)
+    return model
+
+
+def shard_fsdp(model: torch.nn.Module, *, precision: str, reshard_after_forward: bool = True) -> torch.nn.Module:
+    """fully_shard each transformer block of both towers, then the root (embeddings, heads).
+
+    Parameters stay fp32 (the optimizer's master copy); compute runs in `precision` and gradients
+    are reduced in fp32.
+    """
+    policy = MixedPrecisionPolicy(param_dtype=DTYPES[precision], reduce_dtype=torch.float32)
+    for block in transformer_blocks(model):
+        fully_shard(block, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    return model
+
+
+def autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast for DDP / single-process runs; FSDP2 handles dtypes through its policy."""
+    if cfg.precision == "fp32" or cfg.parallel == "fsdp":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=DTYPES[cfg.precision])
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The open_clip model under DDP / compile wrappers (FSDP2 modifies in place)."""
+    model = getattr(model, "_orig_mod", model)
+    return model.module if isinstance(model, DistributedDataParallel) else model
