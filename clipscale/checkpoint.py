@@ -19,6 +19,7 @@ import logging
 import os
 import random
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,8 @@ from torch.distributed.checkpoint.state_dict import (
 from clipscale import dist
 
 log = logging.getLogger(__name__)
+# Single-process save/load (world size 1, `clipscale eval`) is intended, not a misconfiguration.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
 META = "meta.json"
 
 

@@ -1,0 +1,93 @@
+import pytest
+
+from clipscale.config import Config, ConfigError, load_config, load_sweep, validate_for_world
+
+
+def write(tmp_path, text, name="r.toml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_defaults_are_the_embedded_tiny_run():
+    cfg = load_config()
+    assert cfg == Config()
+    assert cfg.model.name == "clipscale-tiny"
+    assert cfg.train.total_samples % cfg.train.global_batch_size == 0
+
+
+def test_precedence_defaults_recipe_overrides(tmp_path):
+    recipe = write(tmp_path, "[train]\nglobal_batch_size = 64\ntotal_samples = 640\n[optim]\nlr_peak = 5e-4\n")
+    cfg = load_config(recipe, ["train.global_batch_size=32", "run.name=x"])
+    assert cfg.train.global_batch_size == 32  # override beats recipe
+    assert cfg.train.total_samples == 640  # recipe beats default
+    assert cfg.optim.lr_peak == 5e-4
+    assert cfg.optim.weight_decay == Config().optim.weight_decay  # default kept
+    assert cfg.run.name == "x"
+
+
+def test_int_accepted_for_float_and_none_for_optional(tmp_path):
+    cfg = load_config(None, ["optim.lr_peak=1", "train.chunk_size=16"])
+    assert cfg.optim.lr_peak == 1.0 and isinstance(cfg.optim.lr_peak, float)
+    assert cfg.train.chunk_size == 16
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("train.global_batchsize=3", "did you mean 'global_batch_size'"),
+        ("trian.total_samples=3", "did you mean 'train'"),
+        ("train.global_batch_size=abc", "train.global_batch_size"),
+        ("train.global_batch_size=2.5", "expected int"),
+        ("train.precision='fp8'", "one of ['fp32', 'bf16', 'fp16']"),
+        ("log.progress_bar=1", "log.progress_bar"),
+        ("train=3", "'train' is a section"),
+        ("novalue", "must look like section.key=value"),
+    ],
+)
+def test_bad_overrides_name_the_key(override, needle):
+    with pytest.raises(ConfigError, match=None) as err:
+        load_config(None, [override])
+    assert needle in str(err.value)
+
+
+def test_recipe_errors_name_the_file_or_key(tmp_path):
+    with pytest.raises(ConfigError, match="recipe not found: .*missing.toml"):
+        load_config(tmp_path / "missing.toml")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(write(tmp_path, "[train\n"))
+    with pytest.raises(ConfigError, match="unknown config key 'model.widht'"):
+        load_config(write(tmp_path, "[model]\nwidht = 3\n"))
+
+
+def test_cross_field_checks_say_what_to_set():
+    cfg = load_config(None, ["train.global_batch_size=100"])
+    with pytest.raises(ConfigError, match="not divisible by the world size 3; set it to a multiple of 3"):
+        validate_for_world(cfg, 3)
+    validate_for_world(cfg, 2)
+    with pytest.raises(ConfigError, match="model.init_logit_bias"):
+        validate_for_world(load_config(None, ["loss.kind='siglip'"]), 1)
+    with pytest.raises(ConfigError, match="less than one global batch"):
+        validate_for_world(load_config(None, ["train.total_samples=10"]), 1)
+
+
+def test_sweep_is_the_product_of_axes(tmp_path):
+    recipe = write(tmp_path, """
+[run]
+name = "grid"
+[sweep]
+model = [ { name = "s", "model.vision_width" = 32 }, { name = "m", "model.vision_width" = 64 } ]
+samples = [ { name = "short", "train.total_samples" = 512 }, { name = "long", "train.total_samples" = 1024 } ]
+""")
+    runs = load_sweep(recipe)
+    assert [name for name, _ in runs] == ["grid-s-short", "grid-s-long", "grid-m-short", "grid-m-long"]
+    cfgs = {name: load_config(recipe, ovs) for name, ovs in runs}
+    assert cfgs["grid-m-long"].model.vision_width == 64
+    assert cfgs["grid-m-long"].train.total_samples == 1024
+    assert cfgs["grid-m-long"].run.name == "grid-m-long"
+
+
+def test_sweep_with_bad_key_fails_before_any_run(tmp_path):
+    recipe = write(tmp_path, '[sweep]\nm = [ { "model.vision_widht" = 3 } ]\n')
+    with pytest.raises(ConfigError, match="did you mean 'vision_width'"):
+        load_sweep(recipe)
