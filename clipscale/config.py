@@ -98,8 +98,8 @@ class TrainConfig:
     """Training length in samples seen."""
     chunk_size: int | None = None
     """Gradient-cache chunk size per rank (None = no gradient caching)."""
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    """Autocast precision of the forward/backward pass."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """Compute precision: fp32, or bf16 autocast (DDP) / bf16 params with fp32 reduce (FSDP2)."""
     parallel: Literal["ddp", "fsdp"] = "ddp"
     """Data parallelism: DDP (replicated) or FSDP2 (fully_shard)."""
     grad_checkpointing: bool = False
@@ -112,6 +112,8 @@ class TrainConfig:
     """Save a checkpoint every this many samples (and at the end)."""
     keep_last: int = 0
     """Keep only this many latest checkpoints (0 = keep all, needed for scaling evaluations)."""
+    max_nonfinite_steps: int = 5
+    """Stop (after saving) when this many consecutive steps had non-finite loss or gradients."""
     num_threads: int | None = None
     """torch intra-op threads per process on CPU (None = cores / local processes)."""
 
@@ -291,8 +293,6 @@ def validate_for_world(cfg: Config, world_size: int) -> None:
         )
     if cfg.loss.kind == "siglip" and cfg.model.init_logit_bias is None:
         raise ConfigError("loss.kind='siglip' needs a logit bias: set model.init_logit_bias=-10.0")
-    if t.precision == "fp16" and t.parallel == "fsdp":
-        raise ConfigError("train.precision='fp16' with train.parallel='fsdp' is unsupported; use bf16")
     del per_rank
 
 

@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from clipscale.config import LogConfig
 
 log = logging.getLogger(__name__)
@@ -87,17 +89,26 @@ def _fmt(v: Any) -> str:
 
 
 class StepTimer:
-    """Wall-clock phases of a step (data wait, compute), in seconds."""
+    """Wall-clock phases of a step (data wait, forward, backward, optimizer), in seconds.
 
-    def __init__(self) -> None:
+    With `sync` set, the device is synchronised at each lap so GPU phases are timed exactly; the
+    loop sets it only on logged steps, leaving the other steps free of host-device syncs.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.sync = False
         self.marks: dict[str, float] = {}
         self._t = time.perf_counter()
 
     def lap(self, phase: str) -> None:
+        if self.sync and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # host sync: logged steps only
         now = time.perf_counter()
         self.marks[phase] = self.marks.get(phase, 0.0) + now - self._t
         self._t = now
 
     def pop(self) -> dict[str, float]:
+        """Phase totals since the last pop (the whole log interval), then reset."""
         marks, self.marks = self.marks, {}
         return marks

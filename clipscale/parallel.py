@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 
 import torch
+from torch.distributed.tensor import DTensor
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
@@ -17,7 +19,7 @@ from clipscale.dist import DistInfo
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -72,3 +74,15 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The open_clip model under DDP / compile wrappers (FSDP2 modifies in place)."""
     model = getattr(model, "_orig_mod", model)
     return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def global_grad_norm(model: torch.nn.Module, *, max_norm: float | None) -> torch.Tensor:
+    """L2 norm of all gradients across ranks (and shards), clipping to `max_norm` when given.
+
+    With FSDP2 the gradients are DTensors; the norm is reduced over the mesh and returned as a
+    plain tensor so every rank sees the same value.
+    """
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm is not None else math.inf)
+    if isinstance(norm, DTensor):
+        norm = norm.full_tensor()
+    return norm

@@ -1,11 +1,13 @@
 """The training loop: fetch -> step -> maybe checkpoint -> log, over a global batch.
 
     python -m clipscale train recipes/tiny_cpu.toml                        # one process
-    torchrun --nproc_per_node=2 -m clipscale train recipes/tiny_cpu.toml   # DDP on gloo/NCCL
+    torchrun --nproc_per_node=2 -m clipscale train recipes/tiny_cpu.toml   # DDP/FSDP2, gloo or NCCL
     clipscale train RECIPE train.global_batch_size=512 run.name=b512       # dotted overrides
 
 The run directory `RUN_DIR = run.output_dir/run.name` holds config.json, metrics.jsonl and
 checkpoints/; starting a run whose directory has a complete checkpoint resumes from it.
+SIGUSR1 or SIGTERM: the current step finishes, a checkpoint is saved and every rank exits with
+`EXIT_PREEMPTED`, so a scheduler can requeue the job and the next start resumes.
 """
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ import dataclasses
 import logging
 import math
 import os
+import resource
+import signal
 import time
 from pathlib import Path
 
@@ -24,19 +28,51 @@ from clipscale.data.pipeline import build_train_loader, normalize_images
 from clipscale.dist import DistInfo, all_reduce_mean, destroy_distributed, init_distributed
 from clipscale.gradcache import gradcache_step
 from clipscale.loss import contrastive_loss
-from clipscale.metrics import MetricsLogger, StepTimer
+from clipscale.metrics import MetricsLogger, StepTimer, mfu, peak_flops
 from clipscale.models import ModelBundle, build_model, count_params, gmacs_per_sample
 from clipscale.optim import build_optimizer, lr_at, set_lr
-from clipscale.parallel import autocast, parallelize, unwrap
+from clipscale.parallel import autocast, global_grad_norm, parallelize, unwrap
 
 log = logging.getLogger(__name__)
 MAX_LOGIT_SCALE = math.log(100)  # temperature floor of 0.01 (Radford et al. 2021)
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: saved on a signal, resume by starting again
+
+
+class Preempted(SystemExit):
+    def __init__(self) -> None:
+        super().__init__(EXIT_PREEMPTED)
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
 
 
 @dataclasses.dataclass
 class Progress:
     step: int = 0
     samples_seen: int = 0
+    skipped_steps: int = 0
+
+
+@dataclasses.dataclass
+class StepResult:
+    loss: torch.Tensor
+    grad_norm: torch.Tensor
+    skipped: bool  # loss or gradients were non-finite on some rank: no update
+    stop: bool  # some rank received a stop signal
+
+
+class StopSignal:
+    """Remembers SIGUSR1/SIGTERM; the loop acts on it at a step boundary, agreed across ranks."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        log.warning("received %s: stopping after this step", signal.Signals(signum).name)
+        self.requested = True
 
 
 def train(cfg: Config) -> Path:
@@ -54,84 +90,121 @@ def _train(cfg: Config, info: DistInfo) -> Path:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.json")
     configure_threads(cfg, info)
+    stop_signal = StopSignal()
     torch.manual_seed(cfg.run.seed)  # identical initialisation on every rank
     bundle = build_model(cfg.model, device=info.device)
     model = parallelize(bundle.model, cfg.train, info)
     optimizer = build_optimizer(model, cfg.optim)
-    batch_per_rank = cfg.train.global_batch_size // info.world_size
     loader = build_train_loader(
         cfg.data, tokenizer=bundle.tokenizer, image_size=bundle.image_size,
-        batch_size=batch_per_rank, rank=info.rank, world_size=info.world_size, seed=cfg.run.seed,
+        batch_size=cfg.train.global_batch_size // info.world_size, rank=info.rank,
+        world_size=info.world_size, seed=cfg.run.seed,
     )
     progress = resume(run_dir / "checkpoints", model=model, optimizer=optimizer, loader=loader)
     torch.manual_seed(cfg.run.seed * 1000 + info.rank + progress.step)  # per-rank stochastic layers
     total_steps = cfg.train.total_samples // cfg.train.global_batch_size
     metrics = MetricsLogger(run_dir, cfg.log, enabled=info.is_main, total_steps=total_steps,
                             config=config_to_dict(cfg), start_step=progress.step)
+    gmacs = gmacs_per_sample(bundle)
     if progress.step == 0:
-        metrics.log({"step": 0, "params": count_params(unwrap(model)),
-                     "gmacs_per_sample": gmacs_per_sample(bundle), "world_size": info.world_size})
+        metrics.log({"step": 0, "params": count_params(unwrap(model)), "gmacs_per_sample": gmacs,
+                     "world_size": info.world_size})
     try:
         run_loop(cfg, info, model=model, optimizer=optimizer, loader=loader, bundle=bundle,
-                 progress=progress, total_steps=total_steps, metrics=metrics)
+                 progress=progress, total_steps=total_steps, metrics=metrics, stop_signal=stop_signal,
+                 flops_per_sample=3 * 2e9 * gmacs)
     finally:
         metrics.close()
     return run_dir
 
 
 def run_loop(cfg: Config, info: DistInfo, *, model, optimizer, loader, bundle: ModelBundle,
-             progress: Progress, total_steps: int, metrics: MetricsLogger) -> None:
+             progress: Progress, total_steps: int, metrics: MetricsLogger, stop_signal: StopSignal,
+             flops_per_sample: float) -> None:
     batches = iter(loader)
-    timer = StepTimer()
+    timer = StepTimer(info.device)
+    peak = peak_flops(torch.cuda.get_device_name(info.device)) if info.device.type == "cuda" else None
+    global_batch, t = cfg.train.global_batch_size, cfg.train
+    nonfinite_streak = 0
     t_log, samples_at_log = time.perf_counter(), progress.samples_seen
-    global_batch = cfg.train.global_batch_size
     while progress.step < total_steps:
+        timer.sync = (progress.step + 1) % t.log_every_steps == 0  # exact phase times on log steps
         batch = next(batches)  # fetch
         images = normalize_images(batch.images.to(info.device, non_blocking=True), mean=bundle.mean, std=bundle.std)
         texts = batch.texts.to(info.device, non_blocking=True)
         timer.lap("data_s")
-        lr = lr_at(progress.samples_seen + global_batch, cfg=cfg.optim, total_samples=cfg.train.total_samples)
+        lr = lr_at(progress.samples_seen + global_batch, cfg=cfg.optim, total_samples=t.total_samples)
         set_lr(optimizer, lr)
-        loss = train_step(model, images, texts, optimizer=optimizer, cfg=cfg, device=info.device)
-        timer.lap("step_s")
+        result = train_step(model, images, texts, optimizer=optimizer, cfg=cfg, device=info.device,
+                            timer=timer, stop_requested=stop_signal.requested)
         progress.step += 1
         progress.samples_seen += global_batch
         metrics.advance()
-
-        if crossed(progress.samples_seen, global_batch, cfg.train.checkpoint_every_samples) or progress.step == total_steps:
+        nonfinite_streak = nonfinite_streak + 1 if result.skipped else 0
+        progress.skipped_steps += result.skipped
+        if nonfinite_streak >= t.max_nonfinite_steps:
             save(cfg, model=model, optimizer=optimizer, loader=loader, progress=progress)
-        if progress.step % cfg.train.log_every_steps == 0 or progress.step == total_steps:
+            raise NonFiniteLoss(
+                f"{nonfinite_streak} consecutive steps with non-finite loss or gradients at step "
+                f"{progress.step}; saved the last good weights (updates were skipped). Lower "
+                f"optim.lr_peak, set optim.grad_clip_norm, or use train.precision='bf16'")
+
+        last = progress.step == total_steps
+        if crossed(progress.samples_seen, global_batch, t.checkpoint_every_samples) or last or result.stop:
+            save(cfg, model=model, optimizer=optimizer, loader=loader, progress=progress)
+        if progress.step % t.log_every_steps == 0 or last:
             elapsed = time.perf_counter() - t_log
-            samples_per_s = (progress.samples_seen - samples_at_log) / elapsed
+            per_device = (progress.samples_seen - samples_at_log) / elapsed / info.world_size
             t_log, samples_at_log = time.perf_counter(), progress.samples_seen
             metrics.log({
                 "step": progress.step, "samples_seen": progress.samples_seen,
-                "loss": all_reduce_mean(loss).item(),  # host sync: once per log interval
-                "lr": lr, "logit_scale": unwrap(model).logit_scale.exp().item(),
-                "samples_per_s": samples_per_s, "samples_per_s_per_device": samples_per_s / info.world_size,
+                "loss": all_reduce_mean(result.loss).item(),  # host sync: once per log interval
+                "grad_norm": result.grad_norm.item(), "lr": lr,
+                "logit_scale": unwrap(model).logit_scale.exp().item(),
+                "samples_per_s": per_device * info.world_size, "samples_per_s_per_device": per_device,
+                "mfu": mfu(flops_per_sample=flops_per_sample, samples_per_s_per_device=per_device, peak=peak),
+                "skipped_steps": progress.skipped_steps, "max_memory_gb": max_memory_gb(info.device),
                 **timer.pop(), **{f"data_{k}": v for k, v in loader.counters().items()},
             })
+        if result.stop:
+            log.warning("stopped at step %d on a signal; start the run again to resume", progress.step)
+            raise Preempted()
 
 
 def train_step(model: torch.nn.Module, images: torch.Tensor, texts: torch.Tensor, *,
-               optimizer: torch.optim.Optimizer, cfg: Config, device: torch.device) -> torch.Tensor:
-    """One optimizer step on this rank's share of the global batch; returns the detached loss."""
+               optimizer: torch.optim.Optimizer, cfg: Config, device: torch.device,
+               timer: StepTimer, stop_requested: bool = False) -> StepResult:
+    """One optimizer step on this rank's share of the global batch (B_rank samples)."""
     optimizer.zero_grad(set_to_none=True)
     if cfg.train.chunk_size:
         with autocast(cfg.train, device):
             loss = gradcache_step(model, images, texts, chunk_size=cfg.train.chunk_size, loss_cfg=cfg.loss)
+        timer.lap("forward_backward_s")
     else:
         with autocast(cfg.train, device):
             out = model(images, texts)
         loss = contrastive_loss(cfg.loss, out["image_features"].float(), out["text_features"].float(),
                                 out["logit_scale"].float(), out.get("logit_bias"))
+        timer.lap("forward_s")
         loss.backward()
-    if cfg.optim.grad_clip_norm is not None:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip_norm)
-    optimizer.step()
-    with torch.no_grad():
-        unwrap(model).logit_scale.clamp_(0, MAX_LOGIT_SCALE)
-    return loss.detach()
+        timer.lap("backward_s")
+    grad_norm = global_grad_norm(model, max_norm=cfg.optim.grad_clip_norm)
+    skipped, stop = agree_on_flags(~torch.isfinite(loss.detach()) | ~torch.isfinite(grad_norm), stop_requested)
+    if not skipped:
+        optimizer.step()
+        with torch.no_grad():
+            unwrap(model).logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+    timer.lap("optimizer_s")
+    return StepResult(loss=loss.detach(), grad_norm=grad_norm, skipped=skipped, stop=stop)
+
+
+def agree_on_flags(nonfinite: torch.Tensor, stop_requested: bool) -> tuple[bool, bool]:
+    """Whether any rank saw a non-finite value or a stop signal (one all_reduce, one host sync)."""
+    flags = torch.stack([nonfinite.float().reshape(()), torch.tensor(float(stop_requested), device=nonfinite.device)])
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+    skipped, stop = flags.tolist()  # host sync: every step, so every rank takes the same branch
+    return bool(skipped), bool(stop)
 
 
 def crossed(samples_seen: int, batch: int, every: int) -> bool:
@@ -140,7 +213,8 @@ def crossed(samples_seen: int, batch: int, every: int) -> bool:
 
 
 def save(cfg: Config, *, model, optimizer, loader, progress: Progress) -> None:
-    meta = {"samples_seen": progress.samples_seen, "loader": loader.state_dict(), "config": config_to_dict(cfg)}
+    meta = {"samples_seen": progress.samples_seen, "skipped_steps": progress.skipped_steps,
+            "loader": loader.state_dict(), "config": config_to_dict(cfg)}
     ckpt.save_checkpoint(cfg.run_dir / "checkpoints", model=model, optimizer=optimizer, step=progress.step,
                          meta=meta, keep_last=cfg.train.keep_last)
 
@@ -152,7 +226,8 @@ def resume(ckpt_dir: Path, *, model, optimizer, loader) -> Progress:
     meta = ckpt.load_checkpoint(latest, model=model, optimizer=optimizer)
     loader.load_state_dict(meta["loader"])
     log.info("resumed from %s (step %d, %d samples)", latest, meta["step"], meta["samples_seen"])
-    return Progress(step=meta["step"], samples_seen=meta["samples_seen"])
+    return Progress(step=meta["step"], samples_seen=meta["samples_seen"],
+                    skipped_steps=meta.get("skipped_steps", 0))
 
 
 def configure_threads(cfg: Config, info: DistInfo) -> None:
@@ -162,3 +237,9 @@ def configure_threads(cfg: Config, info: DistInfo) -> None:
     local_procs = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     threads = cfg.train.num_threads or max(1, (os.cpu_count() or 1) // local_procs)
     torch.set_num_threads(threads)
+
+
+def max_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB, process peak RSS
