@@ -1,4 +1,4 @@
-"""The `clipscale` command: train, eval, fit, data, demo, bench."""
+"""The `clipscale` command: train, eval, fit, data, demo, export, bench."""
 from __future__ import annotations
 
 import argparse
@@ -71,6 +71,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from clipscale.checkpoint import export_open_clip
+
+    weights = export_open_clip(args.checkpoint, args.out)
+    print(f"weights: {weights}\nload with: open_clip.create_model('local-dir:{weights.parent}')")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     module = importlib.import_module(f"clipscale.bench.{args.name}")
     return module.main(args.bench_args) or 0
@@ -110,6 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", default=str(Path(__file__).resolve().parents[1] / "recipes" / "scaling_tiny.toml"))
     p.add_argument("--nproc", type=int, default=2, help="processes per run (torchrun)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("export", help="export a checkpoint as an open_clip model directory")
+    p.add_argument("checkpoint", help="checkpoint directory, or a run directory (its latest checkpoint)")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("bench", help=f"benchmarks writing JSON: {', '.join(BENCHMARKS)}")
     p.add_argument("name", choices=BENCHMARKS)
