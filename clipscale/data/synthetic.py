@@ -23,7 +23,6 @@ import logging
 import math
 import os
 import re
-import shutil
 import tarfile
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -228,8 +227,9 @@ def _prepare_dir(directory: Path) -> None:
     """Create `directory` and drop shards of an earlier generation with other parameters."""
     directory.mkdir(parents=True, exist_ok=True)
     for p in directory.iterdir():
-        if _SHARD_RE.match(p.name) or p.name.startswith("."):
-            p.unlink() if p.is_file() else shutil.rmtree(p)
+        leftover = p.name.startswith(".") and ".tmp" in p.name  # from a killed earlier run
+        if p.is_file() and (_SHARD_RE.match(p.name) or leftover):
+            p.unlink()
 
 
 def _specs(out: Path, params: dict[str, Any]) -> dict[str, str]:
