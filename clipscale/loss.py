@@ -47,14 +47,16 @@ def contrastive_loss(
     """This rank's scalar loss for the configured kind, mode and form.
 
     image_features, text_features: (B_local, D), L2-normalised, equal B_local on every rank;
-    logit_scale: scalar, already exp()'d; logit_bias: scalar or None (required for SigLIP).
+    logit_scale: scalar or (1,), already exp()'d; logit_bias: scalar, (1,) or None (required for SigLIP).
     Computed in (at least) float32 with autocast disabled, whatever the input dtype.
     """
     if cfg.kind == "siglip" and logit_bias is None:
         raise ValueError("loss.kind='siglip' needs logit_bias; build the model with init_logit_bias (e.g. -10)")
     dtype = torch.promote_types(image_features.dtype, torch.float32)
-    image_features, text_features, logit_scale = (t.to(dtype) for t in (image_features, text_features, logit_scale))
-    logit_bias = logit_bias.to(dtype) if logit_bias is not None else None
+    image_features, text_features = image_features.to(dtype), text_features.to(dtype)
+    # FSDP2 cannot shard 0-d parameters, so sharded models hold them as shape (1,): accept both.
+    logit_scale = logit_scale.to(dtype).reshape(())
+    logit_bias = logit_bias.to(dtype).reshape(()) if logit_bias is not None else None
     with torch.autocast(device_type=image_features.device.type, enabled=False):
         loss_fn = clip_loss if cfg.kind == "clip" else siglip_loss
         return loss_fn(image_features, text_features, logit_scale, logit_bias,
