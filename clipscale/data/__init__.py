@@ -1,0 +1,1 @@
+"""Data: shard specs, the streaming WebDataset pipeline, safe decoding, the synthetic dataset."""
