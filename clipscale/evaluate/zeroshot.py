@@ -57,7 +57,7 @@ def zeroshot_eval(model: torch.nn.Module, *, tokenizer: Callable, preprocess: Ca
                                                    num_classes=len(classnames), batch_size=batch_size):
                 image_features = F.normalize(model.encode_image(images.to(device, dtype)), dim=-1)  # (B, D)
                 logits = image_features @ classifier.to(image_features.dtype)  # (B, C)
-                c1, c5 = topk_correct(logits.float(), labels.to(device), ks=(1, 5))  # host sync
+                c1, c5 = topk_correct(logits, labels.to(device), ks=(1, 5))  # host sync
                 correct1, correct5, num_samples = correct1 + c1, correct5 + c5, num_samples + len(labels)
     finally:
         model.train(was_training)

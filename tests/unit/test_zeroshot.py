@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from clipscale.data.synthetic import write_synthetic_dataset
+from clipscale.evaluate import datasets
 from clipscale.evaluate.datasets import ZeroShotDataError, read_zeroshot_metadata
 from clipscale.evaluate.zeroshot import topk_correct, zeroshot_eval
 
@@ -204,3 +205,22 @@ def test_sample_without_image_names_its_members(tmp_path):
     with pytest.raises(ZeroShotDataError, match=r"000001\.tar:000000009 has members \['cls'\]"):
         zeroshot_eval(fake_model(), tokenizer=tokenizer(), preprocess=to_tensor, zeroshot_dir=tmp_path,
                       device=torch.device("cpu"))
+
+
+def test_empty_set_is_an_error(tmp_path):
+    write_zeroshot_shards(tmp_path, [[]])
+    with pytest.raises(ValueError, match=f"zero-shot set {tmp_path} yielded no samples"):
+        zeroshot_eval(fake_model(), tokenizer=tokenizer(), preprocess=to_tensor, zeroshot_dir=tmp_path,
+                      device=torch.device("cpu"))
+
+
+def test_oversized_and_corrupt_images_are_refused(tmp_path, monkeypatch):
+    write_zeroshot_shards(tmp_path, [[(0, 0)]])
+    monkeypatch.setattr(datasets, "MAX_IMAGE_PIXELS", 24 * 24 - 1)
+    with pytest.raises(ZeroShotDataError, match=r"000000000: image 24x24 exceeds MAX_IMAGE_PIXELS=575"):
+        list(datasets.zeroshot_batches(tmp_path, preprocess=to_tensor, num_classes=8, batch_size=4))
+    with pytest.raises(ZeroShotDataError, match=r"x.tar:k: cannot decode image"):
+        datasets.decode_sample({"__url__": "x.tar", "__key__": "k", "jpg": b"not a jpeg", "cls": b"0"},
+                               num_classes=8)
+    with pytest.raises(ValueError, match="batch_size=0 must be >= 1"):
+        next(datasets.zeroshot_batches(tmp_path, preprocess=to_tensor, num_classes=8, batch_size=0))
