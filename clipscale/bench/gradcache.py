@@ -1,0 +1,152 @@
+"""Gradient-cache benchmark: step-time overhead vs a plain step, and peak memory vs global batch.
+
+    python -m clipscale.bench.gradcache --out gradcache.json --time-batch 128 --batches 64 128 256 512 \\
+        --chunk-size 32
+    clipscale bench gradcache --out gradcache.json ...
+
+Time: plain and gradient-cached steps alternate in one process on the same batch (median of
+`--steps` each), so their ratio is measured under the same machine load. Memory: each (mode,
+batch) runs in a fresh subprocess (see `clipscale.bench`); "extra" is the peak above the steady
+state after a warm-up step (model, gradients, inputs allocated), "total" the process peak.
+Model: a small open_clip ViT CLIP with dropout and patch dropout (`--width`, `--layers`, ...).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import time
+from typing import Any
+
+import torch
+
+from clipscale.bench import (METHOD_CPU, METHOD_CUDA, environment, peak_rss_bytes, rss_bytes, run_isolated,
+                             tiny_clip, write_json)
+from clipscale.gradcache import gradcache_step
+from clipscale.loss import LossConfig, contrastive_loss
+
+log = logging.getLogger(__name__)
+MODEL_KEYS = ("width", "layers", "embed_dim", "image_size", "patch_size", "context_length")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="clipscale bench gradcache", description=__doc__.splitlines()[0])
+    p.add_argument("--out", help="JSON file to write")
+    p.add_argument("--time-batch", type=int, default=128, help="batch of the plain-vs-gradcache timing")
+    p.add_argument("--batches", type=int, nargs="+", default=[64, 128, 256, 512], help="memory sweep")
+    p.add_argument("--chunk-size", type=int, default=32)
+    p.add_argument("--steps", type=int, default=5, help="timed steps per mode (median)")
+    p.add_argument("--width", type=int, default=128)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--embed-dim", type=int, default=128)
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--patch-size", type=int, default=8)
+    p.add_argument("--context-length", type=int, default=32)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--case", help=argparse.SUPPRESS)  # internal: one memory case in this process
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.case:
+        print(json.dumps(memory_case(json.loads(args.case))))  # noqa: T201  (CLI output, read by the parent)
+        return 0
+    if not args.out:
+        raise SystemExit("--out FILE.json is required")
+    model_cfg = {key: getattr(args, key) for key in MODEL_KEYS}
+    timing = time_steps(model_cfg, batch=args.time_batch, chunk_size=args.chunk_size, steps=args.steps,
+                        device=torch.device(args.device))
+    log.info("timing %s", timing)
+    memory = []
+    for mode in ("gradcache", "plain"):
+        for batch in args.batches:
+            case = {"mode": mode, "batch": batch, "chunk_size": args.chunk_size, "device": args.device, **model_cfg}
+            memory.append(run_isolated("clipscale.bench.gradcache", case))
+            log.info("memory %s", memory[-1])
+    write_json(args.out, {"benchmark": "gradcache", "model": model_cfg, "environment": environment(),
+                          "memory_method": METHOD_CUDA if args.device == "cuda" else METHOD_CPU,
+                          "timing": timing, "memory": memory, "summary": summarize(memory)})
+    return 0
+
+
+def build(model_cfg: dict[str, Any], device: torch.device) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return tiny_clip(**model_cfg, vocab_size=49408, dropout=0.1, patch_dropout=0.25).to(device).train()
+
+
+def make_batch(model_cfg: dict[str, Any], batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(batch)
+    images = torch.randn(batch, 3, model_cfg["image_size"], model_cfg["image_size"], generator=gen)
+    texts = torch.randint(0, 49408, (batch, model_cfg["context_length"]), generator=gen)
+    return images.to(device), texts.to(device)
+
+
+def plain_step(model: torch.nn.Module, images: torch.Tensor, texts: torch.Tensor, *, loss_cfg: LossConfig) -> None:
+    out = model(images, texts)
+    contrastive_loss(loss_cfg, out["image_features"], out["text_features"], out["logit_scale"]).backward()
+
+
+def run_step(model, images, texts, *, mode: str, chunk_size: int) -> None:
+    model.zero_grad(set_to_none=False)  # keep gradient buffers: they belong to the steady state
+    if mode == "plain":
+        plain_step(model, images, texts, loss_cfg=LossConfig())
+    else:
+        gradcache_step(model, images, texts, chunk_size=chunk_size, loss_cfg=LossConfig())
+
+
+def time_steps(model_cfg: dict[str, Any], *, batch: int, chunk_size: int, steps: int,
+               device: torch.device) -> dict[str, Any]:
+    """Median seconds per step of plain and gradient-cached steps, interleaved on one batch."""
+    model = build(model_cfg, device)
+    images, texts = make_batch(model_cfg, batch, device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times: dict[str, list[float]] = {"plain": [], "gradcache": []}
+    for step in range(steps + 1):
+        for mode in times:
+            sync()
+            start = time.perf_counter()
+            run_step(model, images, texts, mode=mode, chunk_size=chunk_size)
+            sync()
+            if step > 0:  # step 0 warms up kernels and allocations
+                times[mode].append(time.perf_counter() - start)
+    plain, cached = statistics.median(times["plain"]), statistics.median(times["gradcache"])
+    return {"batch": batch, "chunk_size": chunk_size, "plain_s": plain, "gradcache_s": cached,
+            "ratio_gradcache_over_plain": cached / plain, "times_s": times}
+
+
+def memory_case(case: dict[str, Any]) -> dict[str, Any]:
+    """One (mode, batch) in this fresh process: peak memory of a step above the steady state."""
+    device = torch.device(case["device"])
+    model_cfg = {key: case[key] for key in MODEL_KEYS}
+    model = build(model_cfg, device)
+    warm = make_batch(model_cfg, min(case["batch"], case["chunk_size"]), device)
+    run_step(model, *warm, mode=case["mode"], chunk_size=case["chunk_size"])  # allocates gradients
+    images, texts = make_batch(model_cfg, case["batch"], device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated() if device.type == "cuda" else rss_bytes()
+    run_step(model, images, texts, mode=case["mode"], chunk_size=case["chunk_size"])
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else peak_rss_bytes()
+    return {**case, "steady_mib": before / 2**20, "total_peak_mib": peak / 2**20,
+            "extra_peak_mib": max(0, peak - before) / 2**20}
+
+
+def summarize(memory: list[dict[str, Any]]) -> dict[str, Any]:
+    """Peak memory at the largest batch over the smallest, per mode (extra and total)."""
+    out = {}
+    for mode in ("gradcache", "plain"):
+        rows = sorted((r for r in memory if r["mode"] == mode and "error" not in r), key=lambda r: r["batch"])
+        if len(rows) >= 2:
+            small, large = rows[0], rows[-1]
+            out[mode] = {"batch_ratio": large["batch"] / small["batch"],
+                         "extra_peak_ratio": large["extra_peak_mib"] / small["extra_peak_mib"],
+                         "total_peak_ratio": large["total_peak_mib"] / small["total_peak_mib"]}
+    return out
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    raise SystemExit(main())
