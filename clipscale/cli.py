@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from clipscale.config import ConfigError
+from clipscale.data.shards import DataError
 
 BENCHMARKS = ("loader", "loss", "gradcache", "step")
 
@@ -26,7 +27,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from clipscale.config import load_config, validate_for_world
     from clipscale.train import train
 
-    cfg = load_config(args.recipe, args.overrides)
+    recipe, overrides = args.recipe, list(args.overrides)
+    if recipe is not None and "=" in recipe and not recipe.endswith(".toml"):
+        recipe, overrides = None, [recipe, *overrides]  # no recipe: the first word is an override
+    cfg = load_config(recipe, overrides)
     validate_for_world(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # before any process group
     run_dir = train(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
@@ -136,6 +140,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ConfigError as e:
+    except (ConfigError, DataError) as e:
         print(f"clipscale: error: {e}", file=sys.stderr)
         return 2

@@ -72,4 +72,4 @@ def test_broken_recipes_fail_naming_the_problem(tmp_path, synthetic_data):
     assert bad.returncode == 2 and "train.global_batch_size" in bad.stderr
     missing = tmp_path / "nowhere" / "{000000..000003}.tar"
     bad = run_cli("train", f'data.train_shards="{missing}"', f'run.output_dir="{tmp_path}"', check=False)
-    assert bad.returncode != 0 and "nowhere" in bad.stderr
+    assert bad.returncode == 2 and "do not exist" in bad.stderr and "nowhere" in bad.stderr
