@@ -159,7 +159,7 @@ def export_open_clip(path: str | Path, out_dir: str | Path) -> Path:
     `open_clip_config.json` beside it the directory loads as `open_clip.create_model("local-dir:DIR")`.
     """
     from clipscale.config import config_from_dict
-    from clipscale.models import build_model, resolve_architecture
+    from clipscale.models import SCALAR_PARAMETERS, build_model, resolve_architecture
 
     path = resolve_checkpoint(path)
     cfg = config_from_dict(read_meta(path)["config"])
@@ -168,7 +168,8 @@ def export_open_clip(path: str | Path, out_dir: str | Path) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = out_dir / "open_clip_pytorch_model.bin"
-    torch.save(model.state_dict(), weights.with_suffix(".tmp"))
+    state = {k: v.reshape(()) if k in SCALAR_PARAMETERS else v for k, v in model.state_dict().items()}
+    torch.save(state, weights.with_suffix(".tmp"))
     os.replace(weights.with_suffix(".tmp"), weights)
     config = {"model_cfg": resolve_architecture(cfg.model), "preprocess_cfg": model.visual.preprocess_cfg}
     (out_dir / "open_clip_config.json").write_text(json.dumps(config, indent=2) + "\n")

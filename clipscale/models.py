@@ -17,6 +17,9 @@ from clipscale.config import ConfigError, ModelConfig
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 open_clip.add_model_config(CONFIG_DIR)  # clipscale's own architectures next to open_clip's
+# open_clip's 0-d parameters are stored with shape (1,): FSDP2 cannot shard 0-d tensors, and one
+# shape for every parallelism keeps checkpoints portable between DDP and FSDP2.
+SCALAR_PARAMETERS = ("logit_scale", "logit_bias")
 # Heads of clipscale's own configs scale with width at this fixed head dimension.
 HEAD_WIDTH = 32
 
@@ -93,6 +96,10 @@ def build_model(cfg: ModelConfig, *, device: torch.device | str = "cpu") -> Mode
         cfg.name, pretrained=None, device=device, output_dict=True,
         embed_dim=arch.pop("embed_dim"), **arch,
     )
+    for name in SCALAR_PARAMETERS:
+        param = getattr(model, name, None)
+        if param is not None:
+            setattr(model, name, torch.nn.Parameter(param.detach().reshape(1)))
     pp = model.visual.preprocess_cfg
     image_size = arch["vision_cfg"]["image_size"]
     preprocess_val = open_clip.image_transform(

@@ -212,9 +212,23 @@ def crossed(samples_seen: int, batch: int, every: int) -> bool:
     return every > 0 and samples_seen // every > (samples_seen - batch) // every
 
 
+def global_loader_state(loader) -> dict:
+    """The loader state of the whole job: each rank knows only its own streams' positions.
+
+    Positions only grow and a rank's entries for streams it does not own stay at their resumed
+    values, so the element-wise maximum over ranks is every stream's true position.
+    """
+    state = loader.state_dict()
+    if not torch.distributed.is_initialized():
+        return state
+    states = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(states, state)
+    return {**state, "positions": [max(p) for p in zip(*(s["positions"] for s in states))]}
+
+
 def save(cfg: Config, *, model, optimizer, loader, progress: Progress) -> None:
     meta = {"samples_seen": progress.samples_seen, "skipped_steps": progress.skipped_steps,
-            "loader": loader.state_dict(), "config": config_to_dict(cfg)}
+            "loader": global_loader_state(loader), "config": config_to_dict(cfg)}
     ckpt.save_checkpoint(cfg.run_dir / "checkpoints", model=model, optimizer=optimizer, step=progress.step,
                          meta=meta, keep_last=cfg.train.keep_last)
 
