@@ -83,6 +83,9 @@ def global_grad_norm(model: torch.nn.Module, *, max_norm: float | None) -> torch
     plain tensor so every rank sees the same value.
     """
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm is not None else math.inf)
-    if isinstance(norm, DTensor):
-        norm = norm.full_tensor()
-    return norm
+    return full_tensor(norm)
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """A plain tensor with the whole value (gathers a sharded DTensor; collective under FSDP2)."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor

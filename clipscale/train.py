@@ -31,7 +31,7 @@ from clipscale.loss import contrastive_loss
 from clipscale.metrics import MetricsLogger, StepTimer, mfu, peak_flops
 from clipscale.models import ModelBundle, build_model, count_params, gmacs_per_sample
 from clipscale.optim import build_optimizer, lr_at, set_lr
-from clipscale.parallel import autocast, global_grad_norm, parallelize, unwrap
+from clipscale.parallel import autocast, full_tensor, global_grad_norm, parallelize, unwrap
 
 log = logging.getLogger(__name__)
 MAX_LOGIT_SCALE = math.log(100)  # temperature floor of 0.01 (Radford et al. 2021)
@@ -160,7 +160,7 @@ def run_loop(cfg: Config, info: DistInfo, *, model, optimizer, loader, bundle: M
                 "step": progress.step, "samples_seen": progress.samples_seen,
                 "loss": all_reduce_mean(result.loss).item(),  # host sync: once per log interval
                 "grad_norm": result.grad_norm.item(), "lr": lr,
-                "logit_scale": unwrap(model).logit_scale.exp().item(),
+                "logit_scale": full_tensor(unwrap(model).logit_scale).exp().item(),
                 "samples_per_s": per_device * info.world_size, "samples_per_s_per_device": per_device,
                 "mfu": mfu(flops_per_sample=flops_per_sample, samples_per_s_per_device=per_device, peak=peak),
                 "skipped_steps": progress.skipped_steps, "max_memory_gb": max_memory_gb(info.device),
