@@ -17,10 +17,11 @@ BENCHMARKS = ("loader", "loss", "gradcache", "step")
 def _setup_logging() -> None:
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(
-        level=logging.INFO if rank == 0 else logging.WARNING,
+        level=logging.WARNING,  # libraries' info chatter (open_clip logs to the root logger) stays quiet
         format=f"%(asctime)s %(levelname)s [rank{rank}] %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    logging.getLogger("clipscale").setLevel(logging.INFO if rank == 0 else logging.WARNING)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
