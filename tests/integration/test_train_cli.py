@@ -73,3 +73,9 @@ def test_broken_recipes_fail_naming_the_problem(tmp_path, synthetic_data):
     missing = tmp_path / "nowhere" / "{000000..000003}.tar"
     bad = run_cli("train", f'data.train_shards="{missing}"', f'run.output_dir="{tmp_path}"', check=False)
     assert bad.returncode == 2 and "do not exist" in bad.stderr and "nowhere" in bad.stderr
+
+
+def test_gradient_cache_follows_the_plain_trajectory(two_rank_run, synthetic_data, tmp_path):
+    """train.chunk_size=5 (ragged: 16 per rank) on 2 ranks reproduces the plain DDP losses."""
+    run_cli("train", *common(synthetic_data, tmp_path, "gc"), "train.chunk_size=5", nproc=2)
+    assert losses(tmp_path / "gc") == pytest.approx(losses(two_rank_run), rel=1e-4, abs=1e-5)
