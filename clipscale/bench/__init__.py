@@ -1,16 +1,16 @@
 """Benchmarks writing JSON (`clipscale bench NAME --out FILE.json`), and what they share.
 
 Peak memory on CPU: tracemalloc does not see torch's allocations, so each configuration runs in a
-fresh Python subprocess (`run_isolated`) that reports its peak resident set size
-(`resource.getrusage(...).ru_maxrss`) after the measured work, minus the RSS it had just before
-(inputs and model already allocated, one warm-up done at a small size). On CUDA the allocator's
-`max_memory_allocated` is used instead, reset before the measured work.
+fresh Python subprocess (`run_isolated`). Just before the measured work (inputs and model already
+allocated, one warm-up done) it resets the kernel's peak-RSS counter (`/proc/self/clear_refs` <- 5)
+and afterwards reads it back (`VmHWM` in `/proc/self/status`); "extra" is that peak minus the RSS
+just before. Without the reset, peaks from imports and model construction mask the step's own.
+On CUDA the allocator's `max_memory_allocated` is used instead, reset before the measured work.
 """
 from __future__ import annotations
 
 import json
 import os
-import resource
 import subprocess
 import sys
 from typing import Any
@@ -18,8 +18,8 @@ from typing import Any
 import open_clip
 import torch
 
-METHOD_CPU = ("peak RSS (getrusage ru_maxrss) of a fresh subprocess during the measured work minus "
-              "its RSS just before it (inputs/model allocated)")
+METHOD_CPU = ("fresh subprocess per case; peak RSS (VmHWM, reset via /proc/self/clear_refs just before the "
+              "measured work) minus the RSS just before it (inputs/model allocated)")
 METHOD_CUDA = "torch.cuda.max_memory_allocated during the measured work minus memory_allocated just before"
 
 
@@ -54,8 +54,19 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def reset_peak_rss() -> None:
+    """Set the kernel's peak-RSS mark (VmHWM) to the current RSS (Linux >= 4.0)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
 def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    """Peak RSS since the last `reset_peak_rss` (or process start), in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # reported in kB
+    raise RuntimeError("VmHWM not found in /proc/self/status: peak RSS needs Linux")
 
 
 def run_isolated(module: str, case: dict[str, Any], *, timeout_s: float = 1800) -> dict[str, Any]:

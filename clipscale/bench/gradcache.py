@@ -4,8 +4,8 @@
         --chunk-size 32
     clipscale bench gradcache --out gradcache.json ...
 
-Time: plain and gradient-cached steps alternate in one process on the same batch (median of
-`--steps` each), so their ratio is measured under the same machine load. Memory: each (mode,
+Time: plain, chunk-accumulated and gradient-cached steps alternate in one process on the same
+batch (median of `--steps` each), so their ratios are measured under the same machine load. Memory: each (mode,
 batch) runs in a fresh subprocess (see `clipscale.bench`); "extra" is the peak above the steady
 state after a warm-up step (model, gradients, inputs allocated), "total" the process peak.
 Model: a small open_clip ViT CLIP with dropout and patch dropout (`--width`, `--layers`, ...).
@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
-from clipscale.bench import (METHOD_CPU, METHOD_CUDA, environment, peak_rss_bytes, rss_bytes, run_isolated,
-                             tiny_clip, write_json)
+from clipscale.bench import (METHOD_CPU, METHOD_CUDA, environment, peak_rss_bytes, reset_peak_rss, rss_bytes,
+                             run_isolated, tiny_clip, write_json)
 from clipscale.gradcache import gradcache_step
 from clipscale.loss import LossConfig, contrastive_loss
 
@@ -89,9 +89,14 @@ def plain_step(model: torch.nn.Module, images: torch.Tensor, texts: torch.Tensor
 
 
 def run_step(model, images, texts, *, mode: str, chunk_size: int) -> None:
+    """plain: one forward/backward; accumulate: one forward/backward per chunk with a per-chunk loss
+    (not the global-batch gradient: it isolates the cost of chunking); gradcache: exact."""
     model.zero_grad(set_to_none=False)  # keep gradient buffers: they belong to the steady state
     if mode == "plain":
         plain_step(model, images, texts, loss_cfg=LossConfig())
+    elif mode == "accumulate":
+        for chunk_images, chunk_texts in zip(images.split(chunk_size), texts.split(chunk_size)):
+            plain_step(model, chunk_images, chunk_texts, loss_cfg=LossConfig())
     else:
         gradcache_step(model, images, texts, chunk_size=chunk_size, loss_cfg=LossConfig())
 
@@ -102,7 +107,7 @@ def time_steps(model_cfg: dict[str, Any], *, batch: int, chunk_size: int, steps:
     model = build(model_cfg, device)
     images, texts = make_batch(model_cfg, batch, device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times: dict[str, list[float]] = {"plain": [], "gradcache": []}
+    times: dict[str, list[float]] = {"plain": [], "accumulate": [], "gradcache": []}
     for step in range(steps + 1):
         for mode in times:
             sync()
@@ -111,9 +116,10 @@ def time_steps(model_cfg: dict[str, Any], *, batch: int, chunk_size: int, steps:
             sync()
             if step > 0:  # step 0 warms up kernels and allocations
                 times[mode].append(time.perf_counter() - start)
-    plain, cached = statistics.median(times["plain"]), statistics.median(times["gradcache"])
-    return {"batch": batch, "chunk_size": chunk_size, "plain_s": plain, "gradcache_s": cached,
-            "ratio_gradcache_over_plain": cached / plain, "times_s": times}
+    median = {mode: statistics.median(t) for mode, t in times.items()}
+    return {"batch": batch, "chunk_size": chunk_size, **{f"{mode}_s": t for mode, t in median.items()},
+            "ratio_gradcache_over_plain": median["gradcache"] / median["plain"],
+            "ratio_gradcache_over_accumulate": median["gradcache"] / median["accumulate"], "times_s": times}
 
 
 def memory_case(case: dict[str, Any]) -> dict[str, Any]:
@@ -127,6 +133,8 @@ def memory_case(case: dict[str, Any]) -> dict[str, Any]:
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+    else:
+        reset_peak_rss()
     before = torch.cuda.memory_allocated() if device.type == "cuda" else rss_bytes()
     run_step(model, images, texts, mode=case["mode"], chunk_size=case["chunk_size"])
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else peak_rss_bytes()

@@ -19,7 +19,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from clipscale.bench import METHOD_CPU, METHOD_CUDA, environment, peak_rss_bytes, rss_bytes, run_isolated, write_json
+from clipscale.bench import (METHOD_CPU, METHOD_CUDA, environment, peak_rss_bytes, reset_peak_rss, rss_bytes,
+                             run_isolated, write_json)
 from clipscale.loss import LossConfig, contrastive_loss
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,8 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
     if device.type == "cuda":
         sync()
         torch.cuda.reset_peak_memory_stats()
+    else:
+        reset_peak_rss()
     before = torch.cuda.memory_allocated() if device.type == "cuda" else rss_bytes()
     times = []
     for _ in range(case["repeats"]):
