@@ -79,7 +79,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def save_checkpoint(
     ckpt_dir: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,
-    meta: dict[str, Any], keep_last: int = 0,
+    meta: dict[str, Any], keep_last: int = 0, keep_every_samples: int = 0,
 ) -> Path:
     """Collective: every rank calls it. Returns the final checkpoint path."""
     final = ckpt_dir / checkpoint_name(step)
@@ -98,7 +98,7 @@ def save_checkpoint(
             shutil.rmtree(final)
         os.replace(tmp, final)
         _write_latest(ckpt_dir, final.name)
-        _prune(ckpt_dir, keep_last)
+        _prune(ckpt_dir, keep_last=keep_last, keep_every_samples=keep_every_samples)
     dist.barrier()
     log.info("saved checkpoint %s", final)
     return final
@@ -110,11 +110,14 @@ def _write_latest(ckpt_dir: Path, name: str) -> None:
     os.replace(pointer, ckpt_dir / "latest")
 
 
-def _prune(ckpt_dir: Path, keep_last: int) -> None:
+def _prune(ckpt_dir: Path, *, keep_last: int, keep_every_samples: int) -> None:
+    """Delete all but the newest `keep_last` and those at multiples of `keep_every_samples`."""
     if keep_last <= 0:
         return
     for old in complete_checkpoints(ckpt_dir)[:-keep_last]:
-        shutil.rmtree(old)
+        samples = read_meta(old)["samples_seen"]
+        if not (keep_every_samples and samples % keep_every_samples == 0):
+            shutil.rmtree(old)
 
 
 def load_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:

@@ -63,6 +63,10 @@ class ModelConfig:
     """Override: text context length in tokens."""
     patch_dropout: float = 0.0
     """Fraction of image patches dropped during training (FLIP)."""
+    pretrained: str | None = None
+    """Local open_clip weights file to start from (never downloaded); None = random init."""
+    lock_image: bool = False
+    """Freeze the image tower (LiT, Zhai et al. 2022); use with `pretrained`."""
     init_logit_scale: float | None = None
     """Initial log logit scale (None = open_clip's ln(1/0.07); SigLIP uses ln(10))."""
     init_logit_bias: float | None = None
@@ -102,6 +106,8 @@ class TrainConfig:
     """Compute precision: fp32, or bf16 autocast (DDP) / bf16 params with fp32 reduce (FSDP2)."""
     parallel: Literal["ddp", "fsdp"] = "ddp"
     """Data parallelism: DDP (replicated) or FSDP2 (fully_shard)."""
+    fsdp_reshard_after_forward: bool = True
+    """FSDP2: free gathered parameters after forward (less memory, one more all-gather in backward)."""
     grad_checkpointing: bool = False
     """Recompute transformer blocks in backward to save activation memory."""
     compile: bool = False
@@ -112,6 +118,8 @@ class TrainConfig:
     """Save a checkpoint every this many samples (and at the end)."""
     keep_last: int = 0
     """Keep only this many latest checkpoints (0 = keep all, needed for scaling evaluations)."""
+    keep_every_samples: int = 0
+    """With keep_last, also keep checkpoints at multiples of this many samples (0 = none)."""
     max_nonfinite_steps: int = 5
     """Stop (after saving) when this many consecutive steps had non-finite loss or gradients."""
     num_threads: int | None = None

@@ -92,10 +92,14 @@ def _check_divisible(vision: dict, text: dict) -> None:
 def build_model(cfg: ModelConfig, *, device: torch.device | str = "cpu") -> ModelBundle:
     """Build a randomly initialised open_clip model (no weights are downloaded)."""
     arch = resolve_architecture(cfg)
+    if cfg.pretrained is not None and not Path(cfg.pretrained).is_file():
+        raise ConfigError(f"model.pretrained={cfg.pretrained!r} is not a file (weights are never downloaded)")
     model = open_clip.create_model(
-        cfg.name, pretrained=None, device=device, output_dict=True,
+        cfg.name, pretrained=cfg.pretrained, device=device, output_dict=True,
         embed_dim=arch.pop("embed_dim"), **arch,
     )
+    if cfg.lock_image:
+        model.lock_image_tower()
     for name in SCALAR_PARAMETERS:
         param = getattr(model, name, None)
         if param is not None:

@@ -38,10 +38,13 @@ def parallelize(model: torch.nn.Module, cfg: TrainConfig, info: DistInfo) -> tor
     Order matters: checkpointing wraps block forwards before sharding hooks are installed, and
     compile sees the final module so it traces the communication hooks too.
     """
+    if info.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores (H100/A100)
+        torch.backends.cudnn.allow_tf32 = True
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
     if cfg.parallel == "fsdp":
-        model = shard_fsdp(model, precision=cfg.precision)
+        model = shard_fsdp(model, precision=cfg.precision, reshard_after_forward=cfg.fsdp_reshard_after_forward)
     elif info.world_size > 1:
         device_ids = [info.device.index] if info.device.type == "cuda" else None
         model = DistributedDataParallel(model, device_ids=device_ids)
@@ -50,7 +53,7 @@ def parallelize(model: torch.nn.Module, cfg: TrainConfig, info: DistInfo) -> tor
     return model
 
 
-def shard_fsdp(model: torch.nn.Module, *, precision: str, reshard_after_forward: bool = True) -> torch.nn.Module:
+def shard_fsdp(model: torch.nn.Module, *, precision: str, reshard_after_forward: bool) -> torch.nn.Module:
     """fully_shard each transformer block of both towers, then the root (embeddings, heads).
 
     Parameters stay fp32 (the optimizer's master copy); compute runs in `precision` and gradients

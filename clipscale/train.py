@@ -109,12 +109,16 @@ def _train(cfg: Config, info: DistInfo) -> Path:
     if progress.step == 0:
         metrics.log({"step": 0, "params": count_params(unwrap(model)), "gmacs_per_sample": gmacs,
                      "world_size": info.world_size})
+    start, t0 = progress.samples_seen, time.perf_counter()
     try:
         run_loop(cfg, info, model=model, optimizer=optimizer, loader=loader, bundle=bundle,
                  progress=progress, total_steps=total_steps, metrics=metrics, stop_signal=stop_signal,
                  flops_per_sample=3 * 2e9 * gmacs)
     finally:
         metrics.close()
+    log.info("done: run=%s steps=%d samples_seen=%d skipped_steps=%d samples_per_s=%.1f minutes=%.2f",
+             cfg.run.name, progress.step, progress.samples_seen, progress.skipped_steps,
+             (progress.samples_seen - start) / (time.perf_counter() - t0), (time.perf_counter() - t0) / 60)
     return run_dir
 
 
@@ -230,7 +234,8 @@ def save(cfg: Config, *, model, optimizer, loader, progress: Progress) -> None:
     meta = {"samples_seen": progress.samples_seen, "skipped_steps": progress.skipped_steps,
             "loader": global_loader_state(loader), "config": config_to_dict(cfg)}
     ckpt.save_checkpoint(cfg.run_dir / "checkpoints", model=model, optimizer=optimizer, step=progress.step,
-                         meta=meta, keep_last=cfg.train.keep_last)
+                         meta=meta, keep_last=cfg.train.keep_last,
+                         keep_every_samples=cfg.train.keep_every_samples)
 
 
 def resume(ckpt_dir: Path, *, model, optimizer, loader) -> Progress:

@@ -82,3 +82,12 @@ def test_export_loads_in_open_clip(tmp_path):
         loaded.eval()
         assert torch.equal(loaded.encode_image(image), expected)
         assert torch.equal(loaded.encode_text(text), model.encode_text(text))
+
+
+def test_retention_also_keeps_every_nth_sample_count(tmp_path):
+    model, opt = trained_pair(0)
+    for step in range(1, 7):
+        ckpt.save_checkpoint(tmp_path, model=model, optimizer=opt, step=step, meta={"samples_seen": 10 * step},
+                             keep_last=1, keep_every_samples=20)
+    assert [p.name for p in ckpt.complete_checkpoints(tmp_path)] == [
+        "step_000002", "step_000004", "step_000006"]

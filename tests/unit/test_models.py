@@ -32,3 +32,26 @@ def test_bad_architecture_errors():
         resolve_architecture(ModelConfig(name="nope"))
     with pytest.raises(ConfigError, match="not a multiple of model.patch_size"):
         resolve_architecture(ModelConfig(image_size=30, patch_size=4))
+
+
+def test_lit_locks_the_image_tower_of_local_pretrained_weights(tmp_path):
+    import torch
+
+    from clipscale.config import OptimConfig
+    from clipscale.optim import build_optimizer
+
+    small = ModelConfig(vision_width=32, text_width=32, embed_dim=16)
+    source = build_model(small).model
+    weights = tmp_path / "w.pt"
+    torch.save({k: v.reshape(()) if k == "logit_scale" else v for k, v in source.state_dict().items()}, weights)
+    bundle = build_model(ModelConfig(vision_width=32, text_width=32, embed_dim=16, pretrained=str(weights),
+                                     lock_image=True))
+    model = bundle.model
+    assert torch.equal(model.visual.conv1.weight, source.visual.conv1.weight)  # loaded, not random
+    assert not any(p.requires_grad for p in model.visual.parameters())
+    assert all(p.requires_grad for p in model.transformer.parameters())
+    opt = build_optimizer(model, OptimConfig())
+    in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert not any(id(p) in in_opt for p in model.visual.parameters())
+    with pytest.raises(ConfigError, match="model.pretrained='nope.pt' is not a file"):
+        build_model(ModelConfig(pretrained="nope.pt"))

@@ -1,0 +1,86 @@
+"""The optimizer step's guards: non-finite steps are skipped, a streak of them stops the run."""
+import itertools
+
+import pytest
+import torch
+
+from clipscale import checkpoint as ckpt
+from clipscale.config import load_config
+from clipscale.data.pipeline import Batch
+from clipscale.dist import DistInfo
+from clipscale.metrics import MetricsLogger, StepTimer
+from clipscale.models import build_model
+from clipscale.optim import build_optimizer
+from clipscale.train import NonFiniteLoss, Progress, StopSignal, run_loop, train_step
+
+
+class RandomBatches:
+    """A stand-in for the shard loader: random uint8 images and tokens, same interface."""
+
+    def __init__(self, batch: int, image_size: int, context_length: int):
+        self.shape = (batch, image_size, context_length)
+
+    def __iter__(self):
+        gen = torch.Generator().manual_seed(0)
+        b, s, l = self.shape
+        for i in itertools.count():
+            yield Batch(images=torch.randint(0, 256, (b, 3, s, s), dtype=torch.uint8, generator=gen),
+                        texts=torch.randint(0, 1000, (b, l), generator=gen), keys=[str(i)] * b)
+
+    def state_dict(self):
+        return {}
+
+    def counters(self):
+        return {}
+
+
+def setup(tmp_path, *overrides):
+    cfg = load_config(None, [f'run.output_dir="{tmp_path}"', "train.global_batch_size=8",
+                             "train.total_samples=80", "model.vision_width=32", "model.text_width=32",
+                             "model.embed_dim=16", "train.max_nonfinite_steps=3", *overrides])
+    torch.manual_seed(0)
+    bundle = build_model(cfg.model)
+    return cfg, bundle, build_optimizer(bundle.model, cfg.optim)
+
+
+def test_non_finite_step_is_skipped(tmp_path):
+    cfg, bundle, opt = setup(tmp_path)
+    before = {n: p.detach().clone() for n, p in bundle.model.named_parameters()}
+    images = torch.full((8, 3, 32, 32), float("nan"))
+    texts = torch.randint(0, 1000, (8, 32))
+    result = train_step(bundle.model, images, texts, optimizer=opt, cfg=cfg, device=torch.device("cpu"),
+                        timer=StepTimer(torch.device("cpu")))
+    assert result.skipped and not result.stop
+    assert all(torch.equal(p, before[n]) for n, p in bundle.model.named_parameters())
+    assert not opt.state  # AdamW never stepped: no moments were created
+
+    result = train_step(bundle.model, torch.randn(8, 3, 32, 32), texts, optimizer=opt, cfg=cfg,
+                        device=torch.device("cpu"), timer=StepTimer(torch.device("cpu")))
+    assert not result.skipped and torch.isfinite(result.loss)
+    assert not torch.equal(bundle.model.visual.conv1.weight, before["visual.conv1.weight"])
+
+
+def test_a_streak_of_non_finite_steps_saves_and_stops(tmp_path):
+    cfg, bundle, opt = setup(tmp_path)
+    with torch.no_grad():
+        bundle.model.text_projection.fill_(float("inf"))  # every loss from now on is NaN
+    (cfg.run_dir / "checkpoints").mkdir(parents=True)
+    metrics = MetricsLogger(cfg.run_dir, cfg.log, enabled=False, total_steps=10, config={})
+    with pytest.raises(NonFiniteLoss, match="3 consecutive steps with non-finite loss"):
+        run_loop(cfg, DistInfo(), model=bundle.model, optimizer=opt, loader=RandomBatches(8, 32, 32),
+                 bundle=bundle, progress=Progress(), total_steps=10, metrics=metrics,
+                 stop_signal=StopSignal(), flops_per_sample=1.0)
+    saved = ckpt.latest_checkpoint(cfg.run_dir / "checkpoints")
+    meta = ckpt.read_meta(saved)
+    assert meta["step"] == 3 and meta["skipped_steps"] == 3
+
+
+def test_wandb_offline_logs_locally(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    metrics = MetricsLogger(tmp_path, load_config(None, ["log.wandb='offline'"]).log, enabled=True,
+                            total_steps=2, config={"train": {"global_batch_size": 8}})
+    metrics.log({"step": 1, "loss": 1.5})
+    metrics.close()
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
+    assert (tmp_path / "metrics.jsonl").read_text().strip() == '{"step": 1, "loss": 1.5}'
