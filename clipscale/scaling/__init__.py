@@ -1,0 +1,1 @@
+"""Scaling laws: functional forms, fits with uncertainty, frontiers and plots of evaluation results."""
