@@ -10,15 +10,12 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
 import webdataset as wds
 from PIL import Image
-
-log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 # Far above any evaluation image; refuses decompression bombs before pixels are decoded.
