@@ -10,6 +10,7 @@ from pathlib import Path
 
 from clipscale.config import ConfigError
 from clipscale.data.shards import DataError
+from clipscale.scaling.fit import FitError
 
 BENCHMARKS = ("loader", "loss", "gradcache", "step")
 
@@ -141,6 +142,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, FitError) as e:
         print(f"clipscale: error: {e}", file=sys.stderr)
         return 2

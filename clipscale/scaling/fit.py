@@ -18,6 +18,10 @@ import numpy as np
 
 from clipscale.scaling import laws
 
+class FitError(ValueError):
+    """Results cannot be fitted as asked; the message names the file, field or condition."""
+
+
 HIGHER_IS_BETTER_HINTS = ("top1", "top5", "acc", "recall", "r@")
 
 
@@ -27,13 +31,13 @@ def load_results(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
     for path in map(Path, paths):
         file = path / "results.jsonl" if path.is_dir() else path
         if not file.is_file():
-            raise ValueError(f"no results at {file}: run `clipscale eval` on the run directory first")
+            raise FitError(f"no results at {file}: run `clipscale eval` on the run directory first")
         for i, line in enumerate(file.read_text().splitlines(), 1):
             if line.strip():
                 try:
                     records.append({**json.loads(line), "_source": str(file)})
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"{file}:{i} is not JSON: {e}") from e
+                    raise FitError(f"{file}:{i} is not JSON: {e}") from e
     return records
 
 
@@ -52,9 +56,9 @@ def fit_power_law(x: np.ndarray, y: np.ndarray, *, n_bootstrap: int = 1000, seed
     """Fit y = A x^alpha with 95% bootstrap intervals; x, y: (N,) positive, >= 2 distinct x."""
     x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
     if len(np.unique(x)) < 2:
-        raise ValueError(f"need at least 2 distinct x values to fit a power law, got {len(np.unique(x))}")
+        raise FitError(f"need at least 2 distinct x values to fit a power law, got {len(np.unique(x))}")
     if (x <= 0).any() or (y <= 0).any():
-        raise ValueError("power-law fits need positive x and y (an error of 0 cannot be fitted in log space)")
+        raise FitError("power-law fits need positive x and y (an error of 0 cannot be fitted in log space)")
     a, alpha = laws.fit_log_linear(x, y)
     rng = np.random.default_rng(seed)
     boot = []
@@ -80,7 +84,7 @@ def fit_results(paths: Sequence[str | Path], *, metric: str = "zeroshot_top1", x
     for r in records:
         for field in (metric, x):
             if field not in r:
-                raise ValueError(f"{r['_source']}: a record has no field '{field}' (fields: {sorted(r)})")
+                raise FitError(f"{r['_source']}: a record has no field '{field}' (fields: {sorted(r)})")
     if higher_is_better is None:
         higher_is_better = any(h in metric.lower() for h in HIGHER_IS_BETTER_HINTS)
     xs = np.array([r[x] for r in records], dtype=np.float64)

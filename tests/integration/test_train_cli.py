@@ -45,7 +45,7 @@ def test_run_directory_layout(two_rank_run):
     assert names == ["latest", "step_000002", "step_000004", "step_000006"]
 
 
-def test_eval_then_fit(two_rank_run, tmp_path):
+def test_eval_then_fit(two_rank_run, synthetic_data, tmp_path):
     proc = run_cli("eval", str(two_rank_run))
     assert "zeroshot_top1=" in proc.stdout
     records = [json.loads(line) for line in (two_rank_run / "results.jsonl").read_text().splitlines()]
@@ -56,11 +56,20 @@ def test_eval_then_fit(two_rank_run, tmp_path):
     run_cli("eval", str(two_rank_run))  # idempotent: nothing re-evaluated
     assert len((two_rank_run / "results.jsonl").read_text().splitlines()) == 3
 
-    # A second, smaller model gives the fit more than one run to work with.
-    run_cli("fit", str(two_rank_run), "--metric", "zeroshot_top1", "--out", str(tmp_path / "fit"))
+    # A run long enough to learn gives the fit a frontier of several points.
+    learner = [*common(synthetic_data, tmp_path, "learner"), "train.global_batch_size=64",
+               "train.total_samples=2048", "train.checkpoint_every_samples=512", "optim.lr_peak=3e-3",
+               "model.vision_width=32", "model.text_width=32", "model.embed_dim=32"]
+    run_cli("train", *learner)
+    run_cli("eval", str(tmp_path / "learner"))
+    run_cli("fit", str(two_rank_run), str(tmp_path / "learner"), "--out", str(tmp_path / "fit"))
     fits = json.loads((tmp_path / "fit" / "fits.json").read_text())
-    assert fits["metric"] == "zeroshot_top1"
+    assert fits["metric"] == "zeroshot_top1" and len(fits["points"]) == 7
+    assert len(fits["frontier"]) >= 2 and fits["alpha"] < 0
     assert (tmp_path / "fit" / "fit.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    bad = run_cli("fit", str(tmp_path / "nothing"), "--out", str(tmp_path / "fit2"), check=False)
+    assert bad.returncode == 2 and "no results at" in bad.stderr
 
 
 def test_broken_recipes_fail_naming_the_problem(tmp_path, synthetic_data):
