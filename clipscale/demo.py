@@ -4,6 +4,7 @@ Every stage writes to disk and the next reads it back, exactly as separate SLURM
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -18,7 +19,7 @@ log = logging.getLogger(__name__)
 
 def run_demo(*, out: Path, recipe: Path, nproc: int) -> None:
     from clipscale.data.synthetic import write_synthetic_dataset
-    from clipscale.evaluate.runner import evaluate_run, read_results
+    from clipscale.evaluate.runner import evaluate_run
     from clipscale.scaling.fit import fit_results
 
     t0 = time.perf_counter()
@@ -38,7 +39,8 @@ def run_demo(*, out: Path, recipe: Path, nproc: int) -> None:
     for run_dir in run_dirs:
         evaluate_run(run_dir)
     fits = fit_results(run_dirs, metric="zeroshot_top1", out_dir=out / "fit")
-    print_summary(run_dirs, read_results, fits=fits, out=out, seconds=time.perf_counter() - t0)
+    chance = 1 / len(json.loads((Path(specs["zeroshot"]) / "classnames.json").read_text()))
+    print_summary(run_dirs, fits=fits, chance=chance, out=out, seconds=time.perf_counter() - t0)
 
 
 def launch_torchrun(recipe: Path, overrides: list[str], *, nproc: int) -> None:
@@ -48,17 +50,19 @@ def launch_torchrun(recipe: Path, overrides: list[str], *, nproc: int) -> None:
     subprocess.run(cmd, check=True)
 
 
-def print_summary(run_dirs: list[Path], read_results, *, fits: dict, out: Path, seconds: float) -> None:
-    print("\n[demo] zero-shot top-1 of the final checkpoint of each run "
-          f"(chance = {fits.get('chance', float('nan')):.3f})" if "chance" in fits else
-          "\n[demo] zero-shot top-1 of the final checkpoint of each run")
-    print(f"{'run':40s} {'params':>10s} {'samples':>9s} {'GMACs':>10s} {'top1':>6s}")
+def print_summary(run_dirs: list[Path], *, fits: dict, chance: float, out: Path, seconds: float) -> None:
+    from clipscale.evaluate.runner import read_results
+
+    print(f"\n[demo] zero-shot top-1 of each run's final checkpoint (chance {chance:.3f})")
+    print(f"{'run':28s} {'params':>9s} {'samples':>8s} {'GMACs':>9s} {'top1':>6s} {'top5':>6s}")
     for run_dir in run_dirs:
         last = max(read_results(run_dir), key=lambda r: r["step"])
-        print(f"{last['run']:40s} {last['params']:>10d} {last['samples_seen']:>9d} "
-              f"{last['train_compute_gmacs']:>10.3g} {last['zeroshot_top1']:>6.3f}")
-    print(f"\n[demo] fit on the compute frontier: {fits['formula']}")
-    print(f"[demo] runs:    {out / 'runs'}  (config.json, metrics.jsonl, results.jsonl, checkpoints/)")
-    print(f"[demo] fit:     {out / 'fit' / 'fits.json'}")
-    print(f"[demo] plot:    {out / 'fit' / 'fit.png'}")
+        print(f"{last['run']:28s} {last['params']:>9d} {last['samples_seen']:>8d} "
+              f"{last['train_compute_gmacs']:>9.3g} {last['zeroshot_top1']:>6.3f} {last['zeroshot_top5']:>6.3f}")
+    lo, hi = fits["alpha_ci95"]
+    print(f"\n[demo] fit on the compute frontier ({len(fits['frontier'])} points): {fits['formula']}"
+          f"  (alpha 95% CI [{lo:.3f}, {hi:.3f}])")
+    print(f"[demo] runs: {out / 'runs'}/*/  (config.json, metrics.jsonl, results.jsonl, checkpoints/)")
+    print(f"[demo] fit:  {out / 'fit' / 'fits.json'}")
+    print(f"[demo] plot: {out / 'fit' / 'fit.png'}")
     print(f"[demo] finished in {seconds / 60:.1f} min")
