@@ -12,6 +12,14 @@ class DataError(ValueError):
     """Shards cannot be used as configured; the message names the spec or file."""
 
 
+class BadSample(Exception):
+    """One sample cannot be used; it is skipped and counted under `reason` (a short snake_case name)."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
 def expand_shards(spec: str) -> list[str]:
     """`a/{000..009}.tar::b/x.tar` -> the list of shard URLs (brace expansion, `::` joins)."""
     urls = expand_urls(spec)
