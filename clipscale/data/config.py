@@ -2,15 +2,16 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DataConfig:
     train_shards: str = "data/synthetic/train/{000000..000007}.tar"
-    """Shard spec: path or fsspec URL with brace expansion; several sources joined by `::`."""
+    """Shard spec: path, fsspec URL or `pipe:COMMAND`, brace-expanded; several sources joined by `::`."""
+    train_weights: tuple[float, ...] | None = None
+    """Sampling weight of each `::` source, per shard (resampled mode only); default: all 1."""
     train_num_samples: int | None = None
-    """Samples per (virtual) epoch; default: read from sizes.json next to the shards."""
+    """Samples in the shards, when neither sizes.json nor _info.json lists them (exact epochs only)."""
     resampled: bool = False
     """Draw shards with replacement (no epochs) instead of exact shuffled epochs."""
     num_streams: int = 4
@@ -19,8 +20,20 @@ class DataConfig:
     workers: int = 1
     """DataLoader worker processes per rank."""
     shuffle_buffer: int = 1_000
-    """Sample-level shuffle buffer size per worker (0 = no shuffling)."""
+    """Sample shuffle buffer per stream (0 = no shuffling); it spans one block of shards."""
+    block_shards: int = 4
+    """Shards per shuffle block: a resume re-reads (without decoding) at most this many shards."""
     caption_key: str = "txt"
     """Member extension holding the caption (`txt`), or `json:FIELD` for a field of key.json."""
     crop_scale_min: float = 0.9
     """Lower bound of RandomResizedCrop's area fraction (open_clip's default 0.9)."""
+    max_bad_fraction: float = 0.2
+    """Stop with an error when more than this fraction of a stream's samples is bad."""
+    shard_retries: int = 3
+    """Extra attempts to read a shard that fails or stalls, with exponential backoff, before skipping it."""
+    retry_backoff_s: float = 2.0
+    """Wait before the first retry; doubled for each further one."""
+    read_timeout_s: float = 120.0
+    """A shard that delivers no bytes for this long counts as stalled."""
+    max_failed_shards: int = 16
+    """Stop with an error when this many shards in a row cannot be read."""

@@ -1,16 +1,13 @@
 """The streaming training loader: shards -> logical streams -> world-size-invariant batches.
 
-Design. The data is split into `num_streams` logical streams S, fixed by the recipe. Epoch e deals
-a seeded permutation of the shards to the streams (stream s reads shards s, s+S, ...); a stream
-is the endless concatenation of its epochs, so no stream runs dry and every rank yields the same
-number of batches however uneven the shards are. Each step, every stream contributes a sub-batch
-of B_global / S samples; rank r owns streams [r*S/W, (r+1)*S/W) and its batch is their
-sub-batches in stream order. The global batch therefore depends on neither the world size W nor
-the number of workers, and resuming only needs each stream's position.
-
-State (`state_dict()`), counted in samples:
-    {"version": 1, "num_streams": S, "positions": [raw samples consumed by stream s, ...]}
-A stream resumes by re-reading its shards from the start of the run without decoding.
+The data is split into `num_streams` logical streams S, fixed by the recipe (see
+`clipscale.data.streams` for how shards are dealt to streams). Each step every stream contributes
+a sub-batch of B_global / S samples; rank r owns streams [r*S/W, (r+1)*S/W) and its batch is
+their sub-batches in stream order; a rank's dataloader workers own its streams round-robin. The
+global batch therefore depends on neither the world size W nor the number of workers, every
+rank yields a batch at every step whatever the shard sizes, and the loader's state is just
+each stream's `StreamState`:
+    {"version": 2, "resampled": bool, "num_streams": S, "streams": [StreamState as dict, ...]}
 """
 from __future__ import annotations
 
@@ -19,35 +16,23 @@ import dataclasses
 import logging
 from typing import Any, Callable, Iterator
 
-import fsspec
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import tar_file_iterator
 
 from clipscale.data.config import DataConfig
-from clipscale.data.decode import decode_crop
-from clipscale.data.shards import DataError, check_shards_exist, expand_shards
+from clipscale.data.shards import (DataError, check_shards_exist, expand_sources, read_sizes,
+                                   shard_weights)
+from clipscale.data.streams import StreamPlan, StreamReader, StreamState, SubBatch
 
 log = logging.getLogger(__name__)
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-STATE_VERSION = 1
+STATE_VERSION = 2
+STATE_FIELDS = {f.name for f in dataclasses.fields(StreamState)}
 
 
 @dataclasses.dataclass
 class Batch:
     images: torch.Tensor  # (B, 3, H, W) uint8
     texts: torch.Tensor  # (B, L) int64
-    keys: list[str]
-
-
-@dataclasses.dataclass
-class SubBatch:
-    stream: int
-    position: int  # raw samples this stream has consumed after this sub-batch
-    counters: dict[str, int]  # the stream's running counters
-    images: torch.Tensor
-    texts: torch.Tensor
     keys: list[str]
 
 
@@ -58,138 +43,38 @@ def normalize_images(images: torch.Tensor, *, mean, std) -> torch.Tensor:
     return (images.float() - mean) / std
 
 
-def stream_shards(urls: list[str], *, stream: int, num_streams: int, epoch: int, seed: int) -> list[str]:
-    """Shards stream `stream` reads in epoch `epoch`: its share of that epoch's permutation."""
-    order = np.random.default_rng([seed, epoch]).permutation(len(urls))
-    return [urls[i] for i in order[stream::num_streams]]
-
-
-def raw_samples(urls: list[str], *, stream: int, num_streams: int, seed: int, caption: str,
-                counters: collections.Counter) -> Iterator[dict[str, Any]]:
-    """Endless raw (undecoded) samples of a stream: {"__key__", "image", "caption"} dicts."""
-    wanted = set(IMAGE_EXTENSIONS) | {caption}
-
-    def select(name: str) -> bool:
-        return name.rsplit(".", 1)[-1].lower() in wanted
-
-    epoch = 0
-    while True:
-        for url in stream_shards(urls, stream=stream, num_streams=num_streams, epoch=epoch, seed=seed):
-            yield from _shard_samples(url, select=select, caption=caption, counters=counters)
-        epoch += 1
-
-
-def _shard_samples(url: str, *, select: Callable[[str], bool], caption: str,
-                   counters: collections.Counter) -> Iterator[dict[str, Any]]:
-    current: dict[str, Any] = {}
-    with fsspec.open(url, "rb") as f:
-        for member in tar_file_iterator(f, select_files=select):
-            key, ext = member["fname"].split(".", 1) if "." in member["fname"] else (member["fname"], "")
-            if current and current["__key__"] != key:
-                yield from _complete(current, counters)
-                current = {}
-            current["__key__"] = key
-            current["caption" if ext == caption else "image"] = member["data"]
-    if current:
-        yield from _complete(current, counters)
-
-
-def _complete(sample: dict[str, Any], counters: collections.Counter) -> Iterator[dict[str, Any]]:
-    if "image" not in sample:
-        counters["missing_image"] += 1
-    elif "caption" not in sample:
-        counters["missing_caption"] += 1
-    else:
-        yield sample
-
-
-def shuffled(samples: Iterator[dict], *, buffer: int, rng: np.random.Generator) -> Iterator[dict]:
-    """Reservoir-style shuffle buffer; deterministic given `rng`."""
-    if buffer <= 1:
-        yield from samples
-        return
-    pool: list[dict] = []
-    for sample in samples:
-        if len(pool) < buffer:
-            pool.append(sample)
-            continue
-        i = int(rng.integers(buffer))
-        yield pool[i]
-        pool[i] = sample
-
-
-class StreamReader:
-    """One logical stream: raw samples -> shuffle -> decode/augment -> tokenised sub-batches."""
-
-    def __init__(self, cfg: DataConfig, urls: list[str], *, stream: int, seed: int, start: int,
-                 image_size: int, tokenizer: Callable) -> None:
-        self.cfg, self.stream, self.seed = cfg, stream, seed
-        self.image_size, self.tokenizer = image_size, tokenizer
-        self.counters: collections.Counter = collections.Counter()
-        raw = raw_samples(urls, stream=stream, num_streams=cfg.num_streams, seed=seed,
-                          caption=cfg.caption_key, counters=self.counters)
-        self.samples = shuffled(raw, buffer=cfg.shuffle_buffer, rng=np.random.default_rng([seed, stream, 1]))
-        self.position = 0
-        for _ in range(start):  # fast-forward without decoding
-            next(self.samples)
-            self.position += 1
-
-    def next_sub_batch(self, size: int) -> SubBatch:
-        images, captions, keys = [], [], []
-        while len(images) < size:
-            sample = next(self.samples)
-            self.position += 1
-            rng = np.random.default_rng([self.seed, self.stream, 2, self.position])  # per-sample augmentation
-            try:
-                images.append(decode_crop(sample["image"], size=self.image_size, rng=rng,
-                                          scale=(self.cfg.crop_scale_min, 1.0)))
-                captions.append(sample["caption"].decode("utf-8"))
-            except Exception as e:  # noqa: BLE001 - any undecodable sample is skipped and counted
-                self.counters[f"bad_{type(e).__name__}"] += 1
-                if len(images) > len(captions):
-                    images.pop()
-                continue
-            keys.append(sample["__key__"])
-            self.counters["samples"] += 1
-        return SubBatch(stream=self.stream, position=self.position, counters=dict(self.counters),
-                        images=torch.from_numpy(np.stack(images)), texts=self.tokenizer(captions), keys=keys)
-
-
 class _WorkerStreams(IterableDataset):
     """Yields, per step, one sub-batch for each stream owned by this dataloader worker."""
 
-    def __init__(self, cfg: DataConfig, urls: list[str], *, streams: list[int], sub_batch: int,
-                 positions: list[int], seed: int, image_size: int, tokenizer: Callable) -> None:
-        self.cfg, self.urls, self.streams, self.sub_batch = cfg, urls, streams, sub_batch
-        self.positions, self.seed, self.image_size, self.tokenizer = positions, seed, image_size, tokenizer
+    def __init__(self, plan: StreamPlan, cfg: DataConfig, *, states: dict[int, StreamState],
+                 image_size: int, tokenizer: Callable) -> None:
+        self.plan, self.cfg, self.states = plan, cfg, states
+        self.image_size, self.tokenizer = image_size, tokenizer
 
     def __iter__(self) -> Iterator[SubBatch]:
         info = get_worker_info()
         workers, worker = (info.num_workers, info.id) if info else (1, 0)
-        mine = self.streams[worker::workers]
-        readers = [StreamReader(self.cfg, self.urls, stream=s, seed=self.seed, start=self.positions[s],
+        mine = sorted(self.states)[worker::workers]
+        readers = [StreamReader(self.plan, self.cfg, stream=s, state=dataclasses.replace(self.states[s]),
                                 image_size=self.image_size, tokenizer=self.tokenizer) for s in mine]
         while True:
             for reader in readers:
-                yield reader.next_sub_batch(self.sub_batch)
+                yield reader.next_sub_batch(self.plan.sub_batch)
 
 
 class TrainLoader:
     """Iterable of this rank's `Batch`es; see the module docstring for the design and state."""
 
-    def __init__(self, cfg: DataConfig, urls: list[str], *, tokenizer: Callable, image_size: int,
-                 batch_size: int, rank: int, world_size: int, seed: int) -> None:
-        self.cfg, self.urls, self.tokenizer, self.image_size = cfg, urls, tokenizer, image_size
-        self.seed = seed
+    def __init__(self, plan: StreamPlan, cfg: DataConfig, *, tokenizer: Callable, image_size: int,
+                 rank: int, world_size: int) -> None:
+        self.plan, self.cfg, self.tokenizer, self.image_size = plan, cfg, tokenizer, image_size
         per_rank = cfg.num_streams // world_size
         self.streams = list(range(rank * per_rank, (rank + 1) * per_rank))
-        self.sub_batch = batch_size // per_rank
-        self.positions = [0] * cfg.num_streams
-        self._counters: dict[int, dict[str, int]] = {}
+        self.states = [StreamState() for _ in range(cfg.num_streams)]
+        self.totals: dict[int, dict[str, int]] = {}
 
     def __iter__(self) -> Iterator[Batch]:
-        dataset = _WorkerStreams(self.cfg, self.urls, streams=self.streams, sub_batch=self.sub_batch,
-                                 positions=list(self.positions), seed=self.seed,
+        dataset = _WorkerStreams(self.plan, self.cfg, states={s: self.states[s] for s in self.streams},
                                  image_size=self.image_size, tokenizer=self.tokenizer)
         loader = DataLoader(dataset, batch_size=None, num_workers=self.cfg.workers,
                             persistent_workers=False, prefetch_factor=2 if self.cfg.workers else None)
@@ -199,34 +84,75 @@ class TrainLoader:
             # round-robin, so the next len(streams) items are exactly one step of every stream.
             subs = sorted((next(parts) for _ in self.streams), key=lambda sb: sb.stream)
             for sb in subs:
-                self.positions[sb.stream] = sb.position
-                self._counters[sb.stream] = sb.counters
+                self.states[sb.stream] = StreamState(**{k: v for k, v in sb.state.items() if k in STATE_FIELDS})
+                self.totals[sb.stream] = sb.state["totals"]
             yield Batch(images=torch.cat([sb.images for sb in subs]), texts=torch.cat([sb.texts for sb in subs]),
                         keys=[k for sb in subs for k in sb.keys])
 
     def state_dict(self) -> dict[str, Any]:
-        return {"version": STATE_VERSION, "num_streams": self.cfg.num_streams, "positions": list(self.positions)}
+        """This rank's view: its own streams are current, the others as last loaded."""
+        streams = [{**dataclasses.asdict(st), "totals": self.totals.get(s, {})} for s, st in enumerate(self.states)]
+        return {"version": STATE_VERSION, "resampled": self.cfg.resampled, "num_streams": self.cfg.num_streams,
+                "streams": streams}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("num_streams") != self.cfg.num_streams:
-            raise DataError(
-                f"checkpoint loader state has num_streams={state.get('num_streams')}, the config has "
-                f"data.num_streams={self.cfg.num_streams}; resume with the same data.num_streams"
-            )
-        self.positions = list(state["positions"])
+        if state.get("version") != STATE_VERSION:
+            raise DataError(f"checkpoint loader state has version {state.get('version')}, this clipscale "
+                            f"reads version {STATE_VERSION}")
+        for key in ("num_streams", "resampled"):
+            if state[key] != getattr(self.cfg, key):
+                raise DataError(f"checkpoint loader state has {key}={state[key]}, the config has "
+                                f"data.{key}={getattr(self.cfg, key)}; resume with the same data.{key}")
+        self.states = [StreamState(**{k: v for k, v in st.items() if k in STATE_FIELDS}) for st in state["streams"]]
+        self.totals = {s: st.get("totals", {}) for s, st in enumerate(state["streams"])}
 
     def counters(self) -> dict[str, int]:
-        total: collections.Counter = collections.Counter()
-        for c in self._counters.values():
-            total.update(c)
-        return dict(total)
+        """Sample counters (good `samples` and bad ones per reason) of this rank's streams."""
+        return sum_counters(self.totals[s] for s in self.streams if s in self.totals)
+
+
+def sum_counters(counters) -> dict[str, int]:
+    total: collections.Counter = collections.Counter()
+    for c in counters:
+        total.update(c)
+    return dict(total)
+
+
+def merge_rank_states(states: list[dict[str, Any]]) -> dict[str, Any]:
+    """The whole job's loader state from every rank's `state_dict()`: stream s from the rank owning it."""
+    per_rank = states[0]["num_streams"] // len(states)
+    return {**states[0], "streams": [states[s // per_rank]["streams"][s] for s in range(states[0]["num_streams"])]}
 
 
 def build_train_loader(cfg: DataConfig, *, tokenizer: Callable, image_size: int, batch_size: int,
                        rank: int, world_size: int, seed: int) -> TrainLoader:
     """Validate the shard spec and stream layout against the launch, then build the loader."""
-    urls = expand_shards(cfg.train_shards)
+    sources = expand_sources(cfg.train_shards)
+    urls = [u for source in sources for u in source]
     check_shards_exist(urls, spec=cfg.train_shards)
+    check_layout(cfg, num_shards=len(urls), batch_size=batch_size, world_size=world_size)
+    weights = shard_weights(sources, cfg.train_weights, spec=cfg.train_shards)
+    if cfg.train_weights and not cfg.resampled:
+        raise DataError("data.train_weights needs data.resampled=true: exact epochs read every shard once")
+    sub_batch = batch_size * world_size // cfg.num_streams
+    plan = StreamPlan(urls, sizes=shard_sizes(cfg, urls), weights=weights, cfg=cfg, sub_batch=sub_batch, seed=seed)
+    return TrainLoader(plan, cfg, tokenizer=tokenizer, image_size=image_size, rank=rank, world_size=world_size)
+
+
+def shard_sizes(cfg: DataConfig, urls: list[str]) -> list[int]:
+    """Samples per shard: listed (sizes.json / _info.json), else `train_num_samples` spread evenly."""
+    listed = read_sizes(urls)
+    if listed is not None:
+        return [listed[u] for u in urls]
+    if cfg.resampled:
+        return [1] * len(urls)
+    if cfg.train_num_samples is None:
+        raise DataError(f"no sizes.json or _info.json lists every shard of data.train_shards="
+                        f"{cfg.train_shards!r}; set data.train_num_samples (samples in all those shards)")
+    return [cfg.train_num_samples // len(urls)] * len(urls)
+
+
+def check_layout(cfg: DataConfig, *, num_shards: int, batch_size: int, world_size: int) -> None:
     workers = max(cfg.workers, 1)
     if cfg.num_streams % (world_size * workers):
         raise DataError(
@@ -238,10 +164,8 @@ def build_train_loader(cfg: DataConfig, *, tokenizer: Callable, image_size: int,
             f"the global batch {batch_size * world_size} must be a multiple of data.num_streams="
             f"{cfg.num_streams}; change train.global_batch_size or data.num_streams"
         )
-    if len(urls) < cfg.num_streams:
+    if num_shards < cfg.num_streams and not cfg.resampled:
         raise DataError(
-            f"data.train_shards has {len(urls)} shards, fewer than data.num_streams={cfg.num_streams}; "
-            f"lower data.num_streams or reshard into more shards"
+            f"data.train_shards has {num_shards} shards, fewer than data.num_streams={cfg.num_streams}; "
+            f"lower data.num_streams, reshard into more shards or set data.resampled=true"
         )
-    return TrainLoader(cfg, urls, tokenizer=tokenizer, image_size=image_size, batch_size=batch_size,
-                       rank=rank, world_size=world_size, seed=seed)

@@ -28,7 +28,7 @@ class RandomBatches:
                         texts=torch.randint(0, 1000, (b, l), generator=gen), keys=[str(i)] * b)
 
     def state_dict(self):
-        return {}
+        return {"streams": []}
 
     def counters(self):
         return {}

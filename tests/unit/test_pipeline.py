@@ -1,0 +1,124 @@
+"""The streaming loader: exact epochs, uneven shards, exact resume, determinism, world-size invariance."""
+import dataclasses
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+
+from clipscale.data.config import DataConfig
+from clipscale.data.pipeline import build_train_loader, merge_rank_states
+from clipscale.data.shards import DataError
+from clipscale.data.streams import StreamPlan
+from tests.shard_kit import write_dataset
+
+UNEVEN = [5, 40, 13, 27, 60, 8, 33, 21]
+TOKENIZER = open_clip.get_tokenizer("ViT-B-32")
+
+
+def make_loader(spec, *, batch=8, rank=0, world=1, seed=0, **data):
+    cfg = DataConfig(train_shards=spec, **{"num_streams": 4, "workers": 0, "shuffle_buffer": 16, **data})
+    return build_train_loader(cfg, tokenizer=TOKENIZER, image_size=16, batch_size=batch // world,
+                              rank=rank, world_size=world, seed=seed)
+
+
+def take(loader, steps):
+    it = iter(loader)
+    return [next(it) for _ in range(steps)]
+
+
+def keys(batches):
+    return [b.keys for b in batches]
+
+
+@pytest.fixture(scope="module")
+def uneven(tmp_path_factory):
+    return write_dataset(tmp_path_factory.mktemp("uneven"), UNEVEN)
+
+
+def test_every_epoch_deals_each_shard_once_and_balances_sizes():
+    sizes = list(np.random.default_rng(0).integers(1, 100, 50))
+    plan = StreamPlan([str(i) for i in range(50)], sizes=sizes, weights=[1.0] * 50,
+                      cfg=DataConfig(num_streams=4), sub_batch=2, seed=0)
+    for epoch in range(3):
+        lists, loads = plan.deal(epoch)
+        assert sorted(i for shards in lists for i in shards) == list(range(50))
+        assert loads == [sum(sizes[i] for i in shards) for shards in lists]
+        assert max(loads) - min(loads) <= max(sizes)
+    assert plan.deal(0)[0] != plan.deal(1)[0]
+
+
+def test_resampled_blocks_follow_the_source_weights():
+    urls = [f"a{i}" for i in range(2)] + [f"b{i}" for i in range(3)]
+    weights = [1.0] * 2 + [3.0] * 3
+    plan = StreamPlan(urls, sizes=[1] * 5, weights=weights, cfg=DataConfig(num_streams=4, resampled=True,
+                      block_shards=4), sub_batch=2, seed=0)
+    drawn = [u for b in range(500) for u in plan.block(b % 4, epoch=0, block=b)]
+    frac_b = sum(u.startswith("b") for u in drawn) / len(drawn)
+    assert abs(frac_b - 9 / 11) < 0.03  # 2000 draws: the standard error is 0.009
+    assert plan.quota(0) is None
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_exact_epochs_never_repeat_a_sample_with_uneven_shards(uneven, workers):
+    loader = make_loader(uneven, workers=workers, block_shards=1)
+    quota = loader.plan.quota(0)
+    steps = quota * 4 // 8
+    batches = take(loader, 2 * steps)
+    assert all(len(b.keys) == 8 for b in batches)
+    for epoch in (batches[:steps], batches[steps:]):
+        seen = [k for b in epoch for k in b.keys]
+        assert len(seen) == len(set(seen)) == quota * 4
+    assert loader.counters() == {"samples": 2 * steps * 8}
+
+
+@pytest.mark.parametrize("resampled", [False, True])
+def test_resume_from_any_step_continues_exactly(uneven, resampled):
+    full = take(make_loader(uneven, resampled=resampled, block_shards=1), 30)
+    for k in (1, 7, 18):
+        first = make_loader(uneven, resampled=resampled, block_shards=1)
+        head = take(first, k)
+        resumed = make_loader(uneven, resampled=resampled, block_shards=1)
+        resumed.load_state_dict(first.state_dict())
+        tail = take(resumed, 30 - k)
+        assert keys(head + tail) == keys(full)
+        assert torch.equal(tail[0].images, full[k].images) and torch.equal(tail[-1].texts, full[-1].texts)
+
+
+def test_two_runs_are_identical_and_the_seed_matters(uneven):
+    a, b = take(make_loader(uneven, workers=2), 6), take(make_loader(uneven, workers=2), 6)
+    assert keys(a) == keys(b) and all(torch.equal(x.images, y.images) for x, y in zip(a, b))
+    assert keys(take(make_loader(uneven, seed=1), 6)) != keys(a)
+
+
+def test_batches_do_not_depend_on_world_size_and_resume_across_it(uneven):
+    single = take(make_loader(uneven), 10)
+    ranks = [make_loader(uneven, rank=r, world=2) for r in range(2)]
+    per_rank = [take(r, 4) for r in ranks]
+    assert [k0 + k1 for k0, k1 in zip(*map(keys, per_rank))] == keys(single[:4])
+    resumed = make_loader(uneven)
+    resumed.load_state_dict(merge_rank_states([r.state_dict() for r in ranks]))
+    assert keys(take(resumed, 6)) == keys(single[4:])
+
+
+def test_bad_layouts_and_specs_name_the_fix(uneven, tmp_path):
+    with pytest.raises(DataError, match="data.num_streams=3 must be a multiple"):
+        make_loader(uneven, world=2, num_streams=3)
+    with pytest.raises(DataError, match="must be a multiple of data.num_streams"):
+        make_loader(uneven, batch=6)
+    with pytest.raises(DataError, match="train_weights needs data.resampled"):
+        make_loader(f"{uneven}::{uneven}", train_weights=(1.0, 2.0))
+    with pytest.raises(DataError, match="one non-negative weight per"):
+        make_loader(f"{uneven}::{uneven}", train_weights=(1.0,), resampled=True)
+    unsized = write_dataset(tmp_path / "unsized", [4] * 4, with_sizes=False)
+    with pytest.raises(DataError, match="set data.train_num_samples"):
+        make_loader(unsized)
+    assert len(take(make_loader(unsized, train_num_samples=16), 2)[1].keys) == 8
+
+
+def test_state_from_another_stream_layout_is_refused(uneven):
+    state = make_loader(uneven).state_dict()
+    with pytest.raises(DataError, match="num_streams"):
+        make_loader(uneven, num_streams=8).load_state_dict(state)
+    with pytest.raises(DataError, match="resampled"):
+        make_loader(uneven, resampled=True).load_state_dict(state)
