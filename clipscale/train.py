@@ -24,7 +24,7 @@ import torch
 
 from clipscale import checkpoint as ckpt
 from clipscale.config import Config, config_to_dict, save_config
-from clipscale.data.pipeline import build_train_loader, normalize_images
+from clipscale.data.pipeline import build_train_loader, merge_rank_states, normalize_images, sum_counters
 from clipscale.dist import DistInfo, all_reduce_mean, destroy_distributed, init_distributed
 from clipscale.gradcache import gradcache_step
 from clipscale.loss import contrastive_loss
@@ -168,7 +168,7 @@ def run_loop(cfg: Config, info: DistInfo, *, model, optimizer, loader, bundle: M
                 "samples_per_s": per_device * info.world_size, "samples_per_s_per_device": per_device,
                 "mfu": mfu(flops_per_sample=flops_per_sample, samples_per_s_per_device=per_device, peak=peak),
                 "skipped_steps": progress.skipped_steps, "max_memory_gb": max_memory_gb(info.device),
-                **timer.pop(), **{f"data_{k}": v for k, v in loader.counters().items()},
+                **timer.pop(), **data_counters(loader),
             })
         if result.stop:
             log.warning("stopped at step %d on a signal; start the run again to resume", progress.step)
@@ -217,17 +217,19 @@ def crossed(samples_seen: int, batch: int, every: int) -> bool:
 
 
 def global_loader_state(loader) -> dict:
-    """The loader state of the whole job: each rank knows only its own streams' positions.
-
-    Positions only grow and a rank's entries for streams it does not own stay at their resumed
-    values, so the element-wise maximum over ranks is every stream's true position.
-    """
+    """The loader state of the whole job, each stream's entry taken from the rank that owns it."""
     state = loader.state_dict()
     if not torch.distributed.is_initialized():
         return state
     states = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(states, state)
-    return {**state, "positions": [max(p) for p in zip(*(s["positions"] for s in states))]}
+    return merge_rank_states(states)
+
+
+def data_counters(loader) -> dict[str, float]:
+    """Good and bad sample counts of all ranks' streams, for the metrics (one gather per log step)."""
+    streams = global_loader_state(loader)["streams"]
+    return {f"data_{k}": v for k, v in sum_counters(st["totals"] for st in streams).items()}
 
 
 def save(cfg: Config, *, model, optimizer, loader, progress: Progress) -> None:
