@@ -122,3 +122,23 @@ def test_state_from_another_stream_layout_is_refused(uneven):
         make_loader(uneven, num_streams=8).load_state_dict(state)
     with pytest.raises(DataError, match="resampled"):
         make_loader(uneven, resampled=True).load_state_dict(state)
+
+
+def test_fsspec_urls_info_json_sizes_and_json_captions(tmp_path):
+    import json
+
+    from tests.shard_kit import image_bytes, write_shard
+
+    for i in range(4):
+        write_shard(tmp_path / f"{i}.tar", [m for j in range(3) for m in (
+            (f"k{i}{j}.jpg", image_bytes(j)), (f"k{i}{j}.json", json.dumps({"caption": f"cap {i}{j}"}).encode()))])
+    (tmp_path / "_info.json").write_text(json.dumps(
+        {"shardlist": [{"url": f"{i}.tar", "nsamples": 3} for i in range(4)]}))
+    loader = make_loader(f"file://{tmp_path}/{{0..3}}.tar", caption_key="json:caption", batch=4)
+    assert loader.plan.quota(0) == 3  # each stream holds one shard of 3 samples (from _info.json)
+    batches = take(loader, 3)
+    seen = [k for b in batches for k in b.keys]
+    assert sorted(seen) == sorted(f"k{i}{j}" for i in range(4) for j in range(3))
+    assert loader.counters() == {"samples": 12}
+    i = seen.index("k00")
+    assert torch.equal(batches[i // 4].texts[i % 4], TOKENIZER(["cap 00"])[0])
