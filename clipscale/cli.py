@@ -23,6 +23,9 @@ def _setup_logging() -> None:
         datefmt="%H:%M:%S",
     )
     logging.getLogger("clipscale").setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    # clipscale builds models without hub weights and loads its own (checkpoint or model.pretrained).
+    logging.getLogger().handlers[0].addFilter(
+        lambda record: not record.getMessage().startswith("No pretrained weights loaded"))
 
 
 def cmd_train(args: argparse.Namespace) -> int:
