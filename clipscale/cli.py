@@ -57,7 +57,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_fit(args: argparse.Namespace) -> int:
     from clipscale.scaling.fit import fit_results
 
-    fits = fit_results(args.results, metric=args.metric, x=args.x, out_dir=args.out)
+    fits = fit_results(args.results, metric=args.metric, x=args.x, out_dir=args.out, checkpoints=args.checkpoints)
     print(f"fit: {fits['formula']}")
     print(f"fits: {Path(args.out) / 'fits.json'}  plot: {Path(args.out) / 'fit.png'}")
     return 0
@@ -113,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", default="zeroshot_top1")
     p.add_argument("--x", default="train_compute_gmacs", help="compute axis field")
     p.add_argument("--out", default="fits", help="output directory for fits.json and fit.png")
+    p.add_argument("--checkpoints", choices=("final", "all"), default="final",
+                   help="fit each run's final checkpoint (default) or every checkpoint")
     p.set_defaults(func=cmd_fit)
 
     p = sub.add_parser("data", help="write the synthetic dataset (train shards + zero-shot set)")

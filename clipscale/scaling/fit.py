@@ -4,7 +4,10 @@
 
 For an accuracy the error is 1 - metric. The law is fitted on the frontier: the points that reach
 a lower error than every cheaper point (Cherti et al. 2023 fit the Pareto frontier of compute vs
-error over all models and durations). Uncertainty: a bootstrap over frontier points gives 95%
+error over all models and durations). By default only each run's final checkpoint is eligible:
+an intermediate checkpoint of a cosine run has not annealed its learning rate and understates what
+that compute buys (`checkpoints="all"` uses every checkpoint, e.g. for constant+cooldown runs with
+cooled-down checkpoints). Uncertainty: a bootstrap over frontier points gives 95%
 intervals of A and alpha.
 """
 from __future__ import annotations
@@ -75,9 +78,21 @@ def fit_power_law(x: np.ndarray, y: np.ndarray, *, n_bootstrap: int = 1000, seed
     }
 
 
+def final_checkpoints(records: list[dict[str, Any]]) -> np.ndarray:
+    """Indices of each run's last evaluated checkpoint (largest step)."""
+    last: dict[Any, int] = {}
+    for i, r in enumerate(records):
+        run = r.get("run", r["_source"])
+        if run not in last or r.get("step", 0) > records[last[run]].get("step", 0):
+            last[run] = i
+    return np.array(sorted(last.values()), dtype=np.int64)
+
+
 def fit_results(paths: Sequence[str | Path], *, metric: str = "zeroshot_top1", x: str = "train_compute_gmacs",
-                out_dir: str | Path, higher_is_better: bool | None = None) -> dict[str, Any]:
-    """Fit error(x) = A x^alpha on the frontier; write out_dir/fits.json and out_dir/fit.png."""
+                out_dir: str | Path, higher_is_better: bool | None = None,
+                checkpoints: str = "final") -> dict[str, Any]:
+    """Fit error(x) = A x^alpha on the frontier of the eligible checkpoints ("final" of each run, or
+    "all"); write out_dir/fits.json and out_dir/fit.png."""
     from clipscale.scaling.plot import plot_fit
 
     records = load_results(paths)
@@ -90,12 +105,14 @@ def fit_results(paths: Sequence[str | Path], *, metric: str = "zeroshot_top1", x
     xs = np.array([r[x] for r in records], dtype=np.float64)
     values = np.array([r[metric] for r in records], dtype=np.float64)
     errors = 1.0 - values if higher_is_better else values
-    front = pareto_frontier(xs, errors)
+    eligible = final_checkpoints(records) if checkpoints == "final" else np.arange(len(records))
+    front = eligible[pareto_frontier(xs[eligible], errors[eligible])]
     y_name = f"1 - {metric}" if higher_is_better else metric
     fit = fit_power_law(xs[front], errors[front])
     fits = {
         "metric": metric, "x": x, "y": y_name, "higher_is_better": higher_is_better, "law": "E = A * C^alpha",
-        "fitted_on": "compute frontier (points better than every cheaper point)", **fit,
+        "fitted_on": f"compute frontier (points better than every cheaper point) of {checkpoints} checkpoints",
+        **fit,
         "formula": laws.formula(a=fit["A"], alpha=fit["alpha"], y=y_name, x=x),
         "frontier": [{"run": records[i].get("run"), "step": records[i].get("step"), "x": xs[i], "y": errors[i]}
                      for i in front],

@@ -71,3 +71,13 @@ def test_fit_errors_name_the_problem(tmp_path):
     with pytest.raises(ValueError, match="no results at .*missing"):
         fit_results([tmp_path / "missing"], out_dir=tmp_path / "f")
     assert not (tmp_path / "f" / "fits.json").exists()
+
+
+def test_only_final_checkpoints_are_fitted_unless_asked(tmp_path):
+    rows = {f"r{k}": [{"run": f"r{k}", "step": s, "train_compute_gmacs": 10.0 * k * s,
+                      "zeroshot_top1": 1 - (10.0 * k * s) ** -0.3} for s in (1, 2, 3)] for k in (1, 5, 25)}
+    runs = [write_results(tmp_path / name, r) for name, r in rows.items()]
+    final = fit_results(runs, out_dir=tmp_path / "final")
+    assert [(p["run"], p["step"]) for p in final["frontier"]] == [("r1", 3), ("r5", 3), ("r25", 3)]
+    every = fit_results(runs, out_dir=tmp_path / "all", checkpoints="all")
+    assert len(every["frontier"]) > 3 and len(final["points"]) == len(every["points"]) == 9
