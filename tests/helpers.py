@@ -14,6 +14,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def spawn_ranks(worker, out_dir: Path, *, world: int) -> list:
+    """Run `worker(rank, port, out_dir)` in `world` spawned processes; each saves `rank{r}.pt`."""
+    import torch
+    import torch.multiprocessing as mp
+
+    mp.spawn(worker, args=(free_port(), str(out_dir)), nprocs=world, join=True)
+    return [torch.load(Path(out_dir) / f"rank{r}.pt") for r in range(world)]
+
+
 def run_cli(*args: str, nproc: int = 1, cwd: Path | None = None, check: bool = True,
             timeout: float = 600) -> subprocess.CompletedProcess:
     """Run `clipscale ARGS` as a real process: plain python for nproc=1, torchrun otherwise."""

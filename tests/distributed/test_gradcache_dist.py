@@ -4,12 +4,10 @@ float64, dropout and patch dropout on. Each rank seeds its RNG with SEED + rank;
 forwards rank 0's chunks from SEED and rank 1's from SEED + 1, so both draw identical masks.
 """
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
@@ -18,6 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 from clipscale.bench import tiny_clip
 from clipscale.gradcache import gradcache_step
 from clipscale.loss import LossConfig, contrastive_loss
+from tests.helpers import spawn_ranks
 
 pytestmark = pytest.mark.slow
 
@@ -101,12 +100,7 @@ def worker(rank: int, port: int, out_dir: str) -> None:
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
-    out = tmp_path_factory.mktemp("gradcache_dist")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(worker, args=(port, str(out)), nprocs=WORLD, join=True)
-    return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
+    return spawn_ranks(worker, tmp_path_factory.mktemp("gradcache_dist"), world=WORLD)
 
 
 def single_process_reference(cfg: LossConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

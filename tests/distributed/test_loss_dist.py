@@ -4,16 +4,15 @@ One spawn computes every configuration on both ranks; the tests compare the save
 """
 import itertools
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss, SigLipLoss
 
 from clipscale.loss import LossConfig, contrastive_loss
+from tests.helpers import spawn_ranks
 
 pytestmark = pytest.mark.slow
 
@@ -70,12 +69,7 @@ def worker(rank: int, port: int, out_dir: str) -> None:
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
-    out = tmp_path_factory.mktemp("loss_dist")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(worker, args=(port, str(out)), nprocs=WORLD, join=True)
-    return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
+    return spawn_ranks(worker, tmp_path_factory.mktemp("loss_dist"), world=WORLD)
 
 
 def single_process_reference(kind: str) -> list[torch.Tensor]:
