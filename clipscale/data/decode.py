@@ -1,19 +1,57 @@
 """Safe, fast image decoding with the random-resized-crop done at decode time.
 
-Only image bytes are decoded (never pickles). JPEGs are decoded at reduced size when the crop
-allows it (libjpeg DCT scaling via `Image.draft`), then the crop box is resized once.
+Only image bytes are decoded (never pickles). The header is checked before any pixel is decoded;
+JPEGs are decoded at reduced size when the crop allows it (libjpeg DCT scaling via `Image.draft`),
+then the crop box is resized once. Every way an image can be unusable raises `BadSample` with a
+reason the loader counts.
 """
 from __future__ import annotations
 
 import io
 import math
-import warnings
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
+
+from clipscale.data.shards import BadSample
 
 MAX_IMAGE_PIXELS = 64_000_000  # larger images are treated as decompression bombs and skipped
-Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+WHITE = (255, 255, 255)
+
+
+def open_image(data: bytes) -> Image.Image:
+    """Image bytes -> a lazily decoded PIL image whose header was checked; BadSample otherwise."""
+    if not data:
+        raise BadSample("empty_image")
+    try:
+        img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise BadSample("not_an_image") from None
+    except Image.DecompressionBombError as e:  # PIL's own limit, checked on open
+        raise BadSample("decompression_bomb", str(e)) from None
+    except (OSError, ValueError, SyntaxError) as e:  # broken header of a recognised format
+        raise BadSample("corrupt_image", str(e)) from None
+    width, height = img.size
+    if width * height > MAX_IMAGE_PIXELS:
+        raise BadSample("decompression_bomb", f"{width}x{height} > {MAX_IMAGE_PIXELS} pixels")
+    return img
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB: transparency composited on white, 16-bit and float greys rescaled."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, WHITE + (255,))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if img.mode.startswith("I;16") or img.mode == "I":  # 16-bit greys: PIL's convert would clip at 255
+        grey = np.asarray(img, dtype=np.float32) / 257.0
+        return Image.fromarray(np.clip(grey + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
+    if img.mode == "F":  # float greys in [0, 1]
+        grey = np.asarray(img, dtype=np.float32) * 255.0
+        return Image.fromarray(np.clip(grey + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
+    return img.convert("RGB")  # L, 1, P, CMYK (Adobe inversion handled by PIL), YCbCr, ...
 
 
 def random_resized_crop_box(width: int, height: int, rng: np.random.Generator, *,
@@ -47,18 +85,18 @@ def random_resized_crop_box(width: int, height: int, rng: np.random.Generator, *
 
 
 def decode_crop(data: bytes, *, size: int, rng: np.random.Generator, scale: tuple[float, float]) -> np.ndarray:
-    """Image bytes -> uint8 array (3, size, size) of a random resized crop. Raises on bad images."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        img = Image.open(io.BytesIO(data))
-        width, height = img.size
-        box = random_resized_crop_box(width, height, rng, scale=scale)
-        crop_min = min(box[2] - box[0], box[3] - box[1])
+    """Image bytes -> uint8 array (3, size, size) of a random resized crop; BadSample on bad images."""
+    img = open_image(data)
+    width, height = img.size
+    box = random_resized_crop_box(width, height, rng, scale=scale)
+    crop_min = min(box[2] - box[0], box[3] - box[1])
+    try:
         if img.format == "JPEG" and crop_min >= 2 * size:
             # Decode at 1/2, 1/4 or 1/8 size when the crop stays at least `size` px wide.
-            img.draft("RGB", (math.ceil(width * size / crop_min), math.ceil(height * size / crop_min)))
+            img.draft(img.mode, (math.ceil(width * size / crop_min), math.ceil(height * size / crop_min)))
             fx, fy = img.size[0] / width, img.size[1] / height
             box = (box[0] * fx, box[1] * fy, box[2] * fx, box[3] * fy)
-        img = img.convert("RGB")
-        img = img.resize((size, size), Image.BICUBIC, box=box)
+        img = to_rgb(img).resize((size, size), Image.BICUBIC, box=box)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # truncated or corrupt data
+        raise BadSample("corrupt_image", str(e)) from None
     return np.asarray(img).transpose(2, 0, 1)

@@ -8,7 +8,6 @@ Samples are read in shard order, on one process, so every evaluation sees the sa
 """
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -17,9 +16,10 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from clipscale.data.decode import open_image, to_rgb
+from clipscale.data.shards import BadSample
+
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-# Far above any evaluation image; refuses decompression bombs before pixels are decoded.
-MAX_IMAGE_PIXELS = 1 << 26
 
 
 class ZeroShotDataError(ValueError):
@@ -62,16 +62,13 @@ def zeroshot_shards(zeroshot_dir: str | Path) -> list[str]:
 
 
 def decode_image(data: bytes, *, where: str) -> Image.Image:
-    """Encoded image bytes -> RGB PIL image; refuses images above MAX_IMAGE_PIXELS."""
+    """Encoded image bytes -> RGB PIL image, with the training loader's header checks."""
     try:
-        image = Image.open(io.BytesIO(data))
-        width, height = image.size  # header only: nothing decoded yet
-        if width * height > MAX_IMAGE_PIXELS:
-            raise ZeroShotDataError(f"{where}: image {width}x{height} exceeds MAX_IMAGE_PIXELS="
-                                    f"{MAX_IMAGE_PIXELS}; resize the evaluation images")
-        return image.convert("RGB")
-    except (OSError, Image.DecompressionBombError) as e:
-        raise ZeroShotDataError(f"{where}: cannot decode image ({e}); rewrite this sample") from e
+        return to_rgb(open_image(data))
+    except BadSample as e:
+        raise ZeroShotDataError(f"{where}: unusable image ({e}); rewrite this sample") from None
+    except (OSError, ValueError, SyntaxError) as e:
+        raise ZeroShotDataError(f"{where}: unusable image (corrupt_image: {e}); rewrite this sample") from None
 
 
 def decode_sample(sample: dict[str, Any], *, num_classes: int) -> tuple[Image.Image, int]:

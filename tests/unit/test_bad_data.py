@@ -1,0 +1,109 @@
+"""Bad shards and samples are skipped and counted per reason; too many stop the run clearly."""
+import io
+import pickle
+import struct
+import zlib
+
+import pytest
+
+from clipscale.data.shards import DataError
+from tests.shard_kit import image_bytes, sample_members, write_shard
+from tests.unit.test_pipeline import make_loader, take
+
+
+def bomb_png(width: int = 100_000, height: int = 100_000) -> bytes:
+    """A tiny PNG whose header claims `width` x `height` pixels."""
+    data = bytearray(image_bytes(0, size=1, fmt="PNG"))
+    ihdr = b"IHDR" + struct.pack(">II", width, height) + data[24:29]
+    data[12:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(ihdr))
+    return bytes(data)
+
+
+class Unpickled:
+    """Unpickling this writes a file: the loader must never do it."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (str(self.path), "w"))
+
+
+def good(key, seed, **kw):
+    return [(f"{key}.{kw.get('ext', 'jpg')}", kw.get("data") or image_bytes(seed)), (f"{key}.txt", f"a {key}".encode())]
+
+
+def mixed_shard(path, marker):
+    members = good("good0", 0)
+    members += good("cmyk", 1, data=image_bytes(1, mode="CMYK"))
+    members += good("palette", 2, ext="png", data=image_bytes(2, fmt="PNG", mode="P"))
+    members += good("rgba", 3, ext="png", data=image_bytes(3, fmt="PNG", mode="RGBA"))
+    members += good("la", 4, ext="png", data=image_bytes(4, fmt="PNG", mode="LA"))
+    members += good("i16", 5, ext="png", data=image_bytes(5, fmt="PNG", mode="I;16"))
+    members += good("webp", 6, ext="webp", data=image_bytes(6, fmt="WEBP"))
+    members += [("pk.jpg", image_bytes(7)), ("pk.txt", b"a pickle"), ("pk.pyd", pickle.dumps(Unpickled(marker)))]
+    members += [("empty.jpg", b""), ("empty.txt", b"x")]
+    members += [("notimg.jpg", b"this is text"), ("notimg.txt", b"x")]
+    members += [("corrupt.jpg", image_bytes(8)[:200]), ("corrupt.txt", b"x")]
+    members += [("bomb.png", bomb_png()), ("bomb.txt", b"x")]
+    members += [("nocap.jpg", image_bytes(9))]
+    members += [("emptycap.jpg", image_bytes(10)), ("emptycap.txt", b"  \n")]
+    members += [("badutf.jpg", image_bytes(11)), ("badutf.txt", b"\xff\xfe\xfa")]
+    members += [("noimg.txt", b"no image")]
+    members += good("dup", 12) + [("dup.jpg", image_bytes(13))]
+    members += good("good0", 14)
+    members += good("../evil", 15) + good("/abs/evil", 16)
+    members += good("last", 17)
+    return write_shard(path, members)
+
+
+EXPECTED_BAD = {"empty_image": 1, "not_an_image": 1, "corrupt_image": 1, "decompression_bomb": 1,
+                "missing_caption": 1, "empty_caption": 1, "caption_not_utf8": 1, "missing_image": 1,
+                "duplicate_key": 2, "unsafe_member_name": 2}
+GOOD = ["good0", "cmyk", "palette", "rgba", "la", "i16", "webp", "pk", "last"]
+
+
+def test_each_bad_sample_is_skipped_and_counted(tmp_path):
+    marker = tmp_path / "unpickled"
+    spec = str(mixed_shard(tmp_path / "mixed.tar", marker))
+    loader = make_loader(spec, num_streams=1, batch=len(GOOD), shuffle_buffer=0, train_num_samples=40,
+                         max_bad_fraction=1.0)
+    (batch,) = take(loader, 1)
+    assert sorted(batch.keys) == sorted(GOOD)
+    assert batch.images.shape == (len(GOOD), 3, 16, 16)
+    assert loader.counters() == {"samples": len(GOOD), **EXPECTED_BAD}
+    assert not marker.exists()
+
+
+def test_truncated_failing_and_stalled_shards_are_skipped(tmp_path):
+    whole = write_shard(tmp_path / "whole.tar", [m for i in range(6) for m in sample_members(f"t{i}", i)])
+    data = whole.read_bytes()
+    (tmp_path / "cut.tar").write_bytes(data[:len(data) * 2 // 3])
+    flag = tmp_path / "failed_once"
+    flaky = f"pipe:sh -c 'if [ -e {flag} ]; then cat {whole}; else touch {flag}; exit 1; fi'"
+    spec = "::".join([str(tmp_path / "cut.tar"), "pipe:exit 3", "pipe:sleep 5", flaky])
+    loader = make_loader(spec, num_streams=1, batch=2, shuffle_buffer=0, train_num_samples=24,
+                         shard_retries=1, retry_backoff_s=0.01, read_timeout_s=0.5, block_shards=4)
+    seen = [k for b in take(loader, 5) for k in b.keys]  # the flaky shard's 6 and the cut one's first 4
+    assert set(seen) == {f"t{i}" for i in range(6)} and len(seen) == 10
+    counters = loader.counters()
+    assert counters["truncated_shard"] == 1 and counters["unreadable_shard"] == 2
+    assert counters["samples"] == 10 and flag.exists()
+
+
+def test_too_many_bad_samples_stop_with_the_reasons(tmp_path):
+    members = [m for i in range(150) for m in (sample_members(f"k{i}", i) if i % 2 else
+                                                [(f"k{i}.jpg", b"garbage"), (f"k{i}.txt", b"x")])]
+    spec = str(write_shard(tmp_path / "bad.tar", members))
+    loader = make_loader(spec, num_streams=1, batch=60, shuffle_buffer=0, train_num_samples=150,
+                         max_bad_fraction=0.2)
+    with pytest.raises(DataError, match=r"stream 0: \d+ of \d+ samples were bad \(not_an_image=\d+\)"):
+        take(loader, 2)
+
+
+def test_no_readable_shard_stops_the_run(tmp_path):
+    loader = make_loader("pipe:exit 1::pipe:exit 2", num_streams=1, batch=2, train_num_samples=8,
+                         shard_retries=0, max_failed_shards=4)
+    with pytest.raises(DataError, match="4 shards in a row gave no sample"):
+        take(loader, 1)

@@ -1,0 +1,122 @@
+"""Decode-time crops follow RandomResizedCrop, every image mode becomes faithful RGB, bad images say why."""
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms import RandomResizedCrop
+
+from clipscale.data import decode
+from clipscale.data.decode import decode_crop, open_image, random_resized_crop_box, to_rgb
+from clipscale.data.shards import BadSample
+from tests.shard_kit import image_bytes
+
+
+def encode(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def crop_stats(boxes: np.ndarray, width: int, height: int) -> np.ndarray:
+    w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    return np.stack([w * h / (width * height), np.log(w / h), boxes[:, 0] / width, boxes[:, 1] / height], 1)
+
+
+@pytest.mark.parametrize("width,height,scale", [(384, 288, (0.9, 1.0)), (500, 200, (0.08, 1.0)), (64, 64, (0.3, 1.0))])
+def test_crop_boxes_have_random_resized_crops_distribution(width, height, scale):
+    n = 4000
+    rng = np.random.default_rng(0)
+    ours = np.array([random_resized_crop_box(width, height, rng, scale=scale) for _ in range(n)])
+    torch.manual_seed(0)
+    ref = []
+    for _ in range(n):
+        top, left, h, w = RandomResizedCrop.get_params(torch.empty(3, height, width), scale, (3 / 4, 4 / 3))
+        ref.append((left, top, left + w, top + h))
+    ours, ref = crop_stats(ours, width, height), crop_stats(np.array(ref), width, height)
+    assert ((ours[:, 0] > 0) & (ours[:, 0] <= 1)).all()
+    for q in (0.1, 0.25, 0.5, 0.75, 0.9):  # quantiles of area, log aspect and position agree
+        np.testing.assert_allclose(np.quantile(ours, q, axis=0), np.quantile(ref, q, axis=0), atol=0.03)
+
+
+@pytest.mark.parametrize("width,height", [(1000, 10), (10, 1000)])
+def test_fallback_is_torchvisions_centre_crop(width, height):
+    # A thin strip never fits a crop of the allowed aspect: both fall back to the same centre crop.
+    box = random_resized_crop_box(width, height, np.random.default_rng(0), scale=(0.9, 1.0))
+    top, left, h, w = RandomResizedCrop.get_params(torch.empty(3, height, width), (0.9, 1.0), (3 / 4, 4 / 3))
+    assert box == (left, top, left + w, top + h)
+
+
+def test_crop_equals_a_reference_resize_of_the_same_box():
+    img = Image.fromarray(np.random.default_rng(1).integers(0, 256, (60, 80, 3), dtype=np.uint8))
+    data = encode(img)
+    out = decode_crop(data, size=32, rng=np.random.default_rng(5), scale=(0.5, 1.0))
+    box = random_resized_crop_box(80, 60, np.random.default_rng(5), scale=(0.5, 1.0))
+    expected = np.asarray(img.resize((32, 32), Image.BICUBIC, box=box)).transpose(2, 0, 1)
+    assert out.dtype == np.uint8 and out.shape == (3, 32, 32)
+    np.testing.assert_array_equal(out, expected)
+
+
+def test_reduced_size_jpeg_decode_stays_close_to_full_decode():
+    # Smooth content so that the comparison measures the DCT-scaled decode, not aliasing.
+    y, x = np.mgrid[0:768, 0:1024].astype(np.float32)
+    pixels = np.stack([128 + 100 * np.sin(x / 90), 128 + 100 * np.cos(y / 70), (x + y) / 7], -1)
+    data = encode(Image.fromarray(pixels.clip(0, 255).astype(np.uint8)), "JPEG", quality=95)
+    img = Image.open(io.BytesIO(data))
+    img.draft("RGB", (256, 192))
+    assert img.size == (256, 192)  # the fast path really is taken for this crop size
+    out = decode_crop(data, size=64, rng=np.random.default_rng(3), scale=(0.9, 1.0)).astype(float)
+    box = random_resized_crop_box(1024, 768, np.random.default_rng(3), scale=(0.9, 1.0))
+    full = Image.open(io.BytesIO(data)).convert("RGB").resize((64, 64), Image.BICUBIC, box=box)
+    assert np.abs(out - np.asarray(full).transpose(2, 0, 1)).mean() < 2.0
+
+
+def test_transparency_is_composited_on_white():
+    rgba = np.zeros((8, 8, 4), dtype=np.uint8)
+    rgba[:4] = (255, 0, 0, 255)  # opaque red top, fully transparent black bottom
+    rgb = np.asarray(to_rgb(open_image(encode(Image.fromarray(rgba, "RGBA")))))
+    assert (rgb[:4] == (255, 0, 0)).all() and (rgb[4:] == 255).all()
+    la = Image.fromarray(np.zeros((8, 8, 2), dtype=np.uint8), "LA")
+    assert (np.asarray(to_rgb(open_image(encode(la)))) == 255).all()
+    pal = Image.fromarray(np.zeros((8, 8), dtype=np.uint8), "P")
+    pal.info["transparency"] = 0
+    assert (np.asarray(to_rgb(open_image(encode(pal, transparency=0)))) == 255).all()
+
+
+def test_sixteen_bit_grey_is_rescaled_not_clipped():
+    grey = np.linspace(0, 65535, 64, dtype=np.uint16).reshape(8, 8)
+    img = open_image(encode(Image.fromarray(grey)))
+    assert img.mode.startswith("I")
+    rgb = np.asarray(to_rgb(img)).astype(int)
+    np.testing.assert_allclose(rgb[..., 0], grey / 257, atol=1)
+    assert (rgb[..., 0] == rgb[..., 2]).all()
+
+
+@pytest.mark.parametrize("mode,fmt", [("L", "JPEG"), ("CMYK", "JPEG"), ("P", "PNG"), ("1", "PNG"), ("RGB", "WEBP")])
+def test_other_modes_decode_to_rgb(mode, fmt):
+    out = decode_crop(image_bytes(0, size=40, fmt=fmt, mode=mode), size=16, rng=np.random.default_rng(0),
+                      scale=(0.9, 1.0))
+    assert out.shape == (3, 16, 16) and out.dtype == np.uint8
+
+
+def test_cmyk_keeps_its_colours():
+    red = Image.new("RGB", (32, 32), (220, 20, 20))
+    out = decode_crop(encode(red.convert("CMYK"), "JPEG", quality=95), size=8, rng=np.random.default_rng(0),
+                      scale=(1.0, 1.0))
+    np.testing.assert_allclose(out.reshape(3, -1).mean(1), (220, 20, 20), atol=8)
+
+
+def bad_reason(data: bytes) -> str:
+    with pytest.raises(BadSample) as e:
+        decode_crop(data, size=8, rng=np.random.default_rng(0), scale=(0.9, 1.0))
+    return e.value.reason
+
+
+def test_bad_images_name_their_reason(monkeypatch):
+    assert bad_reason(b"") == "empty_image"
+    assert bad_reason(b"plain text, no image") == "not_an_image"
+    assert bad_reason(image_bytes(0, size=64)[:300]) == "corrupt_image"  # truncated JPEG
+    assert bad_reason(image_bytes(0, size=64, fmt="PNG")[:100]) == "corrupt_image"  # truncated PNG
+    monkeypatch.setattr(decode, "MAX_IMAGE_PIXELS", 64 * 64 - 1)
+    assert bad_reason(image_bytes(0, size=64)) == "decompression_bomb"
