@@ -102,8 +102,9 @@ class TrainConfig:
     """Training length in samples seen."""
     chunk_size: int | None = None
     """Gradient-cache chunk size per rank (None = no gradient caching)."""
-    precision: Literal["fp32", "bf16"] = "fp32"
-    """Compute precision: fp32, or bf16 autocast (DDP) / bf16 params with fp32 reduce (FSDP2)."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Compute precision: fp32, bf16 autocast (DDP) / bf16 params with fp32 reduce (FSDP2), or fp16
+    autocast with a dynamic loss scale (DDP / one process only)."""
     parallel: Literal["ddp", "fsdp"] = "ddp"
     """Data parallelism: DDP (replicated) or FSDP2 (fully_shard)."""
     fsdp_reshard_after_forward: bool = True
@@ -112,6 +113,8 @@ class TrainConfig:
     """Recompute transformer blocks in backward to save activation memory."""
     compile: bool = False
     """torch.compile the model."""
+    compile_backend: str = "inductor"
+    """torch.compile backend: "inductor" (needs a C++ compiler on CPU) or "aot_eager" (no compiler)."""
     log_every_steps: int = 10
     """Write a metrics line every this many steps."""
     checkpoint_every_samples: int = 12_800
@@ -298,6 +301,11 @@ def validate_for_world(cfg: Config, world_size: int) -> None:
         raise ConfigError(
             f"train.total_samples={t.total_samples} is less than one global batch "
             f"({t.global_batch_size}); raise it"
+        )
+    if t.precision == "fp16" and t.parallel == "fsdp":
+        raise ConfigError(
+            "train.precision='fp16' with train.parallel='fsdp' is not supported: FSDP2 needs a "
+            "sharded grad scaler; use train.precision='bf16' with FSDP2 (or parallel='ddp' for fp16)"
         )
     if cfg.loss.kind == "siglip" and cfg.model.init_logit_bias is None:
         raise ConfigError("loss.kind='siglip' needs a logit bias: set model.init_logit_bias=-10.0")

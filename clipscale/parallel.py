@@ -19,7 +19,7 @@ from clipscale.dist import DistInfo
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -49,8 +49,13 @@ def parallelize(model: torch.nn.Module, cfg: TrainConfig, info: DistInfo) -> tor
         device_ids = [info.device.index] if info.device.type == "cuda" else None
         model = DistributedDataParallel(model, device_ids=device_ids)
     if cfg.compile:
-        model = torch.compile(model)
+        model = torch.compile(model, backend=cfg.compile_backend)
     return model
+
+
+def grad_scaler(cfg: TrainConfig, device: torch.device) -> torch.amp.GradScaler:
+    """Dynamic loss scaling for fp16 autocast; a disabled (pass-through) scaler otherwise."""
+    return torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
 
 
 def shard_fsdp(model: torch.nn.Module, *, precision: str, reshard_after_forward: bool) -> torch.nn.Module:

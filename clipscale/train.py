@@ -31,7 +31,7 @@ from clipscale.loss import contrastive_loss
 from clipscale.metrics import MetricsLogger, StepTimer, mfu, peak_flops
 from clipscale.models import ModelBundle, build_model, count_params, gmacs_per_sample
 from clipscale.optim import build_optimizer, lr_at, set_lr
-from clipscale.parallel import autocast, full_tensor, global_grad_norm, parallelize, unwrap
+from clipscale.parallel import autocast, full_tensor, global_grad_norm, grad_scaler, parallelize, unwrap
 
 log = logging.getLogger(__name__)
 MAX_LOGIT_SCALE = math.log(100)  # temperature floor of 0.01 (Radford et al. 2021)
@@ -95,12 +95,13 @@ def _train(cfg: Config, info: DistInfo) -> Path:
     bundle = build_model(cfg.model, device=info.device)
     model = parallelize(bundle.model, cfg.train, info)
     optimizer = build_optimizer(model, cfg.optim)
+    scaler = grad_scaler(cfg.train, info.device)
     loader = build_train_loader(
         cfg.data, tokenizer=bundle.tokenizer, image_size=bundle.image_size,
         batch_size=cfg.train.global_batch_size // info.world_size, rank=info.rank,
         world_size=info.world_size, seed=cfg.run.seed,
     )
-    progress = resume(run_dir / "checkpoints", model=model, optimizer=optimizer, loader=loader)
+    progress = resume(run_dir / "checkpoints", model=model, optimizer=optimizer, loader=loader, scaler=scaler)
     torch.manual_seed(cfg.run.seed * 1000 + info.rank + progress.step)  # per-rank stochastic layers
     total_steps = cfg.train.total_samples // cfg.train.global_batch_size
     metrics = MetricsLogger(run_dir, cfg.log, enabled=info.is_main, total_steps=total_steps,
@@ -111,7 +112,7 @@ def _train(cfg: Config, info: DistInfo) -> Path:
                      "world_size": info.world_size})
     start, t0 = progress.samples_seen, time.perf_counter()
     try:
-        run_loop(cfg, info, model=model, optimizer=optimizer, loader=loader, bundle=bundle,
+        run_loop(cfg, info, model=model, optimizer=optimizer, loader=loader, bundle=bundle, scaler=scaler,
                  progress=progress, total_steps=total_steps, metrics=metrics, stop_signal=stop_signal,
                  flops_per_sample=3 * 2e9 * gmacs)
     finally:
@@ -124,7 +125,7 @@ def _train(cfg: Config, info: DistInfo) -> Path:
 
 def run_loop(cfg: Config, info: DistInfo, *, model, optimizer, loader, bundle: ModelBundle,
              progress: Progress, total_steps: int, metrics: MetricsLogger, stop_signal: StopSignal,
-             flops_per_sample: float) -> None:
+             flops_per_sample: float, scaler: torch.amp.GradScaler | None = None) -> None:
     batches = iter(loader)
     timer = StepTimer(info.device)
     peak = peak_flops(torch.cuda.get_device_name(info.device)) if info.device.type == "cuda" else None
@@ -140,14 +141,14 @@ def run_loop(cfg: Config, info: DistInfo, *, model, optimizer, loader, bundle: M
         lr = lr_at(progress.samples_seen + global_batch, cfg=cfg.optim, total_samples=t.total_samples)
         set_lr(optimizer, lr)
         result = train_step(model, images, texts, optimizer=optimizer, cfg=cfg, device=info.device,
-                            timer=timer, stop_requested=stop_signal.requested)
+                            timer=timer, stop_requested=stop_signal.requested, scaler=scaler)
         progress.step += 1
         progress.samples_seen += global_batch
         metrics.advance()
         nonfinite_streak = nonfinite_streak + 1 if result.skipped else 0
         progress.skipped_steps += result.skipped
         if nonfinite_streak >= t.max_nonfinite_steps:
-            save(cfg, model=model, optimizer=optimizer, loader=loader, progress=progress)
+            save(cfg, model=model, optimizer=optimizer, loader=loader, progress=progress, scaler=scaler)
             raise NonFiniteLoss(
                 f"{nonfinite_streak} consecutive steps with non-finite loss or gradients at step "
                 f"{progress.step}; saved the last good weights (updates were skipped). Lower "
@@ -155,7 +156,7 @@ def run_loop(cfg: Config, info: DistInfo, *, model, optimizer, loader, bundle: M
 
         last = progress.step == total_steps
         if crossed(progress.samples_seen, global_batch, t.checkpoint_every_samples) or last or result.stop:
-            save(cfg, model=model, optimizer=optimizer, loader=loader, progress=progress)
+            save(cfg, model=model, optimizer=optimizer, loader=loader, progress=progress, scaler=scaler)
         if progress.step % t.log_every_steps == 0 or last:
             elapsed = time.perf_counter() - t_log
             per_device = (progress.samples_seen - samples_at_log) / elapsed / info.world_size
@@ -168,6 +169,7 @@ def run_loop(cfg: Config, info: DistInfo, *, model, optimizer, loader, bundle: M
                 "samples_per_s": per_device * info.world_size, "samples_per_s_per_device": per_device,
                 "mfu": mfu(flops_per_sample=flops_per_sample, samples_per_s_per_device=per_device, peak=peak),
                 "skipped_steps": progress.skipped_steps, "max_memory_gb": max_memory_gb(info.device),
+                **({"loss_scale": scaler.get_scale()} if scaler is not None and scaler.is_enabled() else {}),
                 **timer.pop(), **data_counters(loader),
             })
         if result.stop:
@@ -177,9 +179,16 @@ def run_loop(cfg: Config, info: DistInfo, *, model, optimizer, loader, bundle: M
 
 def train_step(model: torch.nn.Module, images: torch.Tensor, texts: torch.Tensor, *,
                optimizer: torch.optim.Optimizer, cfg: Config, device: torch.device,
-               timer: StepTimer, stop_requested: bool = False) -> StepResult:
-    """One optimizer step on this rank's share of the global batch (B_rank samples)."""
+               timer: StepTimer, stop_requested: bool = False,
+               scaler: torch.amp.GradScaler | None = None) -> StepResult:
+    """One optimizer step on this rank's share of the global batch (B_rank samples).
+
+    With an enabled `scaler` (fp16) the loss is scaled for backward and the gradients unscaled
+    before the norm; a step that any rank finds non-finite is skipped and the scale backed off on
+    every rank alike. The gradient-cache path does its own backward and is not loss-scaled.
+    """
     optimizer.zero_grad(set_to_none=True)
+    scaling = scaler is not None and scaler.is_enabled() and not cfg.train.chunk_size
     if cfg.train.chunk_size:
         with autocast(cfg.train, device):
             loss = gradcache_step(model, images, texts, chunk_size=cfg.train.chunk_size, loss_cfg=cfg.loss)
@@ -190,14 +199,21 @@ def train_step(model: torch.nn.Module, images: torch.Tensor, texts: torch.Tensor
         loss = contrastive_loss(cfg.loss, out["image_features"].float(), out["text_features"].float(),
                                 out["logit_scale"].float(), out.get("logit_bias"))
         timer.lap("forward_s")
-        loss.backward()
+        (scaler.scale(loss) if scaling else loss).backward()
         timer.lap("backward_s")
+    if scaling:
+        scaler.unscale_(optimizer)
     grad_norm = global_grad_norm(model, max_norm=cfg.optim.grad_clip_norm)
     skipped, stop = agree_on_flags(~torch.isfinite(loss.detach()) | ~torch.isfinite(grad_norm), stop_requested)
     if not skipped:
-        optimizer.step()
+        if scaling:
+            scaler.step(optimizer)
+        else:
+            optimizer.step()
         with torch.no_grad():
             unwrap(model).logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+    if scaling:
+        update_scale(scaler, skipped=skipped)
     timer.lap("optimizer_s")
     return StepResult(loss=loss.detach(), grad_norm=grad_norm, skipped=skipped, stop=stop)
 
@@ -209,6 +225,18 @@ def agree_on_flags(nonfinite: torch.Tensor, stop_requested: bool) -> tuple[bool,
         torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
     skipped, stop = flags.tolist()  # host sync: every step, so every rank takes the same branch
     return bool(skipped), bool(stop)
+
+
+def update_scale(scaler: torch.amp.GradScaler, *, skipped: bool) -> None:
+    """Grow or back off the loss scale from the agreed skip flag, so every rank keeps one scale.
+
+    The scaler's own inf check is per rank; a step skipped because another rank (or the loss)
+    was non-finite must still back the scale off here.
+    """
+    if skipped:
+        scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
+    else:
+        scaler.update()
 
 
 def crossed(samples_seen: int, batch: int, every: int) -> bool:
@@ -232,20 +260,25 @@ def data_counters(loader) -> dict[str, float]:
     return {f"data_{k}": v for k, v in sum_counters(st["totals"] for st in streams).items()}
 
 
-def save(cfg: Config, *, model, optimizer, loader, progress: Progress) -> None:
+def save(cfg: Config, *, model, optimizer, loader, progress: Progress,
+         scaler: torch.amp.GradScaler | None = None) -> None:
     meta = {"samples_seen": progress.samples_seen, "skipped_steps": progress.skipped_steps,
             "loader": global_loader_state(loader), "config": config_to_dict(cfg)}
+    if scaler is not None and scaler.is_enabled():
+        meta["grad_scaler"] = scaler.state_dict()  # plain floats/ints: resume keeps the exact scale
     ckpt.save_checkpoint(cfg.run_dir / "checkpoints", model=model, optimizer=optimizer, step=progress.step,
                          meta=meta, keep_last=cfg.train.keep_last,
                          keep_every_samples=cfg.train.keep_every_samples)
 
 
-def resume(ckpt_dir: Path, *, model, optimizer, loader) -> Progress:
+def resume(ckpt_dir: Path, *, model, optimizer, loader, scaler: torch.amp.GradScaler | None = None) -> Progress:
     latest = ckpt.latest_checkpoint(ckpt_dir)
     if latest is None:
         return Progress()
     meta = ckpt.load_checkpoint(latest, model=model, optimizer=optimizer)
     loader.load_state_dict(meta["loader"])
+    if scaler is not None and scaler.is_enabled() and "grad_scaler" in meta:
+        scaler.load_state_dict(meta["grad_scaler"])
     log.info("resumed from %s (step %d, %d samples)", latest, meta["step"], meta["samples_seen"])
     return Progress(step=meta["step"], samples_seen=meta["samples_seen"],
                     skipped_steps=meta.get("skipped_steps", 0))

@@ -84,3 +84,18 @@ def test_wandb_offline_logs_locally(tmp_path, monkeypatch):
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
     assert (tmp_path / "metrics.jsonl").read_text().strip() == '{"step": 1, "loss": 1.5}'
+
+
+def test_fp16_skipped_step_backs_off_the_loss_scale(tmp_path):
+    cfg, bundle, opt = setup(tmp_path, "train.precision=fp16")
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    texts = torch.randint(0, 1000, (8, 32))
+    before = bundle.model.visual.conv1.weight.detach().clone()
+    step = dict(optimizer=opt, cfg=cfg, device=torch.device("cpu"), timer=StepTimer(torch.device("cpu")), scaler=scaler)
+    result = train_step(bundle.model, torch.full((8, 3, 32, 32), float("nan")), texts, **step)
+    assert result.skipped and scaler.get_scale() == 2.0**9
+    assert torch.equal(bundle.model.visual.conv1.weight, before) and not opt.state
+
+    result = train_step(bundle.model, torch.randn(8, 3, 32, 32), texts, **step)
+    assert not result.skipped and torch.isfinite(result.loss) and scaler.get_scale() == 2.0**9
+    assert not torch.equal(bundle.model.visual.conv1.weight, before)
