@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 import open_clip
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from clipscale.config import ConfigError, ModelConfig
@@ -130,7 +131,9 @@ def gmacs_per_sample(bundle: ModelBundle) -> float:
     text = torch.zeros(1, bundle.context_length, dtype=torch.long, device=param.device)
     was_training = model.training
     model.eval()  # patch dropout off: count the full sequence
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
+    # The fused attention kernels are invisible to the FLOP counter; the math kernel is plain
+    # matmuls, so attention scores and values are counted too.
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter, torch.no_grad():
         model(image, text)
     model.train(was_training)
     return counter.get_total_flops() / 2 / 1e9
