@@ -63,6 +63,7 @@ def gradcache_step(
     chunk_size: int,
     loss_cfg: LossConfig,
     no_sync: NoSync | None = None,
+    scale_loss: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Forward and backward this rank's batch in chunks; gradients as for one full-batch pass.
 
@@ -71,7 +72,9 @@ def gradcache_step(
     (the last chunk may be smaller). Gradients are accumulated into `.grad` (call
     `zero_grad` before). Returns the detached scalar loss (this rank's `contrastive_loss`).
     Under `torch.autocast` the embeddings are cached and the loss computed in float32; the cached
-    gradients are cast back to each chunk's output dtype for the replay.
+    gradients are cast back to each chunk's output dtype for the replay. `scale_loss` (fp16:
+    `GradScaler.scale`) is applied before the first backward, so the cached gradients and the
+    replay carry the loss scale; the returned loss is unscaled.
     """
     _check_chunking(model, images, texts, chunk_size=chunk_size)
     chunks = list(zip(images.split(chunk_size), texts.split(chunk_size)))
@@ -80,7 +83,8 @@ def gradcache_step(
     scalars = {key: _float_leaf(outputs[0][key]) for key in _SCALARS if key in outputs[0]}
     loss = contrastive_loss(loss_cfg, cached["image_features"], cached["text_features"],
                             scalars["logit_scale"], scalars.get("logit_bias"))
-    loss.backward()  # gradients w.r.t. the cached embeddings (and, across ranks, via the gather)
+    # gradients w.r.t. the cached embeddings (and, across ranks, via the gather)
+    (scale_loss(loss) if scale_loss else loss).backward()
     feature_grads = {key: cached[key].grad.split(chunk_size) for key in _FEATURES}
     disable_sync = no_sync or _detect_no_sync(model)
     for index, ((chunk_images, chunk_texts), rng) in enumerate(zip(chunks, rng_states)):

@@ -185,13 +185,14 @@ def train_step(model: torch.nn.Module, images: torch.Tensor, texts: torch.Tensor
 
     With an enabled `scaler` (fp16) the loss is scaled for backward and the gradients unscaled
     before the norm; a step that any rank finds non-finite is skipped and the scale backed off on
-    every rank alike. The gradient-cache path does its own backward and is not loss-scaled.
+    every rank alike. The gradient-cache path does its own backward with the same scale.
     """
     optimizer.zero_grad(set_to_none=True)
-    scaling = scaler is not None and scaler.is_enabled() and not cfg.train.chunk_size
+    scaling = scaler is not None and scaler.is_enabled()
     if cfg.train.chunk_size:
         with autocast(cfg.train, device):
-            loss = gradcache_step(model, images, texts, chunk_size=cfg.train.chunk_size, loss_cfg=cfg.loss)
+            loss = gradcache_step(model, images, texts, chunk_size=cfg.train.chunk_size, loss_cfg=cfg.loss,
+                                  scale_loss=scaler.scale if scaling else None)
         timer.lap("forward_backward_s")
     else:
         with autocast(cfg.train, device):

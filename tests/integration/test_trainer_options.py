@@ -65,10 +65,13 @@ def test_fp16_trains_logs_the_scale_and_resumes_exactly(synthetic_data, tmp_path
 
 
 @pytest.mark.slow
-def test_fp16_with_gradient_cache_trains(synthetic_data, tmp_path):
+def test_fp16_with_gradient_cache_follows_plain_fp16(synthetic_data, tmp_path):
+    run_cli(*common(synthetic_data, tmp_path, "plain16", "train.precision=fp16"))
     run_cli(*common(synthetic_data, tmp_path, "gc16", "train.precision=fp16", "train.chunk_size=8"))
-    values = losses(tmp_path / "gc16")
-    assert len(values) == 3 and all(torch.isfinite(torch.tensor(values)))
+    plain, cached = rows(tmp_path / "plain16"), rows(tmp_path / "gc16")
+    assert sorted(cached) == [1, 2, 3]
+    assert [r["loss_scale"] for r in cached.values()] == [r["loss_scale"] for r in plain.values()]
+    assert [r["loss"] for r in cached.values()] == pytest.approx([r["loss"] for r in plain.values()], rel=1e-2)
 
 
 def test_fp16_with_fsdp_is_refused():

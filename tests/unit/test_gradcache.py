@@ -102,6 +102,17 @@ def test_gradcache_under_bf16_autocast_matches_chunked_reference():
     assert_grads_close(got, want, rtol=5e-2)
 
 
+def test_loss_scale_scales_every_gradient_and_not_the_loss():
+    """fp16 loss scaling: the cached embedding gradients and the replay both carry the scale."""
+    model = build("clip")
+    images, texts = batch()
+    want_loss, want = gradcache(model, images, texts, seed=4, chunk_size=5, loss_cfg=LossConfig())
+    loss, got = gradcache(model, images, texts, seed=4, chunk_size=5, loss_cfg=LossConfig(),
+                          scale_loss=lambda value: value * 1024.0)
+    assert loss == want_loss
+    assert_grads_close({n: g / 1024.0 for n, g in got.items()}, want, rtol=1e-12)
+
+
 def test_gradcache_refuses_batchnorm():
     model = build("clip")
     model.visual.add_module("bn", torch.nn.BatchNorm1d(16))
