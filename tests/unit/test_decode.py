@@ -72,6 +72,35 @@ def test_reduced_size_jpeg_decode_stays_close_to_full_decode():
     assert np.abs(out - np.asarray(full).transpose(2, 0, 1)).mean() < 2.0
 
 
+def no_pil_path(*args, **kwargs):
+    raise AssertionError("the JPEG crop went through PIL's resize, not the torch path")
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_jpeg_crop_of_a_web_sized_image_matches_pils_bicubic(monkeypatch, mode):
+    """A 96 px JPEG cropped to 64 px: torchvision decode + torch's antialiased bicubic, as PIL's."""
+    y, x = np.mgrid[0:96, 0:96].astype(np.float32)
+    noise = np.random.default_rng(2).normal(0, 20, (96, 96, 3))
+    pixels = np.stack([128 + 90 * np.sin(x / 7), 128 + 90 * np.cos(y / 5), x + y], -1) + noise
+    data = encode(Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).convert(mode), "JPEG", quality=90)
+    monkeypatch.setattr(decode, "_pil_crop", no_pil_path)
+    out = decode_crop(data, size=64, rng=np.random.default_rng(4), scale=(0.5, 1.0))
+    box = random_resized_crop_box(96, 96, np.random.default_rng(4), scale=(0.5, 1.0))
+    want = np.asarray(Image.open(io.BytesIO(data)).convert("RGB").resize((64, 64), Image.BICUBIC, box=box))
+    diff = np.abs(out.astype(int) - want.transpose(2, 0, 1).astype(int))
+    assert out.dtype == np.uint8 and out.shape == (3, 64, 64)
+    assert diff.mean() < 0.5 and diff.max() <= 8  # the same filter; only rounding differs
+
+
+def test_truncated_jpeg_on_the_torch_path_is_corrupt(monkeypatch):
+    monkeypatch.setattr(decode, "_pil_crop", no_pil_path)
+    data = image_bytes(0, size=64)
+    for cut in (300, len(data) // 2, len(data) - 8):
+        with pytest.raises(BadSample) as e:
+            decode_crop(data[:cut], size=48, rng=np.random.default_rng(0), scale=(0.9, 1.0))
+        assert e.value.reason == "corrupt_image"
+
+
 def test_transparency_is_composited_on_white():
     rgba = np.zeros((8, 8, 4), dtype=np.uint8)
     rgba[:4] = (255, 0, 0, 255)  # opaque red top, fully transparent black bottom
