@@ -273,7 +273,8 @@ def print_table(payload: dict[str, Any]) -> None:
              f"{'round':>5} {'pipeline':<10} {'samples/s':>10} {'per core':>10}"]
     for i, r in enumerate(payload["rounds"]):
         for name in ("clipscale", "reference"):
-            lines.append(f"{i:>5} {name:<10} {r[name]['samples_per_s']:>10.1f} {r[name]['samples_per_s_per_core']:>10.1f}")
+            rate, per_core = r[name]["samples_per_s"], r[name]["samples_per_s_per_core"]
+            lines.append(f"{i:>5} {name:<10} {rate:>10.1f} {per_core:>10.1f}")
         lines.append(f"{i:>5} {'raw limit':<10} {'':>10} {r['raw']['samples_per_s']:>10.1f}   "
                      f"(load avg {r['load_avg_1m_before']:.2f} -> {r['load_avg_1m_after']:.2f})")
     for key, t in payload["summary"]["targets"].items():
