@@ -22,12 +22,13 @@ import functools
 import io
 import logging
 import os
+import resource
 import statistics
 import tarfile
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import open_clip
@@ -53,7 +54,10 @@ METHOD = (
     "(float normalised) + tokenizer -> wds.batched, in DataLoader(batch_size=None, num_workers=N) whose "
     "workers run 1 torch thread. Both: samples/s after a warm-up of one batch per worker, per worker core = "
     "samples/s / workers. raw limit: clipscale.data.decode.decode_crop(size=224, scale as the loader) in a "
-    "single-thread loop over image bytes held in memory (images/s on one core), no pipeline."
+    "single-thread loop over image bytes held in memory (images/s on one core), no pipeline. "
+    "other_processes_cpu_fraction: machine busy CPU time (/proc/stat) minus this process tree's (getrusage), "
+    "over wall time x CPUs, during each measurement (start-up included); figures taken while it is high are "
+    "skewed by other work on the machine."
 )
 
 
@@ -225,27 +229,52 @@ def raw_limit(images: list[bytes], *, samples: int, scale: tuple[float, float]) 
     return {"samples": samples, "seconds": seconds, "samples_per_s": samples / seconds}
 
 
+def cpu_seconds() -> tuple[float, float]:
+    """(CPU seconds the whole machine has spent busy, CPU seconds of this process and its reaped children)."""
+    with open("/proc/stat") as f:
+        user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
+    own = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    busy = (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+    return busy, sum(r.ru_utime + r.ru_stime for r in own)
+
+
+def other_cpu_fraction(before: tuple[float, float], after: tuple[float, float], *, wall_s: float) -> float:
+    """Share of the machine's CPU time that other processes used between two `cpu_seconds()`."""
+    others = (after[0] - before[0]) - (after[1] - before[1])
+    return max(0.0, others) / (wall_s * (os.cpu_count() or 1))
+
+
+def measure(name: str, run: Callable[[], dict[str, float]]) -> dict[str, float]:
+    """`run()`'s figures plus how busy other processes kept the machine meanwhile (they skew every rate)."""
+    before, start = cpu_seconds(), time.perf_counter()
+    figures = run()
+    figures["other_processes_cpu_fraction"] = other_cpu_fraction(before, cpu_seconds(),
+                                                                 wall_s=time.perf_counter() - start)
+    log.info("%s: %.1f samples/s (other processes used %.0f%% of the CPUs)", name, figures["samples_per_s"],
+             100 * figures["other_processes_cpu_fraction"])
+    return figures
+
+
+def time_loader(batches: Iterator[int], *, args: argparse.Namespace) -> dict[str, float]:
+    figures = time_batches(batches, warmup=args.workers, samples=args.samples)
+    batches.close()  # shuts the DataLoader's workers down (and reaps them) before the next measurement
+    return {**figures, "samples_per_s_per_core": figures["samples_per_s"] / args.workers}
+
+
 def run_round(args: argparse.Namespace, *, spec: str, total_samples: int, images: list[bytes]) -> dict[str, Any]:
     """One (clipscale, reference, raw) measurement, back to back, with its ratios."""
     urls = [u for source in expand_sources(spec) for u in source]
     tokenizer = open_clip.get_tokenizer("ViT-B-32")
-    # Other processes on the machine skew every figure: the load average says whether they ran.
-    result: dict[str, Any] = {"load_avg_1m_before": os.getloadavg()[0]}
-    for name, batches in (
-        ("clipscale", lambda: clipscale_batches(spec, total_samples=total_samples, workers=args.workers,
-                                                batch=args.batch, tokenizer=tokenizer)),
-        ("reference", lambda: reference_batches(urls, workers=args.workers, batch=args.batch, tokenizer=tokenizer)),
-    ):
-        stream = batches()
-        result[name] = time_batches(stream, warmup=args.workers, samples=args.samples)
-        stream.close()  # shuts the DataLoader's workers down before the next measurement
-        result[name]["samples_per_s_per_core"] = result[name]["samples_per_s"] / args.workers
-        log.info("%s: %.1f samples/s", name, result[name]["samples_per_s"])
-    result["raw"] = raw_limit(images, samples=args.samples, scale=(DataConfig().crop_scale_min, 1.0))
-    log.info("raw limit: %.1f images/s on one core", result["raw"]["samples_per_s"])
-    result["load_avg_1m_after"] = os.getloadavg()[0]
-    result["ratios"] = ratios(result)
-    return result
+    result = {
+        "clipscale": measure("clipscale", lambda: time_loader(clipscale_batches(
+            spec, total_samples=total_samples, workers=args.workers, batch=args.batch, tokenizer=tokenizer),
+            args=args)),
+        "reference": measure("reference", lambda: time_loader(reference_batches(
+            urls, workers=args.workers, batch=args.batch, tokenizer=tokenizer), args=args)),
+        "raw": measure("raw limit (one core)", lambda: raw_limit(
+            images, samples=args.samples, scale=(DataConfig().crop_scale_min, 1.0))),
+    }
+    return {**result, "ratios": ratios(result)}
 
 
 def ratios(result: dict[str, Any]) -> dict[str, float]:
@@ -270,13 +299,15 @@ def print_table(payload: dict[str, Any]) -> None:
     lines = [f"loader benchmark: {img['images_in_shards']} images in {img['shards']} shards, "
              f"{img['mean_width_px']:.0f}x{img['mean_height_px']:.0f} px, mean {img['mean_image_bytes'] / 1e3:.1f} KB; "
              f"workers={args['workers']} batch={args['batch']} samples={args['samples']}",
-             f"{'round':>5} {'pipeline':<10} {'samples/s':>10} {'per core':>10}"]
+             f"{'round':>5} {'pipeline':<10} {'samples/s':>10} {'per core':>10} {'others':>7}  "
+             f"(others: CPU share used by other processes meanwhile)"]
     for i, r in enumerate(payload["rounds"]):
         for name in ("clipscale", "reference"):
             rate, per_core = r[name]["samples_per_s"], r[name]["samples_per_s_per_core"]
-            lines.append(f"{i:>5} {name:<10} {rate:>10.1f} {per_core:>10.1f}")
-        lines.append(f"{i:>5} {'raw limit':<10} {'':>10} {r['raw']['samples_per_s']:>10.1f}   "
-                     f"(load avg {r['load_avg_1m_before']:.2f} -> {r['load_avg_1m_after']:.2f})")
+            others = r[name]["other_processes_cpu_fraction"]
+            lines.append(f"{i:>5} {name:<10} {rate:>10.1f} {per_core:>10.1f} {others:>7.0%}")
+        lines.append(f"{i:>5} {'raw limit':<10} {'':>10} {r['raw']['samples_per_s']:>10.1f} "
+                     f"{r['raw']['other_processes_cpu_fraction']:>7.0%}")
     for key, t in payload["summary"]["targets"].items():
         lines.append(f"{key}: {t['value']:.2f} (target >= {t['target']}: {'met' if t['met'] else 'NOT met'})")
     print("\n".join(lines))  # noqa: T201  (CLI output)

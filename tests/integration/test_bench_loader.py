@@ -24,6 +24,7 @@ def check_payload(result: dict, *, rounds: int) -> None:
             for key in ("samples", "seconds", "samples_per_s"):
                 assert math.isfinite(r[name][key]) and r[name][key] > 0, (name, key, r[name])
             assert r[name]["samples"] >= result["arguments"]["samples"]
+            assert 0 <= r[name]["other_processes_cpu_fraction"] < 2  # a share of the CPUs (sampling slack)
             assert r[name]["samples_per_s"] == pytest.approx(r[name]["samples"] / r[name]["seconds"])
         workers = result["arguments"]["workers"]
         per_core = r["clipscale"]["samples_per_s"] / workers
