@@ -101,14 +101,18 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
 
 
 def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Tiled / dense ratios of extra memory and time at every batch where both ran."""
+    """Tiled / dense ratios of extra memory and time at every batch where both ran.
+
+    A memory ratio is None where dense's extra peak is below what RSS resolves (small batches).
+    """
     by_key = {(r["kind"], r["batch"], r["tiled"]): r for r in results if "error" not in r}
     rows = []
     for (kind, batch, tiled), tiled_row in sorted(by_key.items()):
         dense_row = by_key.get((kind, batch, False))
         if tiled and dense_row:
             rows.append({"kind": kind, "batch": batch,
-                         "memory_ratio_tiled_over_dense": tiled_row["extra_peak_mib"] / dense_row["extra_peak_mib"],
+                         "memory_ratio_tiled_over_dense": (tiled_row["extra_peak_mib"] / dense_row["extra_peak_mib"]
+                                                           if dense_row["extra_peak_mib"] > 0 else None),
                          "time_ratio_tiled_over_dense": tiled_row["time_s"] / dense_row["time_s"]})
     return rows
 
