@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import fsspec
 import numpy as np
 import open_clip
 import torch
@@ -146,12 +147,12 @@ def write_shards(directory: Path, *, num_shards: int, per_shard: int, px: int, s
 
 
 def read_images(urls: list[str], *, limit: int) -> tuple[list[bytes], list[int]]:
-    """The first `limit` image members' bytes of the shards (local files), and images per shard."""
+    """The first `limit` image members' bytes of the shards (paths or fsspec URLs), and images per shard."""
     images: list[bytes] = []
     counts = []
     for url in urls:
         count = 0
-        with tarfile.open(url, "r|*") as tar:
+        with fsspec.open(url, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
             for member in tar:
                 if member.isreg() and member.name.rsplit(".", 1)[-1].lower() in IMAGE_EXTS:
                     count += 1
@@ -183,6 +184,7 @@ def time_batches(batches: Iterator[int], *, warmup: int, samples: int) -> dict[s
 
 
 def clipscale_batches(spec: str, *, total_samples: int, workers: int, batch: int, tokenizer) -> Iterator[int]:
+    """Batch sizes of clipscale's train loader (one rank, a stream per worker; images (B, 3, 224, 224) uint8)."""
     cfg = DataConfig(train_shards=spec, train_num_samples=total_samples, workers=workers, num_streams=workers)
     loader = build_train_loader(cfg, tokenizer=tokenizer, image_size=CROP_PX, batch_size=batch, rank=0,
                                 world_size=1, seed=0)
@@ -201,6 +203,7 @@ def _has_image_and_caption(sample: dict[str, Any]) -> bool:
 
 
 def reference_batches(urls: list[str], *, workers: int, batch: int, tokenizer) -> Iterator[int]:
+    """Batch sizes of the open_clip_train-style pipeline (images (B, 3, 224, 224) float32, normalised)."""
     transform = open_clip.image_transform(CROP_PX, is_train=True)
     work = functools.partial(reference_sample, transform=transform, tokenizer=tokenizer)
     pipeline = wds.DataPipeline(
