@@ -135,7 +135,7 @@ def run_loop(cfg: Config, info: DistInfo, *, model, optimizer, loader, bundle: M
     while progress.step < total_steps:
         timer.sync = (progress.step + 1) % t.log_every_steps == 0  # exact phase times on log steps
         batch = next(batches)  # fetch
-        images = normalize_images(batch.images.to(info.device, non_blocking=True), mean=bundle.mean, std=bundle.std)
+        images = normalize_images(batch.images_on(info.device), mean=bundle.mean, std=bundle.std)
         texts = batch.texts.to(info.device, non_blocking=True)
         timer.lap("data_s")
         lr = lr_at(progress.samples_seen + global_batch, cfg=cfg.optim, total_samples=t.total_samples)

@@ -184,11 +184,12 @@ def time_batches(batches: Iterator[int], *, warmup: int, samples: int) -> dict[s
 
 
 def clipscale_batches(spec: str, *, total_samples: int, workers: int, batch: int, tokenizer) -> Iterator[int]:
-    """Batch sizes of clipscale's train loader (one rank, a stream per worker; images (B, 3, 224, 224) uint8)."""
+    """Batch sizes of clipscale's train loader (one rank, a stream per worker; images (B, 3, 224, 224) uint8
+    in per-stream parts, which the trainer joins on its device)."""
     cfg = DataConfig(train_shards=spec, train_num_samples=total_samples, workers=workers, num_streams=workers)
     loader = build_train_loader(cfg, tokenizer=tokenizer, image_size=CROP_PX, batch_size=batch, rank=0,
                                 world_size=1, seed=0)
-    return (b.images.shape[0] for b in loader)
+    return (sum(len(part) for part in b.image_parts) for b in loader)
 
 
 def reference_sample(sample: dict[str, Any], *, transform, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:

@@ -31,9 +31,21 @@ STATE_FIELDS = {f.name for f in dataclasses.fields(StreamState)}
 
 @dataclasses.dataclass
 class Batch:
-    images: torch.Tensor  # (B, 3, H, W) uint8
+    """One step of this rank. Images stay in the workers' per-stream parts until `images_on` joins
+    them on the training device: joining on the host would copy every batch once more in the
+    training process (~20% of a 2-core machine's loader throughput)."""
+    image_parts: list[torch.Tensor]  # per stream, in stream order: (b, 3, H, W) uint8
     texts: torch.Tensor  # (B, L) int64
     keys: list[str]
+
+    @property
+    def images(self) -> torch.Tensor:
+        """(B, 3, H, W) uint8 on the host."""
+        return torch.cat(self.image_parts)
+
+    def images_on(self, device: torch.device) -> torch.Tensor:
+        """(B, 3, H, W) uint8 on `device`: each part copied there, then joined there."""
+        return torch.cat([part.to(device, non_blocking=True) for part in self.image_parts])
 
 
 def normalize_images(images: torch.Tensor, *, mean, std) -> torch.Tensor:
@@ -86,7 +98,7 @@ class TrainLoader:
             for sb in subs:
                 self.states[sb.stream] = StreamState(**{k: v for k, v in sb.state.items() if k in STATE_FIELDS})
                 self.totals[sb.stream] = sb.state["totals"]
-            yield Batch(images=torch.cat([sb.images for sb in subs]), texts=torch.cat([sb.texts for sb in subs]),
+            yield Batch(image_parts=[sb.images for sb in subs], texts=torch.cat([sb.texts for sb in subs]),
                         keys=[k for sb in subs for k in sb.keys])
 
     def state_dict(self) -> dict[str, Any]:

@@ -106,7 +106,7 @@ class TimedReader:
     def __init__(self, opener: Callable[[], Any], *, timeout_s: float, name: str) -> None:
         self.timeout_s, self.name = timeout_s, name
         self.chunks: queue.Queue = queue.Queue(maxsize=16)
-        self.buffer, self.eof, self.closed = b"", False, False
+        self.buffer, self.pos, self.eof, self.closed = bytearray(), 0, False, False
         self.head, self.tail, self.total = b"", b"", 0  # to check the end-of-archive marker
         threading.Thread(target=self._pump, args=(opener,), daemon=True).start()
 
@@ -128,7 +128,7 @@ class TimedReader:
                 continue
 
     def read(self, n: int = -1) -> bytes:
-        while not self.eof and (n < 0 or len(self.buffer) < n):
+        while not self.eof and (n < 0 or len(self.buffer) - self.pos < n):
             try:
                 item = self.chunks.get(timeout=self.timeout_s)
             except queue.Empty:
@@ -137,9 +137,13 @@ class TimedReader:
                 raise item
             self.eof = item == b""
             self.buffer += item
-        out, self.buffer = (self.buffer, b"") if n < 0 else (self.buffer[:n], self.buffer[n:])
+        end = len(self.buffer) if n < 0 else min(self.pos + n, len(self.buffer))
+        out, self.pos = bytes(self.buffer[self.pos:end]), end
+        if self.pos >= CHUNK_BYTES:  # drop consumed bytes once per chunk, not per (small) tar read
+            del self.buffer[:self.pos]
+            self.pos = 0
         self.head = self.head or out[:2]
-        self.tail, self.total = (self.tail + out)[-1024:], self.total + len(out)
+        self.tail, self.total = (self.tail + out[-1024:])[-1024:], self.total + len(out)
         return out
 
     def ended_cleanly(self) -> bool:

@@ -24,7 +24,7 @@ class RandomBatches:
         gen = torch.Generator().manual_seed(0)
         b, s, l = self.shape
         for i in itertools.count():
-            yield Batch(images=torch.randint(0, 256, (b, 3, s, s), dtype=torch.uint8, generator=gen),
+            yield Batch(image_parts=[torch.randint(0, 256, (b, 3, s, s), dtype=torch.uint8, generator=gen)],
                         texts=torch.randint(0, 1000, (b, l), generator=gen), keys=[str(i)] * b)
 
     def state_dict(self):
