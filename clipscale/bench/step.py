@@ -5,7 +5,7 @@ recipe) on fixed random inputs, so the figure is the model step alone, without d
 Under torchrun it measures the distributed step; MFU is reported on GPUs with a known peak.
 
     clipscale bench step recipes/tiny_cpu.toml --steps 20 --out bench_out/step.json
-    torchrun --nproc_per_node=8 -m clipscale bench step recipes/vit_b16.toml train.precision=bf16
+    torchrun --nproc_per_node=8 -m clipscale bench step recipes/vit_b16_gpu.toml train.precision=bf16
 """
 from __future__ import annotations
 
