@@ -5,7 +5,7 @@ is decoded. Then the crop box is resized once, by the fastest path for the image
 - a JPEG crop at least twice the output size: decoded at 1/2, 1/4 or 1/8 size (libjpeg DCT scaling
   via `Image.draft`), resized by PIL;
 - any other RGB or grey JPEG (the usual 256-512 px web image): decoded by torchvision's libjpeg-turbo
-  binding and resized by torch's antialiased bicubic uint8 kernel, about 2.4x PIL's decode+resize
+  binding and resized by torch's antialiased bicubic uint8 kernel, about 2x PIL's decode+resize
   per core; the two bicubic filters agree to within rounding (torchvision 0.29 marks its decoder
   deprecated in favour of torchcodec, which needs FFmpeg; the pin keeps it until a pure wheel exists);
 - other formats and CMYK JPEGs: PIL.
