@@ -236,6 +236,7 @@ def update_scale(scaler: torch.amp.GradScaler, *, skipped: bool) -> None:
     """
     if skipped:
         scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
+        scaler.load_state_dict({**scaler.state_dict(), "_growth_tracker": 0})  # growth restarts, as on a local inf
     else:
         scaler.update()
 

@@ -99,3 +99,17 @@ def test_fp16_skipped_step_backs_off_the_loss_scale(tmp_path):
     result = train_step(bundle.model, torch.randn(8, 3, 32, 32), texts, **step)
     assert not result.skipped and torch.isfinite(result.loss) and scaler.get_scale() == 2.0**9
     assert not torch.equal(bundle.model.visual.conv1.weight, before)
+
+
+def test_fp16_skipped_step_restarts_the_growth_interval(tmp_path):
+    cfg, bundle, opt = setup(tmp_path, "train.precision=fp16")
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2)
+    texts = torch.randint(0, 1000, (8, 32))
+    step = dict(optimizer=opt, cfg=cfg, device=torch.device("cpu"), timer=StepTimer(torch.device("cpu")), scaler=scaler)
+    scales = []
+    for images in (torch.randn(8, 3, 32, 32), torch.full((8, 3, 32, 32), float("nan")),
+                   torch.randn(8, 3, 32, 32), torch.randn(8, 3, 32, 32)):
+        train_step(bundle.model, images, texts, **step)
+        scales.append(scaler.get_scale())
+    # good (1 of 2), skipped (back off, count restarts), good (1 of 2), good (2 of 2: grow)
+    assert scales == [2.0**10, 2.0**9, 2.0**9, 2.0**10]
