@@ -41,10 +41,9 @@ from clipscale.bench import environment, write_json
 from clipscale.data.config import DataConfig
 from clipscale.data.decode import decode_crop
 from clipscale.data.pipeline import build_train_loader
-from clipscale.data.shards import expand_sources
+from clipscale.data.shards import IMAGE_EXTENSIONS, expand_sources
 
 log = logging.getLogger(__name__)
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # open_clip_train's `rename(image="jpg;png;jpeg;webp")`
 CROP_PX = 224  # ViT-B train transforms
 TARGETS = {"clipscale_over_reference_per_core": 2.0, "clipscale_per_core_over_raw_limit": 0.8}
 METHOD = (
@@ -93,7 +92,9 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"--shards {spec!r} has {len(urls)} shards, fewer than --workers={args.workers}: "
                              f"each worker needs a shard; use fewer workers or more shards")
         images, counts = read_images(urls, limit=args.samples)
-        rounds = [run_round(args, spec=spec, total_samples=sum(counts), images=images) for _ in range(args.repeats)]
+        tokenizer = open_clip.get_tokenizer("ViT-B-32")
+        rounds = [run_round(args, spec=spec, urls=urls, total_samples=sum(counts), images=images, tokenizer=tokenizer)
+                  for _ in range(args.repeats)]
     payload = {"benchmark": "loader", "arguments": vars(args), "environment": environment(), "method": METHOD,
                "images": image_stats(images, counts=counts, generated=args.shards is None),
                "rounds": rounds, "summary": summarize(rounds)}
@@ -154,13 +155,13 @@ def read_images(urls: list[str], *, limit: int) -> tuple[list[bytes], list[int]]
         count = 0
         with fsspec.open(url, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
             for member in tar:
-                if member.isreg() and member.name.rsplit(".", 1)[-1].lower() in IMAGE_EXTS:
+                if member.isreg() and member.name.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS:
                     count += 1
                     if len(images) < limit:
                         images.append(tar.extractfile(member).read())
         counts.append(count)
     if not images:
-        raise SystemExit(f"no {'/'.join(IMAGE_EXTS)} member in {urls[0]} ...; check --shards")
+        raise SystemExit(f"no {'/'.join(IMAGE_EXTENSIONS)} member in {urls[0]} ...; check --shards")
     return images, counts
 
 
@@ -194,13 +195,13 @@ def clipscale_batches(spec: str, *, total_samples: int, workers: int, batch: int
 
 def reference_sample(sample: dict[str, Any], *, transform, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
     """open_clip_train's per-sample work: PIL decode to RGB, train transform, tokenise the caption."""
-    data = next(sample[ext] for ext in IMAGE_EXTS if ext in sample)
+    data = next(sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample)
     image = Image.open(io.BytesIO(data)).convert("RGB")
     return transform(image), tokenizer(sample["txt"].decode("utf-8"))[0]
 
 
 def _has_image_and_caption(sample: dict[str, Any]) -> bool:
-    return "txt" in sample and any(ext in sample for ext in IMAGE_EXTS)
+    return "txt" in sample and any(ext in sample for ext in IMAGE_EXTENSIONS)
 
 
 def reference_batches(urls: list[str], *, workers: int, batch: int, tokenizer) -> Iterator[int]:
@@ -265,10 +266,9 @@ def time_loader(batches: Iterator[int], *, args: argparse.Namespace) -> dict[str
     return {**figures, "samples_per_s_per_core": figures["samples_per_s"] / args.workers}
 
 
-def run_round(args: argparse.Namespace, *, spec: str, total_samples: int, images: list[bytes]) -> dict[str, Any]:
+def run_round(args: argparse.Namespace, *, spec: str, urls: list[str], total_samples: int, images: list[bytes],
+              tokenizer) -> dict[str, Any]:
     """One (clipscale, reference, raw) measurement, back to back, with its ratios."""
-    urls = [u for source in expand_sources(spec) for u in source]
-    tokenizer = open_clip.get_tokenizer("ViT-B-32")
     result = {
         "clipscale": measure("clipscale", lambda: time_loader(clipscale_batches(
             spec, total_samples=total_samples, workers=args.workers, batch=args.batch, tokenizer=tokenizer),

@@ -17,9 +17,7 @@ import webdataset as wds
 from PIL import Image
 
 from clipscale.data.decode import open_image, to_rgb
-from clipscale.data.shards import BadSample
-
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+from clipscale.data.shards import IMAGE_EXTENSIONS, BadSample
 
 
 class ZeroShotDataError(ValueError):
