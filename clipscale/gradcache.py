@@ -3,19 +3,23 @@
 Gao et al. 2021, "Scaling Deep Contrastive Learning Batch Size under Memory Limited Setup", sec. 3.
 The loss depends on the parameters only through the embeddings, so one step is:
 
-1. forward every chunk without autograd and keep only its embeddings (B_local, D);
+1. forward every chunk but the last without autograd and keep only its embeddings (B_local, D);
+   forward the last chunk with autograd and keep its graph;
 2. compute the (global, distributed) loss on the detached embeddings and its gradient with
    respect to them and to logit_scale / logit_bias;
-3. re-run each chunk with autograd and backpropagate the cached embedding gradients.
+3. backpropagate the last chunk's cached embedding gradients through its kept graph, then re-run
+   every other chunk with autograd and backpropagate its cached embedding gradients.
 
-Step 3 reproduces step 1 exactly because each chunk's RNG state is saved before step 1 and
-restored before its replay, so dropout, drop-path and patch dropout draw the same masks. The
+Step 3 reproduces step 1 exactly because each replayed chunk's RNG state is saved before step 1
+and restored before its replay, so dropout, drop-path and patch dropout draw the same masks. The
 result equals the gradient of one backward through all chunks' graphs (to rounding), with peak
-memory of one chunk's activations plus O(B*D) embeddings.
+memory of one chunk's activations (plus the loss's, while the last chunk's graph is kept) and
+O(B*D) embeddings. Keeping the last chunk's graph saves one of the K chunk forwards the cache
+adds to a step: its extra cost is (K-1)/K of a forward, none when the batch is one chunk.
 
-Gradient sync: with DDP (`DistributedDataParallel`) every chunk but the last runs under
+Gradient sync: with DDP (`DistributedDataParallel`) every backward but the last runs under
 `model.no_sync()`; with FSDP2 (`fully_shard`) `set_requires_gradient_sync(False)` is used until
-the last chunk. The wrapper is detected from the model object; a `no_sync` context factory may be
+the last backward. The wrapper is detected from the model object; a `no_sync` context factory may be
 passed instead for other wrappers.
 """
 from __future__ import annotations
@@ -77,8 +81,14 @@ def gradcache_step(
     replay carry the loss scale; the returned loss is unscaled.
     """
     _check_chunking(model, images, texts, chunk_size=chunk_size)
-    chunks = list(zip(images.split(chunk_size), texts.split(chunk_size)))
-    outputs, rng_states = _embed_without_grad(model, chunks)
+    *replayed, kept = list(zip(images.split(chunk_size), texts.split(chunk_size)))
+    disable_sync = no_sync or _detect_no_sync(model)
+    sync_unless_last = (lambda last: contextlib.nullcontext() if last else disable_sync())
+    outputs, rng_states = _embed_without_grad(model, replayed)
+    with sync_unless_last(not replayed):  # DDP decides at forward time whether the backward syncs
+        kept_out = model(*kept)
+    rng_after = _RngState.capture(images.device)
+    outputs.append(_embeddings(kept_out))
     cached = {key: _float_leaf(torch.cat([o[key] for o in outputs])) for key in _FEATURES}  # (B_local, D)
     scalars = {key: _float_leaf(outputs[0][key]) for key in _SCALARS if key in outputs[0]}
     loss = contrastive_loss(loss_cfg, cached["image_features"], cached["text_features"],
@@ -86,31 +96,38 @@ def gradcache_step(
     # gradients w.r.t. the cached embeddings (and, across ranks, via the gather)
     (scale_loss(loss) if scale_loss else loss).backward()
     feature_grads = {key: cached[key].grad.split(chunk_size) for key in _FEATURES}
-    disable_sync = no_sync or _detect_no_sync(model)
-    for index, ((chunk_images, chunk_texts), rng) in enumerate(zip(chunks, rng_states)):
-        last = index == len(chunks) - 1
+    # backward order: the kept chunk (index -1), then the replays; only the last backward syncs
+    passes = [(-1, None), *enumerate(rng_states)]
+    for position, (index, rng) in enumerate(passes):
+        last = position == len(passes) - 1
         grads = {key: feature_grads[key][index] for key in _FEATURES}
-        if last:  # logit_scale/bias enter the loss once: their gradient joins the synced chunk
+        if last:  # logit_scale/bias enter the loss once: their gradient joins the synced backward
             grads.update({key: value.grad for key, value in scalars.items() if value.grad is not None})
-        with contextlib.nullcontext() if last else disable_sync():
-            rng.restore()
-            out = model(chunk_images, chunk_texts)
+        with sync_unless_last(last):
+            if rng is None:
+                out = kept_out
+            else:
+                rng.restore()
+                out = model(*replayed[index])
             torch.autograd.backward([out[key] for key in grads],
                                     [grad.to(out[key].dtype) for key, grad in grads.items()])
+    rng_after.restore()  # the next step draws after this one's masks, as without replays
     return loss.detach()
-
 
 
 def _embed_without_grad(model: torch.nn.Module, chunks: list[tuple[torch.Tensor, torch.Tensor]],
                         ) -> tuple[list[dict[str, torch.Tensor]], list[_RngState]]:
-    """First pass: each chunk's outputs (no autograd graph) and the RNG state it started from."""
+    """First pass: each replayed chunk's outputs (no autograd graph) and the RNG state it started from."""
     outputs, rng_states = [], []
     with torch.no_grad():
         for chunk_images, chunk_texts in chunks:
             rng_states.append(_RngState.capture(chunk_images.device))
-            out = model(chunk_images, chunk_texts)
-            outputs.append({key: out[key] for key in (*_FEATURES, *_SCALARS) if out.get(key) is not None})
+            outputs.append(_embeddings(model(chunk_images, chunk_texts)))
     return outputs, rng_states
+
+
+def _embeddings(out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {key: out[key] for key in (*_FEATURES, *_SCALARS) if out.get(key) is not None}
 
 
 def _float_leaf(tensor: torch.Tensor) -> torch.Tensor:

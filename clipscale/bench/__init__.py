@@ -6,6 +6,8 @@ allocated, one warm-up done) it resets the kernel's peak-RSS counter (`/proc/sel
 and afterwards reads it back (`VmHWM` in `/proc/self/status`); "extra" is that peak minus the RSS
 just before. Without the reset, peaks from imports and model construction mask the step's own.
 On CUDA the allocator's `max_memory_allocated` is used instead, reset before the measured work.
+RSS also counts what malloc keeps after fragmentation; `peak_tensor_bytes` is the CPU analogue of
+`max_memory_allocated` (bytes of live tensors), from the profiler's allocation events.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import json
 import os
 import subprocess
 import sys
-from typing import Any
+from typing import Any, Callable
 
 import open_clip
 import torch
@@ -67,6 +69,19 @@ def peak_rss_bytes() -> int:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) * 1024  # reported in kB
     raise RuntimeError("VmHWM not found in /proc/self/status: peak RSS needs Linux")
+
+
+def peak_tensor_bytes(fn: Callable[[], object]) -> int:
+    """Peak bytes of CPU tensors allocated during `fn()` and alive at once, above those alive before."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    # an op's own allocations are its self memory; frees are separate "[memory]" events with negative sizes
+    deltas = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events() if e.self_cpu_memory_usage)
+    live = peak = 0
+    for _, delta in deltas:
+        live += delta
+        peak = max(peak, live)
+    return peak
 
 
 def run_isolated(module: str, case: dict[str, Any], *, timeout_s: float = 1800) -> dict[str, Any]:

@@ -7,7 +7,8 @@
 Time: plain, chunk-accumulated and gradient-cached steps alternate in one process on the same
 batch (median of `--steps` each), so their ratios are measured under the same machine load. Memory: each (mode,
 batch) runs in a fresh subprocess (see `clipscale.bench`); "extra" is the peak above the steady
-state after a warm-up step (model, gradients, inputs allocated), "total" the process peak.
+state after a warm-up step (model, gradients, inputs allocated), "total" the process peak; on CPU
+also "extra_tensor" (live tensor bytes, which malloc's fragmentation does not inflate).
 Model: a small open_clip ViT CLIP with dropout and patch dropout (`--width`, `--layers`, ...).
 """
 from __future__ import annotations
@@ -21,8 +22,8 @@ from typing import Any
 
 import torch
 
-from clipscale.bench import (METHOD_CPU, METHOD_CUDA, environment, peak_rss_bytes, reset_peak_rss, rss_bytes,
-                             run_isolated, tiny_clip, write_json)
+from clipscale.bench import (METHOD_CPU, METHOD_CUDA, environment, peak_rss_bytes, peak_tensor_bytes,
+                             reset_peak_rss, rss_bytes, run_isolated, tiny_clip, write_json)
 from clipscale.gradcache import gradcache_step
 from clipscale.loss import LossConfig, contrastive_loss
 
@@ -91,11 +92,12 @@ def plain_step(model: torch.nn.Module, images: torch.Tensor, texts: torch.Tensor
 def run_step(model, images, texts, *, mode: str, chunk_size: int) -> None:
     """plain: one forward/backward; accumulate: one forward/backward per chunk with a per-chunk loss
     (not the global-batch gradient: it isolates the cost of chunking); gradcache: exact;
-    forward: the chunked no-grad forward that gradient caching adds to a step."""
+    forward: the no-grad forward of every chunk but the last, which is what gradient caching adds
+    to a step."""
     model.zero_grad(set_to_none=False)  # keep gradient buffers: they belong to the steady state
     if mode == "forward":
         with torch.no_grad():
-            for chunk_images, chunk_texts in zip(images.split(chunk_size), texts.split(chunk_size)):
+            for chunk_images, chunk_texts in list(zip(images.split(chunk_size), texts.split(chunk_size)))[:-1]:
                 model(chunk_images, chunk_texts)
     elif mode == "plain":
         plain_step(model, images, texts, loss_cfg=LossConfig())
@@ -110,8 +112,9 @@ def time_steps(model_cfg: dict[str, Any], *, batch: int, chunk_size: int, steps:
                device: torch.device) -> dict[str, Any]:
     """Median seconds per step of plain and gradient-cached steps, interleaved on one batch.
 
-    The ideal gradient-cache ratio is (plain + one no-grad forward) / plain: 4/3 when backward costs
-    twice the forward, more for models whose backward is relatively cheaper.
+    The ideal gradient-cache ratio is (plain + the no-grad forward of K-1 of the K chunks) / plain:
+    1 + (K-1)/(3K) when backward costs twice the forward, more for models whose backward is
+    relatively cheaper.
     """
     model = build(model_cfg, device)
     images, texts = make_batch(model_cfg, batch, device)
@@ -148,8 +151,13 @@ def memory_case(case: dict[str, Any]) -> dict[str, Any]:
     before = torch.cuda.memory_allocated() if device.type == "cuda" else rss_bytes()
     run_step(model, images, texts, mode=case["mode"], chunk_size=case["chunk_size"])
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else peak_rss_bytes()
-    return {**case, "steady_mib": before / 2**20, "total_peak_mib": peak / 2**20,
-            "extra_peak_mib": max(0, peak - before) / 2**20}
+    result = {**case, "steady_mib": before / 2**20, "total_peak_mib": peak / 2**20,
+              "extra_peak_mib": max(0, peak - before) / 2**20}
+    if device.type == "cpu":  # RSS includes malloc's fragmentation; live tensor bytes do not
+        tensors = peak_tensor_bytes(lambda: run_step(model, images, texts, mode=case["mode"],
+                                                     chunk_size=case["chunk_size"]))
+        result["extra_tensor_peak_mib"] = tensors / 2**20
+    return result
 
 
 def summarize(memory: list[dict[str, Any]]) -> dict[str, Any]:
@@ -163,6 +171,8 @@ def summarize(memory: list[dict[str, Any]]) -> dict[str, Any]:
                          "extra_peak_ratio": (large["extra_peak_mib"] / small["extra_peak_mib"]
                                               if small["extra_peak_mib"] > 0 else None),  # below RSS resolution
                          "total_peak_ratio": large["total_peak_mib"] / small["total_peak_mib"]}
+            if "extra_tensor_peak_mib" in small:
+                out[mode]["extra_tensor_peak_ratio"] = large["extra_tensor_peak_mib"] / small["extra_tensor_peak_mib"]
     return out
 
 

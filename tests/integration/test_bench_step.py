@@ -36,4 +36,5 @@ def test_bench_gradcache_writes_json(tmp_path):
     assert all(timing[f"{mode}_s"] > 0 for mode in ("plain", "accumulate", "gradcache", "forward"))
     assert timing["ideal_ratio"] > 1
     assert {(r["mode"], r["batch"]) for r in result["memory"]} == {(m, b) for m in ("gradcache", "plain") for b in (8, 16)}
+    assert all(r["extra_tensor_peak_mib"] > 0 for r in result["memory"])
     assert set(result["summary"]) == {"gradcache", "plain"}
