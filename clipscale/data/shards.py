@@ -6,24 +6,34 @@ already delivered, and finally skipped; a truncated or corrupt tar ends its shar
 """
 from __future__ import annotations
 
+import bz2
 import collections
+import gzip
 import json
 import logging
+import lzma
 import posixpath
 import queue
+import re
 import tarfile
 import threading
 import time
-from typing import Any, Callable, Iterator
+import zlib
+from typing import Any, BinaryIO, Callable, Iterator
 
 import fsspec
 from webdataset.gopen import gopen
 from webdataset.shardlists import expand_urls
-from webdataset.tariterators import base_plus_ext, tar_file_iterator
+from webdataset.tariterators import base_plus_ext
 
 log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 CHUNK_BYTES = 1 << 20
+BLOCK = 512  # tar header and padding unit
+ZERO_BLOCK = bytes(BLOCK)
+REGULAR_FILE = (b"0", b"\0", b"7")  # ustar regular, old-style regular, contiguous
+META_NAME = re.compile(r"__[^/]*__($|/)")  # webdataset's metadata members (`__key__`, ...)
+COMPRESSED = {b"\x1f\x8b": lambda f: gzip.GzipFile(fileobj=f), b"BZh": bz2.BZ2File, b"\xfd7zXZ\x00": lzma.LZMAFile}
 
 
 class DataError(ValueError):
@@ -107,7 +117,6 @@ class TimedReader:
         self.timeout_s, self.name = timeout_s, name
         self.chunks: queue.Queue = queue.Queue(maxsize=16)
         self.buffer, self.pos, self.eof, self.closed = bytearray(), 0, False, False
-        self.head, self.tail, self.total = b"", b"", 0  # to check the end-of-archive marker
         threading.Thread(target=self._pump, args=(opener,), daemon=True).start()
 
     def _pump(self, opener: Callable[[], Any]) -> None:
@@ -127,7 +136,8 @@ class TimedReader:
             except queue.Full:
                 continue
 
-    def read(self, n: int = -1) -> bytes:
+    def _fill(self, n: int) -> None:
+        """Buffer at least `n` unread bytes (all of them for n < 0), or up to the end of the shard."""
         while not self.eof and (n < 0 or len(self.buffer) - self.pos < n):
             try:
                 item = self.chunks.get(timeout=self.timeout_s)
@@ -137,22 +147,21 @@ class TimedReader:
                 raise item
             self.eof = item == b""
             self.buffer += item
+
+    def peek(self, n: int) -> bytes:
+        self._fill(n)
+        return bytes(self.buffer[self.pos:self.pos + n])
+
+    def read(self, n: int = -1) -> bytes:
+        self._fill(n)
         end = len(self.buffer) if n < 0 else min(self.pos + n, len(self.buffer))
-        out, self.pos = bytes(self.buffer[self.pos:end]), end
+        with memoryview(self.buffer) as view:
+            out = bytes(view[self.pos:end])
+        self.pos = end
         if self.pos >= CHUNK_BYTES:  # drop consumed bytes once per chunk, not per (small) tar read
             del self.buffer[:self.pos]
             self.pos = 0
-        self.head = self.head or out[:2]
-        self.tail, self.total = (self.tail + out[-1024:])[-1024:], self.total + len(out)
         return out
-
-    def ended_cleanly(self) -> bool:
-        """Whether an uncompressed tar ended with its end-of-archive marker (two zero blocks).
-
-        tarfile treats a header cut short as the end of the archive, so without this check a
-        truncated shard would look complete."""
-        self.read()
-        return self.head == b"\x1f\x8b" or (self.total % 512 == 0 and self.tail == bytes(1024))
 
     def close(self) -> None:
         self.closed = True
@@ -175,12 +184,10 @@ def shard_samples(url: str, *, caption: str, counters: collections.Counter, retr
     for attempt in range(retries + 1):
         reader = open_shard(url, timeout_s=timeout_s)
         try:
-            for i, sample in enumerate(group_samples(reader, caption=caption, counters=counters)):
+            for i, sample in enumerate(group_samples(decompressed(reader), caption=caption, counters=counters)):
                 if i >= delivered:
                     delivered += 1
                     yield sample
-            if not reader.ended_cleanly():
-                raise tarfile.ReadError("no end-of-archive marker: the shard is truncated")
             return
         except tarfile.TarError as e:
             counters["truncated_shard"] += 1
@@ -197,27 +204,129 @@ def shard_samples(url: str, *, caption: str, counters: collections.Counter, retr
             reader.close()
 
 
-def group_samples(fileobj: Any, *, caption: str, counters: collections.Counter) -> Iterator[dict[str, Any]]:
-    """Group a tar stream's members into samples by key; incomplete, duplicate or unsafe ones are counted."""
+def decompressed(reader: TimedReader) -> BinaryIO:
+    """The shard's tar stream: `reader` itself, or a gzip/bzip2/xz decompressor reading it (by magic bytes)."""
+    for magic, opener in COMPRESSED.items():
+        if reader.peek(len(magic)) == magic:
+            return opener(reader)
+    return reader
+
+
+def tar_members(stream: BinaryIO, select: Callable[[str], bool] = lambda name: True,
+                ) -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of the selected regular files of a ustar, GNU or pax tar stream, in archive order.
+
+    A direct reader of the 512-byte headers instead of `tarfile`, whose per-member header parsing
+    costs ~25 us, a tenth of a sample's decode time. Only names and sizes are used (GNU long names,
+    pax `path`/`size` records, the ustar prefix); other members' bytes are skipped in bounded reads,
+    links, directories and devices are ignored, and nothing is ever written. Raises
+    `tarfile.ReadError` for a bad header, a cut header or member, or a stream that ends without the
+    end-of-archive block (a truncated shard).
+    """
+    pending: dict[str, Any] = {}  # name/size from a GNU long-name or pax header, for the next member
+    while True:
+        header = _read_exact(stream, BLOCK)
+        if header == ZERO_BLOCK:
+            return
+        _check_header(header)
+        kind = header[156:157]
+        size = pending.pop("size", None)
+        size = _octal(header[124:136]) if size is None else size
+        padding = -size % BLOCK
+        if kind in (b"L", b"x"):
+            data = _read_exact(stream, size)
+            if kind == b"L":
+                pending["name"] = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+            else:
+                pending.update(_pax_records(data))
+        elif kind in REGULAR_FILE:
+            name = pending.pop("name", None) or _header_name(header)
+            pending.clear()
+            if select(name) and not META_NAME.match(name):
+                yield name, _read_exact(stream, size)
+            else:
+                padding += size
+        else:  # a link, directory or device (pending names are its own), a pax global, a GNU long link
+            padding += size
+            if kind not in (b"K", b"g"):
+                pending.clear()
+        while padding:  # skipped bytes, in bounded reads
+            padding -= len(_read_exact(stream, min(padding, CHUNK_BYTES)))
+
+
+def _read_exact(stream: BinaryIO, n: int) -> bytes:
+    try:
+        data = stream.read(n) if n else b""
+    except (EOFError, zlib.error, gzip.BadGzipFile, lzma.LZMAError) as e:  # cut or corrupt compression
+        raise tarfile.ReadError(f"corrupt compressed stream: {e}") from None
+    if len(data) < n:
+        raise tarfile.ReadError("the tar stream ends inside a member or before its end-of-archive block")
+    return data
+
+
+def _check_header(header: bytes) -> None:
+    stored = _octal(header[148:156])
+    unsigned = sum(header) - sum(header[148:156]) + 8 * 32  # the checksum field counts as spaces
+    if stored != unsigned and stored != unsigned - 256 * sum(b > 127 for b in header[:148] + header[156:]):
+        raise tarfile.ReadError(f"bad tar header checksum ({stored} != {unsigned})")  # (old tars: signed bytes)
+
+
+def _octal(field: bytes) -> int:
+    """A tar number field: octal digits, or GNU base-256 (first byte 0x80) for large sizes."""
+    if field[0] == 0x80:
+        return int.from_bytes(field[1:], "big")
+    digits = field.split(b"\0", 1)[0].strip()
+    try:
+        return int(digits or b"0", 8)
+    except ValueError:
+        raise tarfile.ReadError(f"bad number {digits!r} in a tar header") from None
+
+
+def _header_name(header: bytes) -> str:
+    name = header[:100].split(b"\0", 1)[0]
+    if header[257:263] == b"ustar\x00":  # POSIX ustar: long paths are split into prefix / name
+        prefix = header[345:500].split(b"\0", 1)[0]
+        name = prefix + b"/" + name if prefix else name
+    return name.decode("utf-8", "surrogateescape")
+
+
+def _pax_records(data: bytes) -> dict[str, Any]:
+    """The `path` and `size` of a pax extended header ("LEN key=value\n" records)."""
+    found: dict[str, Any] = {}
+    pos = 0
+    try:
+        while pos < len(data):
+            length = data[pos:data.index(b" ", pos)]
+            key, _, value = data[pos + len(length) + 1:pos + int(length) - 1].partition(b"=")
+            if key == b"path":
+                found["name"] = value.decode("utf-8", "surrogateescape")
+            elif key == b"size":
+                found["size"] = int(value)
+            pos += int(length)
+    except ValueError:
+        raise tarfile.ReadError(f"malformed pax header at byte {pos}") from None
+    return found
+
+
+def group_samples(stream: BinaryIO, *, caption: str, counters: collections.Counter) -> Iterator[dict[str, Any]]:
+    """Group a tar stream's image and caption members into samples by key; incomplete, duplicate or
+    unsafe ones are counted."""
     caption_ext = "json" if caption.startswith("json:") else caption
     wanted = set(IMAGE_EXTENSIONS) | {caption_ext}
     seen: set[str] = set()
     current: dict[str, Any] = {}
-
-    def select(name: str) -> bool:
-        return name.rsplit(".", 1)[-1].lower() in wanted
-
-    for member in tar_file_iterator(fileobj, select_files=select):
-        key, ext = base_plus_ext(member["fname"])
+    for name, data in tar_members(stream, select=lambda name: name.rsplit(".", 1)[-1].lower() in wanted):
+        ext = name.rsplit(".", 1)[-1].lower()
+        key, _ = base_plus_ext(name)
         if key is None:
             continue
         if current and current["__key__"] != key:
             yield from complete_sample(current, caption=caption, counters=counters, seen=seen)
             current = {}
         current["__key__"] = key
-        field = "caption" if ext.rsplit(".", 1)[-1].lower() == caption_ext else "image"
+        field = "caption" if ext == caption_ext else "image"
         current[f"_{field}_count"] = current.get(f"_{field}_count", 0) + 1
-        current[field] = member["data"]
+        current[field] = data
     if current:
         yield from complete_sample(current, caption=caption, counters=counters, seen=seen)
 
