@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import math
+import random
 
 import numpy as np
 import torch
@@ -63,7 +64,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # L, 1, P, CMYK (Adobe inversion handled by PIL), YCbCr, ...
 
 
-def random_resized_crop_box(width: int, height: int, rng: np.random.Generator, *,
+def random_resized_crop_box(width: int, height: int, rng: random.Random, *,
                             scale: tuple[float, float], ratio: tuple[float, float] = (3 / 4, 4 / 3)
                             ) -> tuple[int, int, int, int]:
     """Crop box (left, top, right, bottom) with RandomResizedCrop's distribution (Szegedy et al. 2015).
@@ -79,8 +80,8 @@ def random_resized_crop_box(width: int, height: int, rng: np.random.Generator, *
         w = int(round(math.sqrt(target_area * aspect)))
         h = int(round(math.sqrt(target_area / aspect)))
         if 0 < w <= width and 0 < h <= height:
-            left = int(rng.integers(0, width - w + 1))
-            top = int(rng.integers(0, height - h + 1))
+            left = rng.randrange(width - w + 1)
+            top = rng.randrange(height - h + 1)
             return left, top, left + w, top + h
     in_ratio = width / height
     if in_ratio < ratio[0]:
@@ -93,7 +94,7 @@ def random_resized_crop_box(width: int, height: int, rng: np.random.Generator, *
     return left, top, left + w, top + h
 
 
-def decode_crop(data: bytes, *, size: int, rng: np.random.Generator, scale: tuple[float, float]) -> np.ndarray:
+def decode_crop(data: bytes, *, size: int, rng: random.Random, scale: tuple[float, float]) -> np.ndarray:
     """Image bytes -> uint8 array (3, size, size) of a random resized crop; BadSample on bad images."""
     img = open_image(data)
     box = random_resized_crop_box(*img.size, rng, scale=scale)

@@ -1,5 +1,6 @@
 """Decode-time crops follow RandomResizedCrop, every image mode becomes faithful RGB, bad images say why."""
 import io
+import random
 
 import numpy as np
 import pytest
@@ -27,7 +28,7 @@ def crop_stats(boxes: np.ndarray, width: int, height: int) -> np.ndarray:
 @pytest.mark.parametrize("width,height,scale", [(384, 288, (0.9, 1.0)), (500, 200, (0.08, 1.0)), (64, 64, (0.3, 1.0))])
 def test_crop_boxes_have_random_resized_crops_distribution(width, height, scale):
     n = 4000
-    rng = np.random.default_rng(0)
+    rng = random.Random(0)
     ours = np.array([random_resized_crop_box(width, height, rng, scale=scale) for _ in range(n)])
     torch.manual_seed(0)
     ref = []
@@ -43,7 +44,7 @@ def test_crop_boxes_have_random_resized_crops_distribution(width, height, scale)
 @pytest.mark.parametrize("width,height", [(1000, 10), (10, 1000)])
 def test_fallback_is_torchvisions_centre_crop(width, height):
     # A thin strip never fits a crop of the allowed aspect: both fall back to the same centre crop.
-    box = random_resized_crop_box(width, height, np.random.default_rng(0), scale=(0.9, 1.0))
+    box = random_resized_crop_box(width, height, random.Random(0), scale=(0.9, 1.0))
     top, left, h, w = RandomResizedCrop.get_params(torch.empty(3, height, width), (0.9, 1.0), (3 / 4, 4 / 3))
     assert box == (left, top, left + w, top + h)
 
@@ -51,8 +52,8 @@ def test_fallback_is_torchvisions_centre_crop(width, height):
 def test_crop_equals_a_reference_resize_of_the_same_box():
     img = Image.fromarray(np.random.default_rng(1).integers(0, 256, (60, 80, 3), dtype=np.uint8))
     data = encode(img)
-    out = decode_crop(data, size=32, rng=np.random.default_rng(5), scale=(0.5, 1.0))
-    box = random_resized_crop_box(80, 60, np.random.default_rng(5), scale=(0.5, 1.0))
+    out = decode_crop(data, size=32, rng=random.Random(5), scale=(0.5, 1.0))
+    box = random_resized_crop_box(80, 60, random.Random(5), scale=(0.5, 1.0))
     expected = np.asarray(img.resize((32, 32), Image.BICUBIC, box=box)).transpose(2, 0, 1)
     assert out.dtype == np.uint8 and out.shape == (3, 32, 32)
     np.testing.assert_array_equal(out, expected)
@@ -66,8 +67,8 @@ def test_reduced_size_jpeg_decode_stays_close_to_full_decode():
     img = Image.open(io.BytesIO(data))
     img.draft("RGB", (256, 192))
     assert img.size == (256, 192)  # the fast path really is taken for this crop size
-    out = decode_crop(data, size=64, rng=np.random.default_rng(3), scale=(0.9, 1.0)).astype(float)
-    box = random_resized_crop_box(1024, 768, np.random.default_rng(3), scale=(0.9, 1.0))
+    out = decode_crop(data, size=64, rng=random.Random(3), scale=(0.9, 1.0)).astype(float)
+    box = random_resized_crop_box(1024, 768, random.Random(3), scale=(0.9, 1.0))
     full = Image.open(io.BytesIO(data)).convert("RGB").resize((64, 64), Image.BICUBIC, box=box)
     assert np.abs(out - np.asarray(full).transpose(2, 0, 1)).mean() < 2.0
 
@@ -84,8 +85,8 @@ def test_jpeg_crop_of_a_web_sized_image_matches_pils_bicubic(monkeypatch, mode):
     pixels = np.stack([128 + 90 * np.sin(x / 7), 128 + 90 * np.cos(y / 5), x + y], -1) + noise
     data = encode(Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).convert(mode), "JPEG", quality=90)
     monkeypatch.setattr(decode, "_pil_crop", no_pil_path)
-    out = decode_crop(data, size=64, rng=np.random.default_rng(4), scale=(0.5, 1.0))
-    box = random_resized_crop_box(96, 96, np.random.default_rng(4), scale=(0.5, 1.0))
+    out = decode_crop(data, size=64, rng=random.Random(4), scale=(0.5, 1.0))
+    box = random_resized_crop_box(96, 96, random.Random(4), scale=(0.5, 1.0))
     want = np.asarray(Image.open(io.BytesIO(data)).convert("RGB").resize((64, 64), Image.BICUBIC, box=box))
     diff = np.abs(out.astype(int) - want.transpose(2, 0, 1).astype(int))
     assert out.dtype == np.uint8 and out.shape == (3, 64, 64)
@@ -97,7 +98,7 @@ def test_truncated_jpeg_on_the_torch_path_is_corrupt(monkeypatch):
     data = image_bytes(0, size=64)
     for cut in (300, len(data) // 2, len(data) - 8):
         with pytest.raises(BadSample) as e:
-            decode_crop(data[:cut], size=48, rng=np.random.default_rng(0), scale=(0.9, 1.0))
+            decode_crop(data[:cut], size=48, rng=random.Random(0), scale=(0.9, 1.0))
         assert e.value.reason == "corrupt_image"
 
 
@@ -124,21 +125,21 @@ def test_sixteen_bit_grey_is_rescaled_not_clipped():
 
 @pytest.mark.parametrize("mode,fmt", [("L", "JPEG"), ("CMYK", "JPEG"), ("P", "PNG"), ("1", "PNG"), ("RGB", "WEBP")])
 def test_other_modes_decode_to_rgb(mode, fmt):
-    out = decode_crop(image_bytes(0, size=40, fmt=fmt, mode=mode), size=16, rng=np.random.default_rng(0),
+    out = decode_crop(image_bytes(0, size=40, fmt=fmt, mode=mode), size=16, rng=random.Random(0),
                       scale=(0.9, 1.0))
     assert out.shape == (3, 16, 16) and out.dtype == np.uint8
 
 
 def test_cmyk_keeps_its_colours():
     red = Image.new("RGB", (32, 32), (220, 20, 20))
-    out = decode_crop(encode(red.convert("CMYK"), "JPEG", quality=95), size=8, rng=np.random.default_rng(0),
+    out = decode_crop(encode(red.convert("CMYK"), "JPEG", quality=95), size=8, rng=random.Random(0),
                       scale=(1.0, 1.0))
     np.testing.assert_allclose(out.reshape(3, -1).mean(1), (220, 20, 20), atol=8)
 
 
 def bad_reason(data: bytes) -> str:
     with pytest.raises(BadSample) as e:
-        decode_crop(data, size=8, rng=np.random.default_rng(0), scale=(0.9, 1.0))
+        decode_crop(data, size=8, rng=random.Random(0), scale=(0.9, 1.0))
     return e.value.reason
 
 

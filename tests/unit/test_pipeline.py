@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from clipscale.data.config import DataConfig
-from clipscale.data.pipeline import build_train_loader, merge_rank_states
+from clipscale.data.pipeline import POOL_SLOTS, build_train_loader, merge_rank_states
 from clipscale.data.shards import DataError
 from clipscale.data.streams import StreamPlan
 from tests.shard_kit import write_dataset
@@ -89,6 +89,19 @@ def test_two_runs_are_identical_and_the_seed_matters(uneven):
     a, b = take(make_loader(uneven, workers=2), 6), take(make_loader(uneven, workers=2), 6)
     assert keys(a) == keys(b) and all(torch.equal(x.images, y.images) for x, y in zip(a, b))
     assert keys(take(make_loader(uneven, seed=1), 6)) != keys(a)
+
+
+def test_worker_image_buffers_are_reused_only_once_the_consumer_dropped_them(uneven):
+    steps = 4 * POOL_SLOTS
+    want = take(make_loader(uneven), steps)  # in one process: plain tensors
+    keeper = make_loader(uneven, workers=2)
+    held = take(keeper, steps)  # every batch kept alive: no buffer may be reused under it
+    assert all(torch.equal(h.images, w.images) for h, w in zip(held, want))
+    assert keeper.buffers["one_off"] > 0
+    streamed = make_loader(uneven, workers=2)
+    for ref, batch in zip(want, streamed):  # each batch dropped when the next one is asked for
+        assert torch.equal(batch.images, ref.images)
+    assert streamed.buffers == {"reused": 4 * steps}
 
 
 def test_batches_do_not_depend_on_world_size_and_resume_across_it(uneven):
