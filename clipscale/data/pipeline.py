@@ -16,6 +16,7 @@ import dataclasses
 import logging
 from typing import Any, Callable, Iterator
 
+import numpy as np
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -74,7 +75,9 @@ class SharedBuffers:
 
     def take(self, shape: tuple[int, ...]) -> tuple[int, torch.Tensor | None]:
         """(slot, buffer) to fill, or (-1, None) when every slot is still in use."""
-        for slot in map(int, torch.nonzero(self.free).flatten()):
+        for slot, free in enumerate(self.free.tolist()):  # one read each: the trainer may be setting flags
+            if not free:
+                continue
             if slot not in self.buffers:
                 self.buffers[slot] = torch.empty(shape, dtype=torch.uint8).share_memory_()
             self.free[slot] = 0
@@ -136,7 +139,8 @@ class TrainLoader:
                 if sb.slot >= 0:
                     lent.append((self.streams.index(sb.stream), sb.slot, StorageWeakRef(sb.images.untyped_storage())))
                 self.buffers["reused" if sb.slot >= 0 else "one_off"] += 1
-            batch = Batch(image_parts=[sb.images for sb in subs], texts=torch.cat([sb.texts for sb in subs]),
+            batch = Batch(image_parts=[sb.images for sb in subs],
+                          texts=torch.from_numpy(np.concatenate([sb.texts for sb in subs])),
                           keys=[k for sb in subs for k in sb.keys])
             del subs, sb  # only the batch's consumer keeps its buffers alive now
             yield batch

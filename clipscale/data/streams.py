@@ -92,7 +92,7 @@ class SubBatch:
     stream: int
     state: dict[str, Any]  # the stream's StreamState after this sub-batch, plus running "totals"
     images: torch.Tensor  # (b, 3, H, W) uint8
-    texts: torch.Tensor  # (b, L) int64
+    texts: np.ndarray  # (b, L) int64: small, so it travels inside the message, not as a shared-memory file
     keys: list[str]
     slot: int = -1  # the worker's shared image buffer holding `images` (-1: not a pooled one)
 
@@ -219,4 +219,4 @@ class StreamReader:
         # worker, so handing the batch to the training process copies nothing more
         return SubBatch(stream=self.stream, state={**dataclasses.asdict(state), "totals": dict(self.totals())},
                         images=default_collate(tensors) if out is None else torch.stack(tensors, out=out),
-                        texts=self.tokenizer(list(captions)), keys=list(keys), slot=slot)
+                        texts=self.tokenizer(list(captions)).numpy(), keys=list(keys), slot=slot)
