@@ -150,3 +150,31 @@ def test_bad_images_name_their_reason(monkeypatch):
     assert bad_reason(image_bytes(0, size=64, fmt="PNG")[:100]) == "corrupt_image"  # truncated PNG
     monkeypatch.setattr(decode, "MAX_IMAGE_PIXELS", 64 * 64 - 1)
     assert bad_reason(image_bytes(0, size=64)) == "decompression_bomb"
+
+
+@pytest.mark.parametrize("mode,options", [
+    ("RGB", {}), ("RGB", {"progressive": True}), ("RGB", {"restart_marker_blocks": 1}),
+    ("RGB", {"exif": b"Exif\x00\x00" + bytes(40), "icc_profile": bytes(300)}), ("L", {}), ("CMYK", {}),
+], ids=["baseline", "progressive", "restart-markers", "exif-icc", "grey", "cmyk"])
+def test_jpeg_frame_reads_what_pil_reads(mode, options):
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (37, 53, 3), dtype=np.uint8)).convert(mode)
+    data = encode(img, "JPEG", quality=90, **options)
+    width, height, components = decode.jpeg_frame(data)
+    assert (width, height) == Image.open(io.BytesIO(data)).size == (53, 37)
+    assert components == len(mode)
+
+
+def test_jpeg_frame_declines_what_it_does_not_read():
+    jpeg = image_bytes(0, size=40)
+    sof = jpeg.index(b"\xff\xc0")
+    assert decode.jpeg_frame(image_bytes(0, fmt="PNG")) is None
+    assert decode.jpeg_frame(jpeg[:sof]) is None  # cut before the frame header
+    assert decode.jpeg_frame(jpeg[:sof + 1] + b"\xc3" + jpeg[sof + 2:]) is None  # lossless: PIL's to refuse
+    assert decode.jpeg_frame(b"\xff\xd8\xff\xda" + bytes(20)) is None  # a scan before any frame
+
+
+def test_jpeg_bomb_is_caught_from_the_frame_header():
+    jpeg = bytearray(image_bytes(0, size=40))
+    sof = jpeg.index(b"\xff\xc0")
+    jpeg[sof + 5:sof + 9] = (60000).to_bytes(2, "big") * 2  # claims 60000 x 60000 pixels
+    assert bad_reason(bytes(jpeg)) == "decompression_bomb"
