@@ -115,7 +115,7 @@ def jpeg_frame(data: bytes) -> tuple[int, int, int] | None:
                 return None
             height, width = int.from_bytes(data[pos + 5:pos + 7], "big"), int.from_bytes(data[pos + 7:pos + 9], "big")
             return (width, height, data[pos + 9]) if width and height else None
-        elif marker == 0xDA:  # a scan before any frame header
+        elif marker in (0xD9, 0xDA):  # the end, or a scan, before any frame header
             return None
         else:
             pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")

@@ -36,7 +36,9 @@ POOL_SLOTS = 6  # shared image buffers per stream: in flight (prefetch 2), held 
 class Batch:
     """One step of this rank. Images stay in the workers' per-stream parts until `images_on` joins
     them on the training device: joining on the host would copy every batch once more in the
-    training process (~20% of a 2-core machine's loader throughput)."""
+    training process (~20% of a 2-core machine's loader throughput). The parts are shared-memory
+    buffers that a worker reuses once this process holds no reference to them: copy them before
+    handing them to another process."""
     image_parts: list[torch.Tensor]  # per stream, in stream order: (b, 3, H, W) uint8
     texts: torch.Tensor  # (B, L) int64
     keys: list[str]

@@ -33,7 +33,11 @@ BLOCK = 512  # tar header and padding unit
 ZERO_BLOCK = bytes(BLOCK)
 REGULAR_FILE = (b"0", b"\0", b"7")  # ustar regular, old-style regular, contiguous
 META_NAME = re.compile(r"__[^/]*__($|/)")  # webdataset's metadata members (`__key__`, ...)
-COMPRESSED = {b"\x1f\x8b": lambda f: gzip.GzipFile(fileobj=f), b"BZh": bz2.BZ2File, b"\xfd7zXZ\x00": lzma.LZMAFile}
+MAX_MEMBER_BYTES = 256 << 20  # an image or caption claiming more is taken as a corrupt header
+MAX_META_BYTES = 1 << 20  # GNU long-name and pax headers
+# magic bytes: gzip; bzip2 ("BZh", block size 1-9, first block's magic); xz
+COMPRESSED = {re.compile(b"\x1f\x8b"): lambda f: gzip.GzipFile(fileobj=f),
+              re.compile(b"BZh[1-9]1AY&SY"): bz2.BZ2File, re.compile(b"\xfd7zXZ\x00"): lzma.LZMAFile}
 
 
 class DataError(ValueError):
@@ -117,6 +121,7 @@ class TimedReader:
         self.timeout_s, self.name = timeout_s, name
         self.chunks: queue.Queue = queue.Queue(maxsize=16)
         self.buffer, self.pos, self.eof, self.closed = bytearray(), 0, False, False
+        self.failure: BaseException | None = None  # what reading the source raised, to tell it from bad data
         threading.Thread(target=self._pump, args=(opener,), daemon=True).start()
 
     def _pump(self, opener: Callable[[], Any]) -> None:
@@ -142,8 +147,10 @@ class TimedReader:
             try:
                 item = self.chunks.get(timeout=self.timeout_s)
             except queue.Empty:
-                raise ShardStalled(f"{self.name}: no data for {self.timeout_s:g} s") from None
+                self.failure = ShardStalled(f"{self.name}: no data for {self.timeout_s:g} s")
+                raise self.failure from None
             if isinstance(item, Exception):
+                self.failure = item
                 raise item
             self.eof = item == b""
             self.buffer += item
@@ -189,25 +196,30 @@ def shard_samples(url: str, *, caption: str, counters: collections.Counter, retr
                     delivered += 1
                     yield sample
             return
-        except tarfile.TarError as e:
-            counters["truncated_shard"] += 1
-            log.warning("skipping the rest of %s: %s", url, e)
-            return
         except OSError as e:
+            if e is not reader.failure:  # raised by a decompressor over bytes that did arrive: bad data
+                counters["truncated_shard"] += 1
+                log.warning("skipping the rest of %s: %s", url, e)
+                return
             if attempt == retries:
                 counters["unreadable_shard"] += 1
                 log.warning("skipping %s after %d attempts: %s", url, retries + 1, e)
                 return
             log.warning("retrying %s in %.1f s: %s", url, backoff_s * 2**attempt, e)
             time.sleep(backoff_s * 2**attempt)
+        except tarfile.TarError as e:
+            counters["truncated_shard"] += 1
+            log.warning("skipping the rest of %s: %s", url, e)
+            return
         finally:
             reader.close()
 
 
 def decompressed(reader: TimedReader) -> BinaryIO:
     """The shard's tar stream: `reader` itself, or a gzip/bzip2/xz decompressor reading it (by magic bytes)."""
+    head = reader.peek(10)
     for magic, opener in COMPRESSED.items():
-        if reader.peek(len(magic)) == magic:
+        if magic.match(head):
             return opener(reader)
     return reader
 
@@ -230,11 +242,11 @@ def tar_members(stream: BinaryIO, select: Callable[[str], bool] = lambda name: T
             return
         _check_header(header)
         kind = header[156:157]
-        size = pending.pop("size", None)
-        size = _octal(header[124:136]) if size is None else size
+        meta = kind in (b"L", b"x", b"K", b"g")  # headers about the next member
+        size = pending.pop("size") if "size" in pending and not meta else _octal(header[124:136])
         padding = -size % BLOCK
         if kind in (b"L", b"x"):
-            data = _read_exact(stream, size)
+            data = _read_exact(stream, _checked_size(size, MAX_META_BYTES, kind="long-name or pax header"))
             if kind == b"L":
                 pending["name"] = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
             else:
@@ -243,15 +255,21 @@ def tar_members(stream: BinaryIO, select: Callable[[str], bool] = lambda name: T
             name = pending.pop("name", None) or _header_name(header)
             pending.clear()
             if select(name) and not META_NAME.match(name):
-                yield name, _read_exact(stream, size)
+                yield name, _read_exact(stream, _checked_size(size, MAX_MEMBER_BYTES, kind=name))
             else:
                 padding += size
         else:  # a link, directory or device (pending names are its own), a pax global, a GNU long link
             padding += size
-            if kind not in (b"K", b"g"):
+            if not meta:
                 pending.clear()
         while padding:  # skipped bytes, in bounded reads
             padding -= len(_read_exact(stream, min(padding, CHUNK_BYTES)))
+
+
+def _checked_size(size: int, limit: int, *, kind: str) -> int:
+    if size > limit:
+        raise tarfile.ReadError(f"tar member {kind!r} claims {size} bytes, more than {limit}: a corrupt header")
+    return size
 
 
 def _read_exact(stream: BinaryIO, n: int) -> bytes:
@@ -275,11 +293,10 @@ def _octal(field: bytes) -> int:
     """A tar number field: octal digits, or GNU base-256 (first byte 0x80) for large sizes."""
     if field[0] == 0x80:
         return int.from_bytes(field[1:], "big")
-    digits = field.split(b"\0", 1)[0].strip()
-    try:
-        return int(digits or b"0", 8)
-    except ValueError:
-        raise tarfile.ReadError(f"bad number {digits!r} in a tar header") from None
+    digits = field.split(b"\0", 1)[0].strip() or b"0"
+    if digits.strip(b"01234567"):  # anything but octal digits, signs included
+        raise tarfile.ReadError(f"bad number {digits!r} in a tar header")
+    return int(digits, 8)
 
 
 def _header_name(header: bytes) -> str:
@@ -291,20 +308,23 @@ def _header_name(header: bytes) -> str:
 
 
 def _pax_records(data: bytes) -> dict[str, Any]:
-    """The `path` and `size` of a pax extended header ("LEN key=value\n" records)."""
+    """The `path` and `size` of a pax extended header ("LEN key=value\n" records, LEN counting all)."""
     found: dict[str, Any] = {}
     pos = 0
-    try:
-        while pos < len(data):
-            length = data[pos:data.index(b" ", pos)]
-            key, _, value = data[pos + len(length) + 1:pos + int(length) - 1].partition(b"=")
-            if key == b"path":
-                found["name"] = value.decode("utf-8", "surrogateescape")
-            elif key == b"size":
-                found["size"] = int(value)
-            pos += int(length)
-    except ValueError:
-        raise tarfile.ReadError(f"malformed pax header at byte {pos}") from None
+    while pos < len(data) and data[pos:pos + 1] != b"\0":
+        space = data.find(b" ", pos)
+        length = data[pos:space]
+        end = pos + int(length) if length.isdigit() else -1
+        if space < 0 or end < space + 3 or end > len(data) or data[end - 1:end] != b"\n":
+            raise tarfile.ReadError(f"malformed pax record at byte {pos}")
+        key, _, value = data[space + 1:end - 1].partition(b"=")
+        if key == b"path":
+            found["name"] = value.decode("utf-8", "surrogateescape")
+        elif key == b"size":
+            if not value.isdigit():
+                raise tarfile.ReadError(f"bad pax size {value!r}")
+            found["size"] = int(value)
+        pos = end
     return found
 
 

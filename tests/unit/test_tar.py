@@ -1,5 +1,6 @@
 """clipscale's tar member reader against Python's tarfile on the formats shards come in."""
 import bz2
+import collections
 import gzip
 import io
 import lzma
@@ -7,7 +8,7 @@ import tarfile
 
 import pytest
 
-from clipscale.data.shards import TimedReader, decompressed, tar_members
+from clipscale.data.shards import BLOCK, TimedReader, decompressed, shard_samples, tar_members
 
 LONG = "d" * 90 + "/" + "k" * 120  # over ustar's 100-byte name: GNU/pax records or the ustar prefix
 
@@ -106,3 +107,69 @@ def test_unselected_members_are_skipped_and_malformed_pax_raises():
     pax[at - 2:at] = b"zz"  # the record's length is no number
     with pytest.raises(tarfile.ReadError):
         list(tar_members(io.BytesIO(bytes(pax))))
+
+
+def raw_header(name: bytes, size_field: bytes, kind: bytes = b"0") -> bytes:
+    """One ustar header block with a hand-written size field and a valid checksum."""
+    header = bytearray(BLOCK)
+    header[:len(name)] = name
+    header[124:136] = size_field
+    header[156:157] = kind
+    header[257:263] = b"ustar\x00"
+    header[148:156] = b" " * 8
+    header[148:156] = b"%06o\x00 " % sum(header)
+    return bytes(header)
+
+
+def pax_archive(records: bytes) -> bytes:
+    pad = -len(records) % BLOCK
+    member = raw_header(b"k.txt", b"%011o\x00" % 1) + b"x" + bytes(BLOCK - 1)
+    return raw_header(b"pax", b"%011o\x00" % len(records), b"x") + records + bytes(pad) + member + bytes(2 * BLOCK)
+
+
+@pytest.mark.parametrize("records", [b"0 path=a\n", b"-3 =3 x\n", b"99 path=a\n", b"12 size=-9\n", b"9 path=ab"],
+                         ids=["zero-length", "negative-length", "past-the-end", "negative-size", "no-newline"])
+def test_malformed_pax_records_raise_instead_of_looping(records):
+    with pytest.raises(tarfile.ReadError):
+        list(tar_members(io.BytesIO(pax_archive(records))))
+
+
+def test_pax_path_and_size_apply_to_the_member():
+    members = list(tar_members(io.BytesIO(pax_archive(b"15 path=long/k\n"))))
+    assert members == [("long/k", b"x")]
+
+
+@pytest.mark.parametrize("kind", [b"0", b"L", b"x"])
+def test_a_huge_claimed_size_is_a_corrupt_header_not_an_allocation(kind):
+    huge = b"\x80" + (2**44).to_bytes(11, "big")  # GNU base-256 size field
+    data = raw_header(b"a.jpg", huge, kind) + bytes(4 * BLOCK)
+    stream = gzip.GzipFile(fileobj=io.BytesIO(gzip.compress(data))) if kind == b"0" else io.BytesIO(data)
+    with pytest.raises(tarfile.ReadError, match="claims"):
+        list(tar_members(stream))
+
+
+def test_negative_octal_size_raises():
+    with pytest.raises(tarfile.ReadError, match="bad number"):
+        list(tar_members(io.BytesIO(raw_header(b"a.jpg", b"-0000001000\x00") + bytes(4 * BLOCK))))
+
+
+def test_a_plain_tar_whose_first_name_looks_like_bzip2_is_read_as_tar(tmp_path):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        info = tarfile.TarInfo("BZh91AY.jpg")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"jpg"))
+    path = tmp_path / "bzh.tar"
+    path.write_bytes(buf.getvalue())
+    reader = TimedReader(lambda: open(path, "rb"), timeout_s=5, name=str(path))
+    assert list(tar_members(decompressed(reader))) == [("BZh91AY.jpg", b"jpg")]
+
+
+def test_corrupt_bzip2_is_a_truncated_shard_not_a_failing_source(tmp_path):
+    data = bytearray(bz2.compress(archive(tarfile.PAX_FORMAT)))
+    data[len(data) // 2:len(data) // 2 + 64] = bytes(64)  # corrupt bytes that do arrive
+    path = tmp_path / "bad.tar.bz2"
+    path.write_bytes(bytes(data))
+    counters = collections.Counter()
+    list(shard_samples(str(path), caption="txt", counters=counters, retries=2, backoff_s=0.01, timeout_s=5))
+    assert counters["truncated_shard"] == 1 and counters["unreadable_shard"] == 0
