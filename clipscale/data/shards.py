@@ -120,7 +120,7 @@ class TimedReader:
     def __init__(self, opener: Callable[[], Any], *, timeout_s: float, name: str) -> None:
         self.timeout_s, self.name = timeout_s, name
         self.chunks: queue.Queue = queue.Queue(maxsize=16)
-        self.buffer, self.pos, self.eof, self.closed = bytearray(), 0, False, False
+        self.chunk, self.pos, self.eof, self.closed = b"", 0, False, False  # the chunk being read, and where
         self.failure: BaseException | None = None  # what reading the source raised, to tell it from bad data
         threading.Thread(target=self._pump, args=(opener,), daemon=True).start()
 
@@ -141,34 +141,39 @@ class TimedReader:
             except queue.Full:
                 continue
 
-    def _fill(self, n: int) -> None:
-        """Buffer at least `n` unread bytes (all of them for n < 0), or up to the end of the shard."""
-        while not self.eof and (n < 0 or len(self.buffer) - self.pos < n):
-            try:
-                item = self.chunks.get(timeout=self.timeout_s)
-            except queue.Empty:
-                self.failure = ShardStalled(f"{self.name}: no data for {self.timeout_s:g} s")
-                raise self.failure from None
-            if isinstance(item, Exception):
-                self.failure = item
-                raise item
-            self.eof = item == b""
-            self.buffer += item
+    def _next_chunk(self) -> bool:
+        """Move on to the next chunk from the source; False at its end."""
+        if self.eof:
+            return False
+        try:
+            item = self.chunks.get(timeout=self.timeout_s)
+        except queue.Empty:
+            self.failure = ShardStalled(f"{self.name}: no data for {self.timeout_s:g} s")
+            raise self.failure from None
+        if isinstance(item, Exception):
+            self.failure = item
+            raise item
+        self.chunk, self.pos, self.eof = item, 0, item == b""
+        return not self.eof
 
     def peek(self, n: int) -> bytes:
-        self._fill(n)
-        return bytes(self.buffer[self.pos:self.pos + n])
+        """Up to `n` bytes ahead without consuming them (those in the current chunk)."""
+        if self.pos == len(self.chunk):
+            self._next_chunk()
+        return self.chunk[self.pos:self.pos + n]
 
     def read(self, n: int = -1) -> bytes:
-        self._fill(n)
-        end = len(self.buffer) if n < 0 else min(self.pos + n, len(self.buffer))
-        with memoryview(self.buffer) as view:
-            out = bytes(view[self.pos:end])
-        self.pos = end
-        if self.pos >= CHUNK_BYTES:  # drop consumed bytes once per chunk, not per (small) tar read
-            del self.buffer[:self.pos]
-            self.pos = 0
-        return out
+        """`n` bytes (fewer only at the end of the shard; all that is left for n < 0), copied once."""
+        if 0 <= n <= len(self.chunk) - self.pos:  # the usual case: inside the current chunk
+            self.pos += n
+            return self.chunk[self.pos - n:self.pos]
+        parts, need = [self.chunk[self.pos:]], n - (len(self.chunk) - self.pos)
+        self.pos = len(self.chunk)
+        while (n < 0 or need > 0) and self._next_chunk():
+            take = len(self.chunk) if n < 0 else min(need, len(self.chunk))
+            parts.append(self.chunk[:take])
+            self.pos, need = take, need - take
+        return b"".join(parts)
 
     def close(self) -> None:
         self.closed = True

@@ -97,7 +97,7 @@ class SubBatch:
     slot: int = -1  # the worker's shared image buffer holding `images` (-1: not a pooled one)
 
 
-def shuffled(samples: Iterator[dict], *, buffer: int, rng: np.random.Generator) -> Iterator[dict]:
+def shuffled(samples: Iterator[dict], *, buffer: int, rng: random.Random) -> Iterator[dict]:
     """Shuffle buffer over a finite iterator (drained at its end); deterministic given `rng`."""
     if buffer <= 1:
         yield from samples
@@ -107,7 +107,7 @@ def shuffled(samples: Iterator[dict], *, buffer: int, rng: np.random.Generator) 
         if len(pool) < buffer:
             pool.append(sample)
             continue
-        i = int(rng.integers(buffer))
+        i = rng.randrange(buffer)
         yield pool[i]
         pool[i] = sample
     rng.shuffle(pool)
@@ -132,7 +132,7 @@ class StreamReader:
         while (urls := self.plan.block(self.stream, epoch=st.list_epoch, block=st.block)) is None:
             st.list_epoch, st.block, st.offset = st.list_epoch + 1, 0, 0
         raw = (sample for url in urls for sample in self._shard(url))
-        rng = np.random.default_rng([self.plan.seed, self.stream, st.list_epoch, st.block])
+        rng = random.Random(f"shuffle/{self.plan.seed}/{self.stream}/{st.list_epoch}/{st.block}")
         self.samples = shuffled(raw, buffer=self.cfg.shuffle_buffer, rng=rng)
         for _ in range(st.offset):  # resume: rebuild the shuffle buffer without decoding
             next(self.samples)
@@ -182,7 +182,7 @@ class StreamReader:
             sample = self._next_raw()
             # per-sample crop randomness, a pure function of the sample's place (Mersenne Twister
             # seeded from a string: ~4 us, a third of numpy's SeedSequence + PCG64 set-up)
-            rng = random.Random(f"{self.plan.seed}/{self.stream}/{st.list_epoch}/{st.block}/{st.offset}")
+            rng = random.Random(f"crop/{self.plan.seed}/{self.stream}/{st.list_epoch}/{st.block}/{st.offset}")
             try:
                 text = caption_text(sample["caption"], caption=self.cfg.caption_key)
                 image = decode_crop(sample["image"], size=self.image_size, rng=rng,
