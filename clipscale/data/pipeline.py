@@ -100,7 +100,8 @@ class _WorkerStreams(IterableDataset):
         workers, worker = (info.num_workers, info.id) if info else (1, 0)
         streams = sorted(self.states)  # row r of `free` belongs to streams[r]
         rows = range(worker, len(streams), workers)
-        readers = [StreamReader(self.plan, self.cfg, stream=streams[r], state=dataclasses.replace(self.states[streams[r]]),
+        readers = [StreamReader(self.plan, self.cfg, stream=streams[r],
+                                state=dataclasses.replace(self.states[streams[r]]),
                                 image_size=self.image_size, tokenizer=self.tokenizer) for r in rows]
         pools = [SharedBuffers(self.free[r]) if info else None for r in rows]  # in-process: nothing to share
         shape = (self.plan.sub_batch, 3, self.image_size, self.image_size)
@@ -120,7 +121,7 @@ class TrainLoader:
         self.streams = list(range(rank * per_rank, (rank + 1) * per_rank))
         self.states = [StreamState() for _ in range(cfg.num_streams)]
         self.totals: dict[int, dict[str, int]] = {}
-        self.buffers = collections.Counter()  # sub-batches received in a reused shared buffer / a one-off one
+        self.buffers = collections.Counter()  # sub-batches received in a pooled shared buffer / a one-off one
 
     def __iter__(self) -> Iterator[Batch]:
         free = torch.ones(len(self.streams), POOL_SLOTS, dtype=torch.uint8).share_memory_()
@@ -140,7 +141,7 @@ class TrainLoader:
                 self.totals[sb.stream] = sb.state["totals"]
                 if sb.slot >= 0:
                     lent.append((self.streams.index(sb.stream), sb.slot, StorageWeakRef(sb.images.untyped_storage())))
-                self.buffers["reused" if sb.slot >= 0 else "one_off"] += 1
+                self.buffers["pooled" if sb.slot >= 0 else "one_off"] += 1
             batch = Batch(image_parts=[sb.images for sb in subs],
                           texts=torch.from_numpy(np.concatenate([sb.texts for sb in subs])),
                           keys=[k for sb in subs for k in sb.keys])

@@ -113,7 +113,8 @@ def test_loss_scale_scales_every_gradient_and_not_the_loss():
     assert_grads_close({n: g / 1024.0 for n, g in got.items()}, want, rtol=1e-12)
 
 
-@pytest.mark.parametrize(("chunk_size", "forwards"), [(3, 4 + 3), (5, 2 + 1), (16, 1)], ids=["ragged", "divides", "one"])
+@pytest.mark.parametrize(("chunk_size", "forwards"), [(3, 4 + 3), (5, 2 + 1), (16, 1)],
+                         ids=["ragged", "divides", "one"])
 def test_last_chunk_is_not_replayed_and_rng_continues_after_the_step(chunk_size, forwards):
     """K chunks cost 2K-1 forwards (the last keeps its graph), and the RNG ends where one pass over
     all chunks ends, so the next step's masks differ from this step's."""

@@ -101,7 +101,7 @@ def test_worker_image_buffers_are_reused_only_once_the_consumer_dropped_them(une
     streamed = make_loader(uneven, workers=2)
     for ref, batch in zip(want, streamed):  # each batch dropped when the next one is asked for
         assert torch.equal(batch.images, ref.images)
-    assert streamed.buffers == {"reused": 4 * steps}
+    assert streamed.buffers == {"pooled": 4 * steps}
 
 
 def test_batches_do_not_depend_on_world_size_and_resume_across_it(uneven):
