@@ -31,7 +31,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import fsspec
 import numpy as np
 import open_clip
 import torch
@@ -42,7 +41,7 @@ from clipscale.bench import environment, write_json
 from clipscale.data.config import DataConfig
 from clipscale.data.decode import decode_crop
 from clipscale.data.pipeline import build_train_loader
-from clipscale.data.shards import IMAGE_EXTENSIONS, expand_sources
+from clipscale.data.shards import IMAGE_EXTENSIONS, decompressed, expand_sources, extension, open_shard, tar_members
 
 log = logging.getLogger(__name__)
 CROP_PX = 224  # ViT-B train transforms
@@ -153,13 +152,16 @@ def read_images(urls: list[str], *, limit: int) -> tuple[list[bytes], list[int]]
     images: list[bytes] = []
     counts = []
     for url in urls:
-        count = 0
-        with fsspec.open(url, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
-            for member in tar:
-                if member.isreg() and member.name.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS:
-                    count += 1
-                    if len(images) < limit:
-                        images.append(tar.extractfile(member).read())
+        reader = open_shard(url, timeout_s=DataConfig().read_timeout_s)
+        try:
+            members = tar_members(decompressed(reader), select=lambda name: extension(name) in IMAGE_EXTENSIONS)
+            count = 0
+            for _, data in members:
+                count += 1
+                if len(images) < limit:
+                    images.append(data)
+        finally:
+            reader.close()
         counts.append(count)
     if not images:
         raise SystemExit(f"no {'/'.join(IMAGE_EXTENSIONS)} member in {urls[0]} ...; check --shards")

@@ -130,7 +130,7 @@ def decode_crop(data: bytes, *, size: int, rng: random.Random, scale: tuple[floa
         if width * height > MAX_IMAGE_PIXELS:
             raise BadSample("decompression_bomb", f"{width}x{height} > {MAX_IMAGE_PIXELS} pixels")
         box = random_resized_crop_box(width, height, rng, scale=scale)
-        if min(box[2] - box[0], box[3] - box[1]) < 2 * size:
+        if _short_side(box) < 2 * size:
             return _decoded(_torch_crop, data, box, size)
         img = open_image(data)
         if img.size != (width, height):
@@ -139,6 +139,11 @@ def decode_crop(data: bytes, *, size: int, rng: random.Random, scale: tuple[floa
         img = open_image(data)
         box = random_resized_crop_box(*img.size, rng, scale=scale)
     return _decoded(_pil_crop, img, box, size)
+
+
+def _short_side(box: tuple[float, float, float, float]) -> float:
+    """A crop at least twice the output on its short side is decoded at reduced size (`_pil_crop`)."""
+    return min(box[2] - box[0], box[3] - box[1])
 
 
 def _decoded(crop, *args) -> np.ndarray:
@@ -158,7 +163,7 @@ def _torch_crop(data: bytes, box: tuple[int, int, int, int], size: int) -> np.nd
 def _pil_crop(img: Image.Image, box: tuple[float, float, float, float], size: int) -> np.ndarray:
     """PIL decode (at reduced size for large JPEG crops) and one bicubic resize of the box."""
     width, height = img.size
-    crop_min = min(box[2] - box[0], box[3] - box[1])
+    crop_min = _short_side(box)
     if img.format == "JPEG" and crop_min >= 2 * size:
         # Decode at 1/2, 1/4 or 1/8 size when the crop stays at least `size` px wide.
         img.draft(img.mode, (math.ceil(width * size / crop_min), math.ceil(height * size / crop_min)))

@@ -201,8 +201,8 @@ def shard_samples(url: str, *, caption: str, counters: collections.Counter, retr
                     delivered += 1
                     yield sample
             return
-        except OSError as e:
-            if e is not reader.failure:  # raised by a decompressor over bytes that did arrive: bad data
+        except (tarfile.TarError, OSError) as e:
+            if isinstance(e, tarfile.TarError) or e is not reader.failure:  # bad bytes, not a failing source
                 counters["truncated_shard"] += 1
                 log.warning("skipping the rest of %s: %s", url, e)
                 return
@@ -212,10 +212,6 @@ def shard_samples(url: str, *, caption: str, counters: collections.Counter, retr
                 return
             log.warning("retrying %s in %.1f s: %s", url, backoff_s * 2**attempt, e)
             time.sleep(backoff_s * 2**attempt)
-        except tarfile.TarError as e:
-            counters["truncated_shard"] += 1
-            log.warning("skipping the rest of %s: %s", url, e)
-            return
         finally:
             reader.close()
 
@@ -333,6 +329,11 @@ def _pax_records(data: bytes) -> dict[str, Any]:
     return found
 
 
+def extension(name: str) -> str:
+    """A member's last extension, lower case: what decides whether it is an image or a caption."""
+    return name.rsplit(".", 1)[-1].lower()
+
+
 def group_samples(stream: BinaryIO, *, caption: str, counters: collections.Counter) -> Iterator[dict[str, Any]]:
     """Group a tar stream's image and caption members into samples by key; incomplete, duplicate or
     unsafe ones are counted."""
@@ -340,8 +341,8 @@ def group_samples(stream: BinaryIO, *, caption: str, counters: collections.Count
     wanted = set(IMAGE_EXTENSIONS) | {caption_ext}
     seen: set[str] = set()
     current: dict[str, Any] = {}
-    for name, data in tar_members(stream, select=lambda name: name.rsplit(".", 1)[-1].lower() in wanted):
-        ext = name.rsplit(".", 1)[-1].lower()
+    for name, data in tar_members(stream, select=lambda name: extension(name) in wanted):
+        ext = extension(name)
         key, _ = base_plus_ext(name)
         if key is None:
             continue
