@@ -1,4 +1,4 @@
-"""The `clipscale` command: train, eval, fit, data, demo, export, bench."""
+"""The `clipscale` command: train, eval, results, fit, data, demo, export, bench."""
 from __future__ import annotations
 
 import argparse
@@ -44,13 +44,48 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from clipscale.evaluate.runner import evaluate_run
+    from clipscale.dist import destroy_distributed, init_distributed
+    from clipscale.evaluate.runner import evaluate_open_clip, evaluate_target, parse_tasks
 
-    for run_dir in args.run_dirs:
-        records = evaluate_run(run_dir, zeroshot_dir=args.zeroshot_dir, device=args.device)
-        for r in records:
-            print(f"{r['run']} {r['checkpoint']} samples={r['samples_seen']} zeroshot_top1={r['zeroshot_top1']:.4f}")
-        print(f"results: {Path(run_dir) / 'results.jsonl'} ({len(records)} new)")
+    if bool(args.model) == bool(args.targets):
+        raise ConfigError("pass run, checkpoint or exported directories, or --model ARCH --pretrained FILE")
+    overrides = {k: v for k, v in (("datasets", tuple(args.data or ())), ("batch_size", args.batch_size),
+                                   ("num_workers", args.workers), ("precision", args.precision)) if v}
+    if args.tasks:
+        overrides["tasks"] = parse_tasks(args.tasks.split(","))
+    info = init_distributed(device=args.device)  # a process group only under torchrun
+    try:
+        if args.model:
+            if args.out is None or not args.data:
+                raise ConfigError("--model needs --out FILE.jsonl and at least one --data NAME=PATH")
+            from clipscale.config import EvalConfig
+
+            rows = evaluate_open_clip(args.model, pretrained=args.pretrained, out=args.out, run=args.name,
+                                      dataset=args.dataset, cfg=EvalConfig(**overrides), device=args.device)
+        else:
+            rows = [r for t in args.targets for r in evaluate_target(t, overrides=overrides, device=args.device,
+                                                                    out=args.out, watch=args.watch)]
+    finally:
+        destroy_distributed()
+    if info.is_main:
+        for r in rows:
+            print(f"{r['run']} {r['checkpoint']} {r['task']} {r['eval_dataset']} {r['metric']}={r['value']:.4f}")
+        print(f"{len(rows)} new result rows")
+    return 0
+
+
+def cmd_results(args: argparse.Namespace) -> int:
+    from clipscale.evaluate.results import RESULTS, write_csv
+
+    missing = [s for s in args.sources if not (Path(s).is_file() or (Path(s) / RESULTS).is_file())]
+    if missing:
+        raise ConfigError(f"no results at {missing}; evaluate first (clipscale eval RUN) or pass results.jsonl files")
+    if args.csv in (None, "-"):
+        write_csv(args.sources, sys.stdout)
+    else:
+        with open(args.csv, "w", newline="") as f:
+            count = write_csv(args.sources, f)
+        print(f"{count} rows -> {args.csv}")
     return 0
 
 
@@ -102,11 +137,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.global_batch_size=512")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="zero-shot evaluate every checkpoint of run directories")
-    p.add_argument("run_dirs", nargs="+")
-    p.add_argument("--zeroshot-dir", help="zero-shot set (default: the run config's eval.zeroshot_dir)")
-    p.add_argument("--device", default="cpu")
+    p = sub.add_parser("eval", help="zero-shot classification, retrieval, linear probe -> results.jsonl")
+    p.add_argument("targets", nargs="*", help="run directories (every checkpoint), checkpoints or exported models")
+    p.add_argument("--data", action="append", metavar="NAME=PATH",
+                   help="evaluation set in CLIP_benchmark's layout, repeatable (default: each run's eval.datasets)")
+    p.add_argument("--tasks", help="comma-separated zeroshot,retrieval,linear_probe (default: eval.tasks)")
+    p.add_argument("--model", help="open_clip architecture of published weights (with --pretrained FILE)")
+    p.add_argument("--pretrained", help="local open_clip weights file for --model")
+    p.add_argument("--name", help="run name in the rows of --model weights (default: the weights file name)")
+    p.add_argument("--dataset", default="unknown", help="upstream training data of --model weights")
+    p.add_argument("--out", help="results file for models outside a run directory")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--workers", type=int, help="image-decoding DataLoader workers per process")
+    p.add_argument("--precision", choices=("fp32", "bf16"))
+    p.add_argument("--watch", action="store_true", help="evaluate checkpoints as they appear until the run's last")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("results", help="flatten the results of many runs into one CSV")
+    p.add_argument("sources", nargs="+", help="run directories or results.jsonl files")
+    p.add_argument("--csv", nargs="?", const="-", default="-", help="CSV file to write (default: stdout)")
+    p.set_defaults(func=cmd_results)
 
     p = sub.add_parser("fit", help="fit a power law to evaluation results")
     p.add_argument("results", nargs="+", help="results.jsonl files or run directories")

@@ -131,10 +131,18 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class EvalConfig:
-    zeroshot_dir: str = "data/synthetic/zeroshot"
-    """Directory of a zero-shot set: shards + classnames.json + templates.json."""
+    datasets: tuple[str, ...] = ("synthetic=data/synthetic/zeroshot",)
+    """Evaluation sets as NAME=PATH (directory or fsspec URL in CLIP_benchmark's layout)."""
+    tasks: tuple[str, ...] = ("zeroshot_classification", "zeroshot_retrieval")
+    """Tasks, each run on the sets it fits: zeroshot_classification, zeroshot_retrieval, linear_probe."""
     batch_size: int = 256
-    """Evaluation batch size."""
+    """Images per forward, per process."""
+    num_workers: int = 2
+    """DataLoader processes decoding images, per process."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """Encode in fp32, or under bf16 autocast."""
+    every_samples: int = 0
+    """Evaluate during training every this many samples, on all ranks (0 = never)."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -307,6 +315,9 @@ def validate_for_world(cfg: Config, world_size: int) -> None:
             "train.precision='fp16' with train.parallel='fsdp' is not supported: FSDP2 needs a "
             "sharded grad scaler; use train.precision='bf16' with FSDP2 (or parallel='ddp' for fp16)"
         )
+    if cfg.eval.every_samples and t.parallel == "fsdp":
+        raise ConfigError("eval.every_samples needs full parameters on every rank (train.parallel='ddp'); with "
+                          "FSDP2 evaluate the checkpoints beside training: clipscale eval RUN_DIR --watch")
     if cfg.loss.kind == "siglip" and cfg.model.init_logit_bias is None:
         raise ConfigError("loss.kind='siglip' needs a logit bias: set model.init_logit_bias=-10.0")
     del per_rank

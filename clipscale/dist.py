@@ -118,3 +118,12 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     out = value.detach().clone()
     dist.all_reduce(out)
     return out / dist.get_world_size()
+
+
+def gather_objects(obj: object) -> list:
+    """Every rank's picklable `obj`, in rank order, on every rank (`[obj]` without a process group)."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

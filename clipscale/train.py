@@ -1,4 +1,4 @@
-"""The training loop: fetch -> step -> maybe checkpoint -> log, over a global batch.
+"""The training loop: fetch -> step -> maybe checkpoint -> maybe evaluate -> log, over a global batch.
 
     python -m clipscale train recipes/tiny_cpu.toml                        # one process
     torchrun --nproc_per_node=2 -m clipscale train recipes/tiny_cpu.toml   # DDP/FSDP2, gloo or NCCL
@@ -26,6 +26,7 @@ from clipscale import checkpoint as ckpt
 from clipscale.config import Config, config_to_dict, save_config
 from clipscale.data.pipeline import build_train_loader, merge_rank_states, normalize_images, sum_counters
 from clipscale.dist import DistInfo, all_reduce_mean, destroy_distributed, init_distributed
+from clipscale.evaluate.runner import maybe_eval
 from clipscale.gradcache import gradcache_step
 from clipscale.loss import contrastive_loss
 from clipscale.metrics import MetricsLogger, StepTimer, mfu, peak_flops
@@ -157,6 +158,8 @@ def run_loop(cfg: Config, info: DistInfo, *, model, optimizer, loader, bundle: M
         last = progress.step == total_steps
         if crossed(progress.samples_seen, global_batch, t.checkpoint_every_samples) or last or result.stop:
             save(cfg, model=model, optimizer=optimizer, loader=loader, progress=progress, scaler=scaler)
+        maybe_eval(cfg, model=unwrap(model), bundle=bundle, step=progress.step, samples_seen=progress.samples_seen,
+                   batch_size=global_batch)
         if progress.step % t.log_every_steps == 0 or last:
             elapsed = time.perf_counter() - t_log
             per_device = (progress.samples_seen - samples_at_log) / elapsed / info.world_size

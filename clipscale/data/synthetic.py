@@ -10,8 +10,10 @@ Layout written by `write_synthetic_dataset(OUT)`:
     OUT/dataset.json                   generation parameters (written last: marks completion)
     OUT/train/000000.tar ...           {key}.jpg, {key}.txt (caption), {key}.json (attributes)
     OUT/train/sizes.json               {"000000.tar": n, ...}
-    OUT/zeroshot/000000.tar ...        {key}.jpg, {key}.cls (class index), {key}.json
-    OUT/zeroshot/{sizes,classnames,templates}.json
+    OUT/zeroshot/                      CLIP_benchmark's WebDataset layout (clipscale.evaluate.datasets):
+        test/0.tar ..., test/nshards.txt   {key}.jpg, {key}.cls (class index), {key}.json
+        classnames.txt                     one class name per line
+        zeroshot_classification_templates.txt   one template per line with a {c} slot
 
     python data_tools/make_synthetic.py data/synthetic --train-samples 64000 --processes 2
 """
@@ -73,7 +75,7 @@ CAPTION_FORMS = (
 STREAMS = {"train": 0, "zeroshot": 1}  # rng tag: the zero-shot set never repeats a training image
 JPEG_QUALITY = 90
 SUPERSAMPLE = 2  # draw at 2x and downsample: anti-aliased edges keep small shapes recognisable
-_SHARD_RE = re.compile(r"^\d{6}\.tar$")
+_SHARD_RE = re.compile(r"^\d+\.tar$")
 
 
 def class_index(color: str, shape: str) -> int:
@@ -214,14 +216,19 @@ def write_shard(path: Path, *, seed: int, stream: str, start: int, count: int, i
     return count
 
 
-def _write_json(path: Path, obj: Any) -> None:
+def _write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
 
 
-def _shard_jobs(directory: Path, *, total: int, per_shard: int) -> list[tuple[Path, int, int]]:
-    return [(directory / f"{k:06d}.tar", start, min(per_shard, total - start))
+def _write_json(path: Path, obj: Any) -> None:
+    _write_text(path, json.dumps(obj, indent=1) + "\n")
+
+
+def _shard_jobs(directory: Path, *, total: int, per_shard: int, name: str) -> list[tuple[Path, int, int]]:
+    """(shard path, first sample, count) per shard, shard k named `name.format(k)`."""
+    return [(directory / name.format(k), start, min(per_shard, total - start))
             for k, start in enumerate(range(0, total, per_shard))]
 
 
@@ -261,7 +268,7 @@ def write_synthetic_dataset(out_dir: str | Path, *, train_samples: int = 64_000,
               "processes": processes}
     _validate(params)
     del params["processes"]  # does not change the bytes written
-    params["format_version"] = 1
+    params["format_version"] = 2  # 2: the zero-shot set in CLIP_benchmark's layout
     out = Path(out_dir)
     manifest = out / "dataset.json"
     if manifest.is_file() and json.loads(manifest.read_text()) == params:
@@ -269,15 +276,17 @@ def write_synthetic_dataset(out_dir: str | Path, *, train_samples: int = 64_000,
         return _specs(out, params)
     manifest.unlink(missing_ok=True)  # until rewritten, the directory is marked incomplete
     t0 = time.perf_counter()
-    jobs = {stream: _shard_jobs(out / stream, total=total, per_shard=samples_per_shard)
-            for stream, total in (("train", train_samples), ("zeroshot", zeroshot_samples))}
-    for stream in jobs:
-        _prepare_dir(out / stream)
+    zeroshot = out / "zeroshot"
+    jobs = {"train": _shard_jobs(out / "train", total=train_samples, per_shard=samples_per_shard, name="{:06d}.tar"),
+            "zeroshot": _shard_jobs(zeroshot / "test", total=zeroshot_samples, per_shard=samples_per_shard,
+                                    name="{}.tar")}  # CLIP_benchmark reads test/{0..nshards-1}.tar
+    for stream_jobs in jobs.values():
+        _prepare_dir(stream_jobs[0][0].parent)
     _run_jobs(jobs, seed=seed, image_size=image_size, processes=processes)
-    for stream, stream_jobs in jobs.items():
-        _write_json(out / stream / "sizes.json", {p.name: n for p, _, n in stream_jobs})
-    _write_json(out / "zeroshot" / "classnames.json", class_names())
-    _write_json(out / "zeroshot" / "templates.json", list(ZEROSHOT_TEMPLATES))
+    _write_json(out / "train" / "sizes.json", {p.name: n for p, _, n in jobs["train"]})
+    _write_text(zeroshot / "test" / "nshards.txt", f"{len(jobs['zeroshot'])}\n")
+    _write_text(zeroshot / "classnames.txt", "".join(f"{c}\n" for c in class_names()))
+    _write_text(zeroshot / "zeroshot_classification_templates.txt", "".join(f"{t}\n" for t in ZEROSHOT_TEMPLATES))
     _write_json(manifest, params)
     seconds = time.perf_counter() - t0
     log.info("wrote %d train + %d zero-shot samples to %s in %.1fs (%.0f samples/s, %d processes)",

@@ -1,4 +1,6 @@
-"""Evaluation of checkpoints: zero-shot classification (zeroshot.py) on sets read by datasets.py."""
-from clipscale.evaluate.zeroshot import zeroshot_eval
+"""Evaluation: zero-shot classification, retrieval and linear probes into the long results table.
 
-__all__ = ["zeroshot_eval"]
+datasets.py reads sets in CLIP_benchmark's layouts, features.py encodes them sharded over ranks,
+zeroshot.py / retrieval.py / linear_probe.py compute the metrics, results.py owns results.jsonl
+and runner.py ties targets (runs, checkpoints, open_clip weights) to all of these.
+"""

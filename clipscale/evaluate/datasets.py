@@ -1,106 +1,239 @@
-"""Zero-shot classification sets on disk: WebDataset shards + classnames.json + templates.json.
+"""Evaluation sets on disk, local or at any fsspec URL, in CLIP_benchmark's layouts.
 
-A zero-shot directory holds shards `*.tar` whose samples carry an image (`{key}.jpg`, or png /
-jpeg / webp) and a class index as text (`{key}.cls`), `classnames.json` (list of class names, index
-= class) and `templates.json` (prompt templates with a `{c}` slot). Only the image and `.cls`
-members are decoded, with PIL, never webdataset's generic decoder (which unpickles `.pyd/.pkl`).
-Samples are read in shard order, on one process, so every evaluation sees the same images.
+WebDataset layout (CLIP_benchmark's `clip_benchmark_export_wds`, the LAION evaluation sets):
+
+    ROOT/{split}/0.tar 1.tar ...          samples: an image (webp, jpg, jpeg, png) and
+    ROOT/{split}/nshards.txt  (optional)    `cls` (class index) or captions (`txt`, one per line,
+    ROOT/classnames.txt                     or `json`, a list of strings)
+    ROOT/zeroshot_classification_templates.txt   one template per line with a `{c}` slot
+    ROOT/dataset_type.txt     (optional)  "retrieval" or "classification"
+
+ImageFolder layout: `ROOT/{split}/CLASS/*.jpg` (classes in sorted folder order) with the same
+metadata files (class names default to the folder names).
+
+A set without classnames.txt is a retrieval set, unless its name names ImageNet: then class names
+and templates come from `open_clip.zero_shot_metadata`. Only image bytes and the label or caption
+members are read, never pickles. Every problem raises `EvalDataError` naming the file and the fix.
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
-from pathlib import Path
-from typing import Any, Callable, Iterator
+import posixpath
+import re
+import tarfile
+from typing import Any, Iterator
 
-import torch
-import webdataset as wds
+import fsspec
+import open_clip.zero_shot_metadata as zsm
 from PIL import Image
+from webdataset.tariterators import base_plus_ext
 
 from clipscale.data.decode import open_image, to_rgb
-from clipscale.data.shards import IMAGE_EXTENSIONS, BadSample
+from clipscale.data.shards import IMAGE_EXTENSIONS, BadSample, DataError, decompressed, extension, \
+    open_shard, tar_members
+
+CLASSNAMES = "classnames.txt"
+TEMPLATES = "zeroshot_classification_templates.txt"
+DATASET_TYPE = "dataset_type.txt"
+LABEL_EXTENSIONS = ("cls", "txt", "json")
+READ_TIMEOUT_S = 300.0
 
 
-class ZeroShotDataError(ValueError):
-    """A zero-shot directory, its metadata or one of its samples is missing or malformed."""
+class EvalDataError(DataError):
+    """An evaluation set, its metadata or one of its samples is missing or malformed."""
 
 
-def _read_json_list(path: Path, *, what: str) -> list[str]:
-    if not path.is_file():
-        raise ZeroShotDataError(f"{path} is missing; a zero-shot directory needs {what}")
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EvalSet:
+    """One evaluation set: where it is, what it holds and the prompts used to classify it."""
+
+    name: str
+    """Name in the results table (`eval_dataset`)."""
+    root: str
+    """Directory or fsspec URL of the set."""
+    kind: str
+    """"classification" (images + class index) or "retrieval" (images + several captions)."""
+    classnames: tuple[str, ...] = ()
+    templates: tuple[str, ...] = ()
+    """Prompt templates with a `{c}` slot (empty for retrieval sets)."""
+
+    @property
+    def eval_hash(self) -> str:
+        """Hash of the class names and templates: rows with different prompts never mix."""
+        text = json.dumps([self.kind, self.classnames, self.templates])
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def prompts(self) -> list[list[str]]:
+        """Per class, its templates filled in: (C, T) strings."""
+        return [[t.format(c=c) for t in self.templates] for c in self.classnames]
+
+    def has_split(self, split: str) -> bool:
+        fs, path = fsspec.core.url_to_fs(_join(self.root, split))
+        return fs.isdir(path)
+
+    def units(self, split: str) -> list[Any]:
+        """What a split is read in: shard URLs, or (image file, class) pairs of an ImageFolder tree."""
+        split_dir = _join(self.root, split)
+        fs, path = fsspec.core.url_to_fs(split_dir)
+        nshards = _join(split_dir, "nshards.txt")
+        if fs.isfile(posixpath.join(path, "nshards.txt")):
+            text = _read_text(nshards)
+            if not text.strip().isdigit():
+                raise EvalDataError(f"{nshards} holds {text.strip()[:40]!r}; write the number of shards")
+            return [_join(split_dir, f"{i}.tar") for i in range(int(text))]
+        shards = sorted((p for p in fs.glob(posixpath.join(path, "*.tar"))), key=_natural)
+        if shards:
+            return [_join(split_dir, posixpath.basename(p)) for p in shards]
+        folders = sorted(posixpath.basename(p) for p in fs.ls(path, detail=False) if fs.isdir(p)) \
+            if fs.isdir(path) else []
+        if folders and self.kind == "classification":
+            if len(folders) != len(self.classnames):
+                raise EvalDataError(f"{split_dir} has {len(folders)} class folders but {_join(self.root, CLASSNAMES)} "
+                                    f"names {len(self.classnames)} classes; write one name per folder, in sorted order")
+            return [(_join(split_dir, posixpath.relpath(f, path)), label) for label, folder in enumerate(folders)
+                    for f in sorted(fs.find(posixpath.join(path, folder))) if extension(f) in IMAGE_EXTENSIONS]
+        raise EvalDataError(f"{split_dir} has no *.tar shards or class folders; write the {split} split there "
+                            f"as {split_dir}/0.tar, 1.tar, ... (CLIP_benchmark's layout)")
+
+
+def _join(root: str, name: str) -> str:
+    return f"{root.rstrip('/')}/{name}"
+
+
+def _natural(path: str) -> list:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", posixpath.basename(path))]
+
+
+def _read_text(url: str) -> str:
+    with fsspec.open(url, "rt", encoding="utf-8") as f:
+        return f.read()
+
+
+def _exists(url: str) -> bool:
+    fs, path = fsspec.core.url_to_fs(url)
+    return fs.isfile(path)
+
+
+def _lines(url: str, *, what: str) -> tuple[str, ...]:
+    lines = tuple(line.strip() for line in _read_text(url).splitlines() if line.strip())
+    if not lines:
+        raise EvalDataError(f"{url} is empty; write {what}, one per line")
+    return lines
+
+
+def read_templates(url: str) -> tuple[str, ...]:
+    """Templates of a templates file, each checked to have exactly the `{c}` slot."""
+    templates = _lines(url, what="prompt templates such as 'a photo of a {c}.'")
+    for number, template in enumerate(templates, 1):
+        try:
+            ok = "{c}" in template and template.format(c="x") is not None
+        except (KeyError, IndexError, ValueError):
+            ok = False
+        if not ok:
+            raise EvalDataError(f"{url}: template {number} {template!r} needs a '{{c}}' slot for the class "
+                                "name and no other braces; write e.g. 'a photo of a {c}.'")
+    return templates
+
+
+def open_eval_set(name: str, root: str) -> EvalSet:
+    """Read and check the metadata of the set `name` at `root` (a directory or fsspec URL)."""
+    fs, path = fsspec.core.url_to_fs(root)
+    if not fs.isdir(path):
+        raise EvalDataError(f"evaluation set {name}: {root} is not a directory; point it at a directory in "
+                            f"CLIP_benchmark's layout (test/0.tar ..., {CLASSNAMES}, {TEMPLATES})")
+    declared = _read_text(_join(root, DATASET_TYPE)).strip().lower() if _exists(_join(root, DATASET_TYPE)) else None
+    if declared not in (None, "classification", "retrieval"):
+        raise EvalDataError(f"{_join(root, DATASET_TYPE)} says {declared!r}; write 'classification' or 'retrieval'")
+    imagenet = "imagenet" in name.lower()
+    has_classnames = _exists(_join(root, CLASSNAMES))
+    if declared == "retrieval" or (declared is None and not has_classnames and not imagenet):
+        return EvalSet(name=name, root=root, kind="retrieval")
+    if has_classnames:
+        classnames = _lines(_join(root, CLASSNAMES), what="class names (line k = class index k)")
+    elif imagenet:
+        classnames = tuple(zsm.IMAGENET_CLASSNAMES)
+    else:
+        raise EvalDataError(f"{_join(root, CLASSNAMES)} is missing; write one class name per line "
+                            "(line k names class index k)")
+    if _exists(_join(root, TEMPLATES)):
+        templates = read_templates(_join(root, TEMPLATES))
+    elif imagenet:
+        templates = tuple(t("{c}") for t in zsm.OPENAI_IMAGENET_TEMPLATES)
+    else:
+        raise EvalDataError(f"{_join(root, TEMPLATES)} is missing; write one prompt template per line with a "
+                            "'{c}' slot, e.g. 'a photo of a {c}.'")
+    return EvalSet(name=name, root=root, kind="classification", classnames=classnames, templates=templates)
+
+
+def unit_samples(unit: Any) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(where, members) of each sample of a shard URL or an ImageFolder (file, class) pair."""
+    if isinstance(unit, tuple):
+        url, label = unit
+        with fsspec.open(url, "rb") as f:
+            yield url, {extension(url): f.read(), "cls": str(label).encode()}
+        return
+    wanted = set(IMAGE_EXTENSIONS) | set(LABEL_EXTENSIONS)
+    reader = open_shard(unit, timeout_s=READ_TIMEOUT_S)
+    key, members = None, {}
     try:
-        value = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ZeroShotDataError(f"{path} is not valid JSON ({e}); write {what}") from e
-    if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
-        raise ZeroShotDataError(f"{path} must hold a non-empty JSON list of non-empty strings ({what})")
-    return value
+        for name, data in tar_members(decompressed(reader), select=lambda n: extension(n) in wanted):
+            prefix, _ = base_plus_ext(name)
+            if prefix != key and members:
+                yield f"{unit}:{key}", members
+                members = {}
+            key, members[extension(name)] = prefix, data
+        if members:
+            yield f"{unit}:{key}", members
+    except (tarfile.TarError, OSError) as e:
+        raise EvalDataError(f"{unit} cannot be read ({e}); the shard is truncated or corrupt: rewrite it") from None
+    finally:
+        reader.close()
 
 
-def read_zeroshot_metadata(zeroshot_dir: str | Path) -> tuple[list[str], list[str]]:
-    """(classnames, templates) of a zero-shot directory, validated."""
-    root = Path(zeroshot_dir)
-    if not root.is_dir():
-        raise ZeroShotDataError(
-            f"zero-shot directory {root} does not exist; write one with data_tools/make_synthetic.py "
-            "or point eval.zeroshot_dir at a directory of shards + classnames.json + templates.json")
-    classnames = _read_json_list(root / "classnames.json", what='class names, e.g. ["red circle", ...]')
-    templates = _read_json_list(root / "templates.json", what='prompt templates, e.g. ["a photo of a {c}."]')
-    bad = [t for t in templates if "{c}" not in t]
-    if bad:
-        raise ZeroShotDataError(f"{root / 'templates.json'}: templates {bad} lack the '{{c}}' class slot")
-    return classnames, templates
-
-
-def zeroshot_shards(zeroshot_dir: str | Path) -> list[str]:
-    """Sorted shard paths (`*.tar`) of a zero-shot directory."""
-    shards = sorted(str(p) for p in Path(zeroshot_dir).glob("*.tar"))
-    if not shards:
-        raise ZeroShotDataError(f"{zeroshot_dir} has no *.tar shards; write the zero-shot set there first")
-    return shards
-
-
-def decode_image(data: bytes, *, where: str) -> Image.Image:
-    """Encoded image bytes -> RGB PIL image, with the training loader's header checks."""
+def decode_image(members: dict[str, bytes], *, where: str) -> Image.Image:
+    """The sample's image member -> RGB PIL image, with the training loader's header checks."""
+    ext = next((e for e in IMAGE_EXTENSIONS if e in members), None)
+    if ext is None:
+        raise EvalDataError(f"{where} has members {sorted(members)}; a sample needs an image, one of "
+                            f"{IMAGE_EXTENSIONS}: rewrite this sample")
     try:
-        return to_rgb(open_image(data))
+        return to_rgb(open_image(members[ext]))
     except BadSample as e:
-        raise ZeroShotDataError(f"{where}: unusable image ({e}); rewrite this sample") from None
+        raise EvalDataError(f"{where}.{ext}: unusable image ({e}); rewrite this sample") from None
     except (OSError, ValueError, SyntaxError) as e:
-        raise ZeroShotDataError(f"{where}: unusable image (corrupt_image: {e}); rewrite this sample") from None
+        raise EvalDataError(f"{where}.{ext}: unusable image (corrupt_image: {e}); rewrite this sample") from None
 
 
-def decode_sample(sample: dict[str, Any], *, num_classes: int) -> tuple[Image.Image, int]:
-    """A raw webdataset sample (bytes per member) -> (RGB image, class index)."""
-    where = f"{sample.get('__url__')}:{sample.get('__key__')}"
-    image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in sample), None)
-    if image_ext is None or "cls" not in sample:
-        raise ZeroShotDataError(f"{where} has members {sorted(k for k in sample if not k.startswith('__'))}; "
-                                f"a zero-shot sample needs one of {IMAGE_EXTENSIONS} and 'cls'")
+def decode_label(members: dict[str, bytes], *, where: str, num_classes: int) -> int:
+    """The class index of a classification sample, checked against the class names."""
+    if "cls" not in members:
+        raise EvalDataError(f"{where} has members {sorted(members)}; a classification sample needs 'cls' "
+                            "(its class index as text)")
     try:
-        label = int(sample["cls"].decode().strip())
-    except ValueError as e:
-        raise ZeroShotDataError(f"{where}: .cls {sample['cls'][:20]!r} is not an integer class index") from e
+        label = int(members["cls"].decode().strip())
+    except (ValueError, UnicodeDecodeError):
+        raise EvalDataError(f"{where}.cls holds {members['cls'][:20]!r}; write the class index as an "
+                            "integer") from None
     if not 0 <= label < num_classes:
-        raise ZeroShotDataError(f"{where}: class {label} is outside [0, {num_classes}) of classnames.json")
-    return decode_image(sample[image_ext], where=where), label
+        raise EvalDataError(f"{where}.cls: class {label} is outside [0, {num_classes}) of {CLASSNAMES}; "
+                            f"write an index below {num_classes} or add the missing class names")
+    return label
 
 
-def zeroshot_batches(zeroshot_dir: str | Path, *, preprocess: Callable[[Image.Image], torch.Tensor],
-                     num_classes: int, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield (images (B, 3, H, W) from `preprocess`, labels (B,) int64) in shard order."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} must be >= 1; pass e.g. batch_size=256")
-    # One process reads everything: no node/worker splitting even if a process group exists.
-    dataset = wds.WebDataset(zeroshot_shards(zeroshot_dir), shardshuffle=False, nodesplitter=None,
-                             workersplitter=None, empty_check=False)
-    images: list[torch.Tensor] = []
-    labels: list[int] = []
-    for sample in dataset:
-        image, label = decode_sample(sample, num_classes=num_classes)
-        images.append(preprocess(image))
-        labels.append(label)
-        if len(images) == batch_size:
-            yield torch.stack(images), torch.tensor(labels, dtype=torch.long)
-            images, labels = [], []
-    if images:
-        yield torch.stack(images), torch.tensor(labels, dtype=torch.long)
+def decode_captions(members: dict[str, bytes], *, where: str) -> list[str]:
+    """The captions of a retrieval sample: `txt` lines, or `json` holding a list of strings."""
+    try:
+        if "txt" in members:
+            captions = [line.strip() for line in members["txt"].decode().splitlines() if line.strip()]
+        elif "json" in members:
+            captions = json.loads(members["json"])
+        else:
+            captions = None
+    except (UnicodeDecodeError, ValueError):
+        captions = None
+    if not captions or not isinstance(captions, list) or not all(isinstance(c, str) and c for c in captions):
+        raise EvalDataError(f"{where} has no usable captions (members {sorted(members)}); a retrieval sample "
+                            "needs 'txt' with one caption per line or 'json' with a list of strings")
+    return captions

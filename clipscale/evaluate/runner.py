@@ -1,68 +1,245 @@
-"""Evaluate every checkpoint of a run directory and append the results to results.jsonl.
+"""Evaluate models on evaluation sets and append the rows to the long results table.
 
-Each line of `RUN_DIR/results.jsonl` describes one checkpoint: run, step, samples seen, model size
-and compute (GMACs), and the metrics. Checkpoints already in the file are skipped, so `clipscale
-eval` can run repeatedly while training continues (e.g. as a separate SLURM job).
+Targets: a run directory (every complete checkpoint; rows in RUN/results.jsonl), one checkpoint
+(rows in its run's results.jsonl), or open_clip weights outside a run, an exported directory or an
+architecture with a local weights file (rows in the `out` file). Evaluations already in the table
+are skipped. Under torchrun every rank encodes its share of the images and rank 0 writes the rows.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
+import open_clip
 import torch
 
-from clipscale.checkpoint import complete_checkpoints, load_model_weights, read_meta
-from clipscale.config import ConfigError, config_from_dict
-from clipscale.evaluate.zeroshot import zeroshot_eval
-from clipscale.models import build_model, count_params, gmacs_per_sample
+from clipscale import dist
+from clipscale.checkpoint import META, checkpoint_name, complete_checkpoints, load_model_weights, read_meta
+from clipscale.config import Config, ConfigError, EvalConfig, config_from_dict
+from clipscale.evaluate.datasets import EvalDataError, EvalSet, open_eval_set
+from clipscale.evaluate.features import encode_split
+from clipscale.evaluate.linear_probe import linear_probe
+from clipscale.evaluate.results import RESULTS, TASKS, ModelInfo, append_rows, make_rows, read_results, row_key
+from clipscale.evaluate.retrieval import retrieval_metrics
+from clipscale.evaluate.zeroshot import zeroshot_classification
+from clipscale.models import ModelBundle, build_model, count_params, gmacs_per_sample
 
 log = logging.getLogger(__name__)
-RESULTS = "results.jsonl"
-TRAIN_FLOPS_PER_FORWARD = 3  # forward + backward ~ 3x the forward (Kaplan et al. 2020, sec. 2.1)
+TASK_ALIASES = {"zeroshot": "zeroshot_classification", "retrieval": "zeroshot_retrieval", **{t: t for t in TASKS}}
 
 
-def read_results(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / RESULTS
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def parse_tasks(names: list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """Task names or their short forms (zeroshot, retrieval, linear_probe) -> task names."""
+    unknown = [n for n in names if n not in TASK_ALIASES]
+    if unknown or not names:
+        raise ConfigError(f"tasks {list(names)}: choose from {sorted(TASK_ALIASES)}")
+    return tuple(dict.fromkeys(TASK_ALIASES[n] for n in names))
 
 
-def evaluate_run(run_dir: str | Path, *, zeroshot_dir: str | Path | None = None,
-                 device: str = "cpu", batch_size: int | None = None) -> list[dict[str, Any]]:
-    """Zero-shot evaluate each not-yet-evaluated complete checkpoint; returns the new records."""
-    run_dir = Path(run_dir)
+def open_sets(specs: tuple[str, ...] | list[str]) -> list[EvalSet]:
+    """`NAME=PATH` specs -> evaluation sets, metadata checked."""
+    sets = []
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"evaluation set {spec!r} must look like NAME=PATH, e.g. imagenet1k=/data/wds_imagenet1k")
+        sets.append(open_eval_set(name, path))
+    if not sets:
+        raise ConfigError("no evaluation sets: set eval.datasets or pass --data NAME=PATH")
+    return sets
+
+
+def tasks_for(evalset: EvalSet, tasks: tuple[str, ...]) -> list[str]:
+    """The requested tasks that fit `evalset`; an error when none does, saying what the set lacks."""
+    if evalset.kind == "retrieval":
+        if "zeroshot_retrieval" in tasks:
+            return ["zeroshot_retrieval"]
+        raise EvalDataError(f"{evalset.root}/classnames.txt is missing, so {evalset.name} is read as a retrieval "
+                            f"set and none of {list(tasks)} applies; write classnames.txt (one class name per "
+                            "line) and zeroshot_classification_templates.txt, or add the task zeroshot_retrieval")
+    fitting = [t for t in tasks if t != "zeroshot_retrieval"]
+    if not fitting:
+        raise EvalDataError(f"{evalset.name} ({evalset.root}) is a classification set; zeroshot_retrieval needs "
+                            "captions: add the task zeroshot_classification or linear_probe")
+    if "linear_probe" in fitting and not evalset.has_split("train"):
+        raise EvalDataError(f"{evalset.root}/train is missing; linear_probe fits on a train split: write it "
+                            f"beside {evalset.root}/test, or drop linear_probe from the tasks")
+    return fitting
+
+
+def evaluate_model(model: torch.nn.Module, *, tokenizer: Callable, preprocess: Callable, sets: list[EvalSet],
+                   cfg: EvalConfig, device: torch.device,
+                   skip: Callable[[str, EvalSet], bool] = lambda task, s: False,
+                   ) -> Iterator[tuple[str, EvalSet, dict[str, float]]]:
+    """Yield (task, set, metrics) for each fitting task not skipped (collective under torchrun)."""
+    tasks = parse_tasks(cfg.tasks)
+    was_training = model.training
+    model.eval()
+    try:
+        for evalset in sets:
+            todo = [t for t in tasks_for(evalset, tasks) if not skip(t, evalset)]
+            if not todo:
+                continue
+            encode = dict(preprocess=preprocess, tokenizer=tokenizer, device=device, batch_size=cfg.batch_size,
+                          num_workers=cfg.num_workers, precision=cfg.precision)
+            test = encode_split(model, evalset, "test", **encode)
+            if "zeroshot_classification" in todo:
+                yield "zeroshot_classification", evalset, zeroshot_classification(
+                    model, evalset, image_features=test.image_features, labels=test.labels, tokenizer=tokenizer,
+                    device=device, precision=cfg.precision)
+            if "zeroshot_retrieval" in todo:
+                yield "zeroshot_retrieval", evalset, retrieval_metrics(
+                    test.image_features, test.text_features, test.text_image_index)
+            if "linear_probe" in todo:
+                train = encode_split(model, evalset, "train", **encode)
+                yield "linear_probe", evalset, linear_probe(
+                    train.image_features, train.labels, test.image_features, test.labels,
+                    num_classes=len(evalset.classnames))
+    finally:
+        model.train(was_training)
+
+
+def evaluate_weights(bundle: ModelBundle, info: ModelInfo, *, sets: list[EvalSet], cfg: EvalConfig,
+                     device: torch.device, results: Path) -> list[dict[str, Any]]:
+    """Evaluate one set of weights, appending each evaluation's rows to `results` (rank 0) at once."""
+    # Rank 0 alone reads the table: every rank must skip the same evaluations or the gathers would hang.
+    done = dist.gather_objects({row_key(r) for r in read_results(results)} if dist.rank() == 0 else None)[0]
+    probe = {**dataclasses.asdict(info), "eval_hash": None}
+
+    def skip(task: str, evalset: EvalSet) -> bool:
+        return row_key({**probe, "task": task, "eval_dataset": evalset.name, "eval_hash": evalset.eval_hash}) in done
+
+    new = []
+    for task, evalset, metrics in evaluate_model(bundle.model, tokenizer=bundle.tokenizer,
+                                                 preprocess=bundle.preprocess_val, sets=sets, cfg=cfg,
+                                                 device=device, skip=skip):
+        rows = make_rows(info, task=task, eval_dataset=evalset.name, eval_hash=evalset.eval_hash, metrics=metrics)
+        if dist.rank() == 0:
+            append_rows(results, rows)
+        log.info("%s %s %s %s: %s", info.run, info.checkpoint, task, evalset.name,
+                 " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        new.extend(rows)
+    return new
+
+
+def pick_device(device: str) -> torch.device:
+    """"auto" -> this rank's GPU when there is one, else CPU."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else torch.device(device)
+
+
+def run_config(run_dir: Path) -> Config:
     config_file = run_dir / "config.json"
     if not config_file.is_file():
         raise ConfigError(f"{run_dir} is not a run directory: {config_file} is missing")
-    cfg = config_from_dict(json.loads(config_file.read_text()))
-    checkpoints = complete_checkpoints(run_dir / "checkpoints")
+    return config_from_dict(json.loads(config_file.read_text()))
+
+
+def evaluate_run(run_dir: str | Path, *, overrides: dict[str, Any] | None = None, device: str = "auto",
+                 checkpoints: list[Path] | None = None) -> list[dict[str, Any]]:
+    """Evaluate every complete checkpoint of a run (or the given ones) not yet in RUN/results.jsonl.
+
+    The run's own `[eval]` table applies, with `overrides` ({"datasets": ..., "tasks": ...}) on
+    top. Returns the new rows.
+    """
+    run_dir = Path(run_dir)
+    run_cfg = run_config(run_dir)
+    cfg = dataclasses.replace(run_cfg.eval, **(overrides or {}))
+    checkpoints = complete_checkpoints(run_dir / "checkpoints") if checkpoints is None else checkpoints
     if not checkpoints:
-        raise ConfigError(f"{run_dir} has no complete checkpoint under checkpoints/")
-    done = {r["checkpoint"] for r in read_results(run_dir)}
-    todo = [p for p in checkpoints if p.name not in done]
-    if not todo:
         return []
-    bundle = build_model(cfg.model, device=device)
+    sets, dev = open_sets(cfg.datasets), pick_device(device)
+    bundle = build_model(dataclasses.replace(run_cfg.model, pretrained=None), device=dev)
     params, gmacs = count_params(bundle.model), gmacs_per_sample(bundle)
-    records = []
-    for path in todo:
+    rows = []
+    for path in checkpoints:
         load_model_weights(path, bundle.model)
         meta = read_meta(path)
-        metrics = zeroshot_eval(
-            bundle.model, tokenizer=bundle.tokenizer, preprocess=bundle.preprocess_val,
-            zeroshot_dir=zeroshot_dir or cfg.eval.zeroshot_dir, device=torch.device(device),
-            batch_size=batch_size or cfg.eval.batch_size,
-        )
-        record = {
-            "run": cfg.run.name, "checkpoint": path.name, "step": meta["step"],
-            "samples_seen": meta["samples_seen"], "params": params, "gmacs_per_sample": gmacs,
-            "train_compute_gmacs": TRAIN_FLOPS_PER_FORWARD * gmacs * meta["samples_seen"], **metrics,
-        }
-        with open(run_dir / RESULTS, "a") as f:  # one line per checkpoint: a crash loses no result
-            f.write(json.dumps(record) + "\n")
-        log.info("%s %s zeroshot_top1=%.4f", cfg.run.name, path.name, metrics["zeroshot_top1"])
-        records.append(record)
-    return records
+        info = ModelInfo(run=run_cfg.run.name, model=run_cfg.model.name, checkpoint=path.name, step=meta["step"],
+                         samples_seen=meta["samples_seen"], params=params, gmacs_per_sample=gmacs,
+                         dataset=run_cfg.data.train_shards)
+        rows += evaluate_weights(bundle, info, sets=sets, cfg=cfg, device=dev, results=run_dir / RESULTS)
+    return rows
+
+
+def watch_run(run_dir: str | Path, *, overrides: dict[str, Any] | None = None, device: str = "auto",
+              poll_s: float = 60.0) -> list[dict[str, Any]]:
+    """Evaluate checkpoints as they appear until the run's final checkpoint is evaluated."""
+    run_dir = Path(run_dir)
+    total = run_config(run_dir).train.total_samples
+    rows: list[dict[str, Any]] = []
+    while True:
+        checkpoints = complete_checkpoints(run_dir / "checkpoints")
+        rows += evaluate_run(run_dir, overrides=overrides, device=device, checkpoints=checkpoints)
+        if checkpoints and read_meta(checkpoints[-1])["samples_seen"] >= total:
+            return rows
+        time.sleep(poll_s)
+
+
+def open_clip_bundle(name: str, *, pretrained: str | None, device: torch.device) -> ModelBundle:
+    """An open_clip architecture (or `local-dir:DIR`) with local weights, as a ModelBundle."""
+    if pretrained is not None and not Path(pretrained).is_file():
+        raise ConfigError(f"--pretrained {pretrained} is not a file (weights are never downloaded)")
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device)
+    except RuntimeError as e:
+        raise ConfigError(f"open_clip cannot build {name!r} ({e}); name one of open_clip.list_models()") from None
+    size = model.visual.image_size
+    pp = model.visual.preprocess_cfg
+    return ModelBundle(model=model, tokenizer=open_clip.get_tokenizer(name), preprocess_val=preprocess,
+                       image_size=size if isinstance(size, int) else size[0], mean=tuple(pp["mean"]),
+                       std=tuple(pp["std"]), context_length=model.context_length)
+
+
+def evaluate_open_clip(name: str, *, pretrained: str | None, out: str | Path, cfg: EvalConfig,
+                       device: str = "auto", run: str | None = None, dataset: str = "unknown") -> list[dict[str, Any]]:
+    """Evaluate open_clip weights outside a run (a published model, an exported directory) into `out`."""
+    dev = pick_device(device)
+    bundle = open_clip_bundle(name, pretrained=pretrained, device=dev)
+    label = name.removeprefix("local-dir:").rstrip("/").rsplit("/", 1)[-1]
+    info = ModelInfo(run=run or (Path(pretrained).stem if pretrained else label), model=label, checkpoint=None,
+                     step=None, samples_seen=None, params=count_params(bundle.model),
+                     gmacs_per_sample=gmacs_per_sample(bundle), dataset=dataset)
+    return evaluate_weights(bundle, info, sets=open_sets(cfg.datasets), cfg=cfg, device=dev, results=Path(out))
+
+
+def evaluate_target(target: str, *, overrides: dict[str, Any], device: str, out: str | None,
+                    watch: bool = False) -> list[dict[str, Any]]:
+    """Evaluate a run directory, a checkpoint directory or an exported open_clip directory."""
+    path = Path(target)
+    if (path / META).is_file():  # one checkpoint: rows go to its run's table
+        return evaluate_run(path.parent.parent, overrides=overrides, device=device, checkpoints=[path])
+    if (path / "config.json").is_file():
+        return (watch_run if watch else evaluate_run)(path, overrides=overrides, device=device)
+    if (path / "open_clip_config.json").is_file():
+        if out is None or "datasets" not in overrides:
+            raise ConfigError(f"{path} is an exported model outside a run: pass --out FILE.jsonl and --data NAME=PATH")
+        return evaluate_open_clip(f"local-dir:{path}", pretrained=None, out=out, cfg=EvalConfig(**overrides),
+                                  device=device)
+    raise ConfigError(f"{path} is neither a run directory (config.json), a checkpoint (meta.json) nor an exported "
+                      "model (open_clip_config.json); for published weights pass --model ARCH --pretrained FILE")
+
+
+def maybe_eval(cfg: Config, *, model: torch.nn.Module, bundle: ModelBundle, step: int, samples_seen: int,
+               batch_size: int) -> None:
+    """During training: evaluate when the last step crossed a multiple of `eval.every_samples`.
+
+    Collective: every rank calls it with the unwrapped model (full parameters: DDP or one process).
+    Rows name the checkpoint saved at this step, if any, so `clipscale eval` does not redo them.
+    """
+    every = cfg.eval.every_samples
+    if every <= 0 or samples_seen // every == (samples_seen - batch_size) // every:
+        return
+    name = checkpoint_name(step)
+    saved = (cfg.run_dir / "checkpoints" / name / META).is_file()  # the save ends with a barrier: all ranks agree
+    bundle = dataclasses.replace(bundle, model=model)
+    info = ModelInfo(run=cfg.run.name, model=cfg.model.name, checkpoint=name if saved else None, step=step,
+                     samples_seen=samples_seen, params=count_params(model), gmacs_per_sample=gmacs_per_sample(bundle),
+                     dataset=cfg.data.train_shards)
+    evaluate_weights(bundle, info, sets=open_sets(cfg.eval.datasets), cfg=cfg.eval,
+                     device=next(model.parameters()).device, results=cfg.run_dir / RESULTS)

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 
 def args(data: dict, out: Path, name: str, *extra: str) -> list[str]:
     return [
-        "train", f'data.train_shards="{data["train"]}"', f'eval.zeroshot_dir="{data["zeroshot"]}"',
+        "train", f'data.train_shards="{data["train"]}"', f'eval.datasets=["synthetic={data["zeroshot"]}"]',
         f'run.output_dir="{out}"', f"run.name={name}", "log.progress_bar=false",
         "train.global_batch_size=32", "train.total_samples=640", "train.log_every_steps=1",
         "train.checkpoint_every_samples=128", "optim.warmup_samples=64", *extra,

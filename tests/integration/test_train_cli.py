@@ -11,7 +11,7 @@ pytestmark = pytest.mark.slow
 
 def common(data: dict, out: Path, name: str) -> list[str]:
     return [
-        f'data.train_shards="{data["train"]}"', f'eval.zeroshot_dir="{data["zeroshot"]}"',
+        f'data.train_shards="{data["train"]}"', f'eval.datasets=["synthetic={data["zeroshot"]}"]',
         f'run.output_dir="{out}"', f"run.name={name}", "log.progress_bar=false",
         "train.global_batch_size=32", "train.total_samples=192", "train.log_every_steps=1",
         "train.checkpoint_every_samples=64", "optim.warmup_samples=64", "data.workers=1",

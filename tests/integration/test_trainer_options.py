@@ -14,7 +14,7 @@ from tests.helpers import run_cli
 
 def common(data: dict, out: Path, name: str, *extra: str, samples: int = 96) -> list[str]:
     return [
-        "train", f'data.train_shards="{data["train"]}"', f'eval.zeroshot_dir="{data["zeroshot"]}"',
+        "train", f'data.train_shards="{data["train"]}"', f'eval.datasets=["synthetic={data["zeroshot"]}"]',
         f'run.output_dir="{out}"', f"run.name={name}", "log.progress_bar=false", "data.workers=1",
         "train.global_batch_size=32", f"train.total_samples={samples}", "train.log_every_steps=1",
         "train.checkpoint_every_samples=64", "optim.warmup_samples=64", *extra,
