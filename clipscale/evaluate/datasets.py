@@ -234,6 +234,8 @@ def decode_captions(members: dict[str, bytes], *, where: str) -> list[str]:
     except (UnicodeDecodeError, ValueError):
         captions = None
     if not captions or not isinstance(captions, list) or not all(isinstance(c, str) and c for c in captions):
+        hint = (f"; it has a class index, so the set lacks {CLASSNAMES} and {TEMPLATES}: write them beside the "
+                "split to classify it") if "cls" in members else ""
         raise EvalDataError(f"{where} has no usable captions (members {sorted(members)}); a retrieval sample "
-                            "needs 'txt' with one caption per line or 'json' with a list of strings")
+                            f"needs 'txt' with one caption per line or 'json' with a list of strings{hint}")
     return captions
