@@ -4,7 +4,6 @@ Every stage writes to disk and the next reads it back, exactly as separate SLURM
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import subprocess
@@ -28,7 +27,7 @@ def run_demo(*, out: Path, recipe: Path, nproc: int) -> None:
     print(f"[demo] synthetic data: {specs['train']}", flush=True)
     runs_dir = out / "runs"
     data_overrides = [
-        f'data.train_shards="{specs["train"]}"', f'eval.zeroshot_dir="{specs["zeroshot"]}"',
+        f'data.train_shards="{specs["train"]}"', f'eval.datasets=["synthetic={specs["zeroshot"]}"]',
         f'run.output_dir="{runs_dir}"',
     ]
     run_dirs = []
@@ -39,7 +38,7 @@ def run_demo(*, out: Path, recipe: Path, nproc: int) -> None:
     for run_dir in run_dirs:
         evaluate_run(run_dir)
     fits = fit_results(run_dirs, metric="zeroshot_top1", out_dir=out / "fit")
-    chance = 1 / len(json.loads((Path(specs["zeroshot"]) / "classnames.json").read_text()))
+    chance = 1 / len((Path(specs["zeroshot"]) / "classnames.txt").read_text().splitlines())
     print_summary(run_dirs, fits=fits, chance=chance, out=out, seconds=time.perf_counter() - t0)
 
 
@@ -51,14 +50,17 @@ def launch_torchrun(recipe: Path, overrides: list[str], *, nproc: int) -> None:
 
 
 def print_summary(run_dirs: list[Path], *, fits: dict, chance: float, out: Path, seconds: float) -> None:
-    from clipscale.evaluate.runner import read_results
+    from clipscale.evaluate.results import read_results
 
-    print(f"\n[demo] zero-shot top-1 of each run's final checkpoint (chance {chance:.3f})")
-    print(f"{'run':28s} {'params':>9s} {'samples':>8s} {'GMACs':>9s} {'top1':>6s} {'top5':>6s}")
+    print(f"\n[demo] zero-shot classification of each run's final checkpoint (chance {chance:.3f})")
+    print(f"{'run':28s} {'params':>9s} {'samples':>8s} {'GMACs':>9s} {'acc1':>6s} {'acc5':>6s}")
     for run_dir in run_dirs:
-        last = max(read_results(run_dir), key=lambda r: r["step"])
+        rows = [r for r in read_results(run_dir) if r["task"] == "zeroshot_classification"]
+        final = max(r["step"] for r in rows)
+        value = {r["metric"]: r["value"] for r in rows if r["step"] == final}
+        last = next(r for r in rows if r["step"] == final)
         print(f"{last['run']:28s} {last['params']:>9d} {last['samples_seen']:>8d} "
-              f"{last['train_compute_gmacs']:>9.3g} {last['zeroshot_top1']:>6.3f} {last['zeroshot_top5']:>6.3f}")
+              f"{last['compute_gmacs']:>9.3g} {value['acc1']:>6.3f} {value['acc5']:>6.3f}")
     lo, hi = fits["alpha_ci95"]
     print(f"\n[demo] fit on the compute frontier ({len(fits['frontier'])} points): {fits['formula']}"
           f"  (alpha 95% CI [{lo:.3f}, {hi:.3f}])")

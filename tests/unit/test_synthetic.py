@@ -43,11 +43,14 @@ def read_split(directory: Path) -> dict[str, dict[str, bytes]]:
 def test_layout_members_and_sizes(dataset):
     out, specs = dataset
     assert specs == {"train": str(out / "train" / "{000000..000003}.tar"), "zeroshot": str(out / "zeroshot")}
-    for split, exts, total in (("train", {"jpg", "txt", "json"}, 360), ("zeroshot", {"jpg", "cls", "json"}, 150)):
-        sizes = json.loads((out / split / "sizes.json").read_text())
+    zeroshot_test = out / "zeroshot" / "test"  # CLIP_benchmark's layout: test/{0..n-1}.tar + nshards.txt
+    assert (zeroshot_test / "nshards.txt").read_text() == "2\n"
+    zeroshot_sizes = {"0.tar": 100, "1.tar": 50}
+    for split, exts, total in (("train", {"jpg", "txt", "json"}, 360), ("zeroshot/test", {"jpg", "cls", "json"}, 150)):
+        sizes = json.loads((out / split / "sizes.json").read_text()) if split == "train" else zeroshot_sizes
         shards = sorted((out / split).glob("*.tar"))
         assert sorted(sizes) == [p.name for p in shards]
-        assert all(re.fullmatch(r"\d{6}\.tar", p.name) for p in shards)
+        assert all(re.fullmatch(r"\d{6}\.tar" if split == "train" else r"\d\.tar", p.name) for p in shards)
         keys = []
         for shard in shards:
             with tarfile.open(shard) as tar:
@@ -59,8 +62,8 @@ def test_layout_members_and_sizes(dataset):
             keys += list(samples)
         assert keys == [f"{i:09d}" for i in range(total)]
     assert not list(out.rglob(".*")), "temporary files left behind"
-    classnames = json.loads((out / "zeroshot" / "classnames.json").read_text())
-    templates = json.loads((out / "zeroshot" / "templates.json").read_text())
+    classnames = (out / "zeroshot" / "classnames.txt").read_text().splitlines()
+    templates = (out / "zeroshot" / "zeroshot_classification_templates.txt").read_text().splitlines()
     assert len(classnames) == len(set(classnames)) >= 20
     assert 4 <= len(templates) <= 8 and all("{c}" in t for t in templates)
 
@@ -84,8 +87,8 @@ def test_bytes_depend_on_seed_only_not_on_processes(dataset, tmp_path):
         assert (out / f).read_bytes() == (again / f).read_bytes(), f
     other = tmp_path / "other_seed"
     write_synthetic_dataset(other, **{**SMALL, "seed": SMALL["seed"] + 1})
-    for split in ("train", "zeroshot"):
-        assert (out / split / "000000.tar").read_bytes() != (other / split / "000000.tar").read_bytes()
+    for shard in ("train/000000.tar", "zeroshot/test/0.tar"):
+        assert (out / shard).read_bytes() != (other / shard).read_bytes()
 
 
 def test_reuse_when_unchanged_and_regenerate_when_changed(tmp_path):
@@ -165,8 +168,8 @@ def test_captions_agree_with_attributes(dataset):
 
 def test_zeroshot_labels_agree_with_attributes(dataset):
     out, _ = dataset
-    classnames = json.loads((out / "zeroshot" / "classnames.json").read_text())
-    samples = read_split(out / "zeroshot").values()
+    classnames = (out / "zeroshot" / "classnames.txt").read_text().splitlines()
+    samples = read_split(out / "zeroshot" / "test").values()
     labels = []
     for s in samples:
         attrs = json.loads(s["json"])
@@ -195,7 +198,7 @@ def test_colour_is_learnable_by_a_nearest_centroid_on_pixels(dataset):
         return np.stack([f for f, _ in rows]), np.array([c for _, c in rows])
 
     train_x, train_y = features_and_colors("train")
-    test_x, test_y = features_and_colors("zeroshot")
+    test_x, test_y = features_and_colors("zeroshot/test")
     names = sorted(set(train_y))
     centroids = np.stack([train_x[train_y == c].mean(axis=0) for c in names])  # (n_colors, 3)
     predicted = np.array(names)[np.argmin(((test_x[:, None] - centroids[None]) ** 2).sum(-1), axis=1)]
