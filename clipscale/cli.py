@@ -63,8 +63,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
             rows = evaluate_open_clip(args.model, pretrained=args.pretrained, out=args.out, run=args.name,
                                       dataset=args.dataset, cfg=EvalConfig(**overrides), device=args.device)
         else:
-            rows = [r for t in args.targets for r in evaluate_target(t, overrides=overrides, device=args.device,
-                                                                    out=args.out, watch=args.watch)]
+            rows = [r for t in args.targets for r in evaluate_target(
+                t, overrides=overrides, device=args.device, out=args.out, poll_s=args.poll_s if args.watch else None)]
     finally:
         destroy_distributed()
     if info.is_main:
@@ -152,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="image-decoding DataLoader workers per process")
     p.add_argument("--precision", choices=("fp32", "bf16"))
     p.add_argument("--watch", action="store_true", help="evaluate checkpoints as they appear until the run's last")
+    p.add_argument("--poll-s", type=float, default=60.0, help="--watch: seconds between looks for new checkpoints")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("results", help="flatten the results of many runs into one CSV")

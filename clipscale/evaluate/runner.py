@@ -209,13 +209,16 @@ def evaluate_open_clip(name: str, *, pretrained: str | None, out: str | Path, cf
 
 
 def evaluate_target(target: str, *, overrides: dict[str, Any], device: str, out: str | None,
-                    watch: bool = False) -> list[dict[str, Any]]:
-    """Evaluate a run directory, a checkpoint directory or an exported open_clip directory."""
+                    poll_s: float | None = None) -> list[dict[str, Any]]:
+    """Evaluate a run directory (watching it for new checkpoints every `poll_s` seconds when given),
+    a checkpoint directory or an exported open_clip directory."""
     path = Path(target)
     if (path / META).is_file():  # one checkpoint: rows go to its run's table
         return evaluate_run(path.parent.parent, overrides=overrides, device=device, checkpoints=[path])
     if (path / "config.json").is_file():
-        return (watch_run if watch else evaluate_run)(path, overrides=overrides, device=device)
+        if poll_s is not None:
+            return watch_run(path, overrides=overrides, device=device, poll_s=poll_s)
+        return evaluate_run(path, overrides=overrides, device=device)
     if (path / "open_clip_config.json").is_file():
         if out is None or "datasets" not in overrides:
             raise ConfigError(f"{path} is an exported model outside a run: pass --out FILE.jsonl and --data NAME=PATH")

@@ -3,7 +3,11 @@ models, `clipscale results`, and agreement with CLIP_benchmark's own zero-shot c
 import csv
 import io
 import json
+import os
 import shutil
+import subprocess
+import sys
+import time
 import tarfile
 from pathlib import Path
 
@@ -14,8 +18,9 @@ import torch
 from clip_benchmark.metrics import zeroshot_classification as cb
 from PIL import Image
 
+from clipscale.evaluate.results import read_results
 from tests.eval_kit import json_rows
-from tests.helpers import run_cli
+from tests.helpers import REPO, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -44,6 +49,29 @@ def test_training_evaluates_on_all_ranks_and_eval_skips_those_rows(evaluated_run
     assert "0 new result rows" in again.stdout
     table = run_cli("results", str(evaluated_run), "--csv").stdout
     assert len(list(csv.DictReader(io.StringIO(table)))) == len(rows) == 9
+
+
+def test_watch_evaluates_checkpoints_as_they_appear_until_the_last(evaluated_run, tmp_path):
+    run = tmp_path / "ev"
+    shutil.copytree(evaluated_run, run)
+    (run / "results.jsonl").unlink()
+    final = run / "checkpoints" / "step_000006"
+    final.rename(tmp_path / "later")  # training has not got there yet
+    cmd = [sys.executable, "-m", "clipscale", "eval", str(run), "--watch", "--poll-s", "0.5", "--device", "cpu"]
+    watcher = subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while len(read_results(run)) < 6 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert watcher.poll() is None, "the watcher stopped before the final checkpoint"
+        (tmp_path / "later").rename(final)
+        stdout, stderr = watcher.communicate(timeout=300)
+    finally:
+        watcher.kill()
+    assert watcher.returncode == 0, stderr[-3000:]
+    assert sorted({r["step"] for r in json_rows(run / "results.jsonl")}) == [2, 4, 6]
+    assert "9 new result rows" in stdout
 
 
 def test_eval_on_two_ranks_writes_what_one_process_writes(evaluated_run, tmp_path):
