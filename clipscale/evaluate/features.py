@@ -74,8 +74,9 @@ def _encode_local(model: torch.nn.Module, evalset: EvalSet, split: str, *, prepr
                   precision: str) -> dict[str, torch.Tensor]:
     units = evalset.units(split)
     data = _Samples(evalset, units, preprocess=preprocess, rank=dist.rank(), world_size=dist.world_size())
+    # Its own generator: the workers' seeds must not come from (and advance) the training RNG.
     loader = DataLoader(data, batch_size=batch_size, num_workers=min(num_workers, len(data.mine)),
-                        collate_fn=_collate, pin_memory=device.type == "cuda")
+                        collate_fn=_collate, pin_memory=device.type == "cuda", generator=torch.Generator())
     dtype = next(model.parameters()).dtype  # a bf16 model takes bf16 images
     out: dict[str, list[torch.Tensor]] = {"keys": [], "image": [], "labels": [], "text": [], "text_keys": []}
     with torch.no_grad(), autocast(device, precision):

@@ -27,7 +27,9 @@ def test_accuracy_of_a_designed_model_is_known(tmp_path, workers):
     samples = [(i % 8, (i % 8 + off) % 8) for i, off in enumerate(OFFSETS)]
     root = write_classification_set(tmp_path / "zs", [samples[:7], samples[7:]])
     model = DesignedCLIP().train()
+    rng = torch.get_rng_state()
     metrics = run(model, root, workers=workers)  # ragged batches across shards
+    assert torch.equal(torch.get_rng_state(), rng), "evaluation during training must not move the training RNG"
     n = len(OFFSETS)
     labels = torch.tensor([label for _, label in samples])
     per_class = [np.mean([OFFSETS[i] == 0 for i in range(n) if labels[i] == c]) for c in labels.unique()]
