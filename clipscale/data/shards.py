@@ -14,8 +14,10 @@ import json
 import logging
 import lzma
 import posixpath
+import os
 import queue
 import re
+import signal
 import tarfile
 import threading
 import time
@@ -23,7 +25,8 @@ import zlib
 from typing import Any, BinaryIO, Callable, Iterator
 
 import fsspec
-from webdataset.gopen import gopen
+from webdataset import utils as wds_utils
+from webdataset.gopen import Pipe
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import base_plus_ext
 
@@ -39,6 +42,7 @@ META_TYPES = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYP
 FILE_TYPES = (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE)  # sparse files, links and devices are skipped
 # What corrupt or cut bytes make tarfile and the decompressors raise (a chain of pax headers recurses).
 BAD_BYTES = (tarfile.TarError, EOFError, ValueError, RecursionError, zlib.error, lzma.LZMAError)
+JOIN_TIMEOUT_S = 5.0  # how long closing a shard waits for its reader thread to end
 
 class DataError(ValueError):
     """Shards cannot be used as configured; the message names the spec or file."""
@@ -122,13 +126,18 @@ class TimedReader:
         self.chunks: queue.Queue = queue.Queue(maxsize=16)
         self.chunk, self.pos, self.eof, self.closed = b"", 0, False, False  # the chunk being read, and where
         self.failure: BaseException | None = None  # what reading the source raised, to tell it from bad data
-        threading.Thread(target=self._pump, args=(opener,), daemon=True).start()
+        self.source: Any = None  # the open source, once the pump has opened it
+        self.pump = threading.Thread(target=self._pump, args=(opener,), daemon=True, name=f"read {name}")
+        self.pump.start()
 
     def _pump(self, opener: Callable[[], Any]) -> None:
         try:
             with opener() as f:
+                self.source = f
                 while not self.closed and (chunk := f.read(CHUNK_BYTES)):
                     self._put(chunk)
+                if self.closed:
+                    _stop(f)
             self._put(b"")
         except Exception as e:  # noqa: BLE001 - handed to the reading thread
             self._put(e)
@@ -170,12 +179,39 @@ class TimedReader:
         return b"".join(parts)
 
     def close(self) -> None:
+        """Stop reading: end the reader thread, which closes the source (a stalled command is killed)."""
         self.closed = True
+        if self.source is not None:
+            _stop(self.source)
+        while True:  # free a put that waits on a full queue
+            try:
+                self.chunks.get_nowait()
+            except queue.Empty:
+                break
+        self.pump.join(JOIN_TIMEOUT_S)
+        if self.pump.is_alive():  # e.g. a network read with no timeout of its own
+            log.warning("%s: its reader thread is still blocked in the source after %g s", self.name, JOIN_TIMEOUT_S)
+
+
+def _stop(source: Any) -> None:
+    """Kill a `pipe:` source's command and all it started: closing the pipe would wait for a command
+    that stalls or still writes. (While the shell is not reaped, its group id cannot be reused.)"""
+    proc = getattr(source, "proc", None)
+    if proc is not None and proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def open_pipe(url: str) -> Pipe:
+    """`pipe:CMD` as webdataset's gopen opens it, but in a session of its own, so that a stalled
+    command can be killed together with everything it started."""
+    if wds_utils.enforce_security:
+        raise DataError(f"{url}: pipe: shards are refused while WDS_SECURE=1")
+    return Pipe(url[5:], mode="rb", shell=True, bufsize=8192, ignore_status=[141], start_new_session=True)
 
 
 def open_shard(url: str, *, timeout_s: float) -> TimedReader:
-    """`pipe:CMD` (recipes only, never from data) through webdataset's gopen; anything else via fsspec."""
-    opener = (lambda: gopen(url, "rb")) if url.startswith("pipe:") else (lambda: fsspec.open(url, "rb").open())
+    """`pipe:CMD` (recipes only, never from data) through webdataset's Pipe; anything else via fsspec."""
+    opener = (lambda: open_pipe(url)) if url.startswith("pipe:") else (lambda: fsspec.open(url, "rb").open())
     return TimedReader(opener, timeout_s=timeout_s, name=url)
 
 
@@ -184,18 +220,21 @@ def shard_samples(url: str, *, caption: str, counters: collections.Counter, retr
     """Raw samples {"__key__", "image": bytes, "caption": bytes} of one shard, in tar order; its bad
     samples are counted in `counters` by reason.
 
-    Failed or stalled reads are retried, skipping the samples already yielded; after `retries`
-    the shard is counted as `unreadable_shard` and skipped. Corrupt or cut tar bytes end the shard
-    (`truncated_shard`).
+    A failed or stalled read is retried, resuming after the samples (good and bad) already handled,
+    so that each is yielded or counted once; after `retries` the shard counts as `unreadable_shard`.
+    Corrupt or cut tar bytes end the shard (`truncated_shard`).
     """
-    delivered = 0
+    handled = 0  # samples, good or bad, already yielded or counted
     for attempt in range(retries + 1):
         reader = open_shard(url, timeout_s=timeout_s)
         try:
-            good = (s for s in group_samples(reader, caption=caption) if not _counted(s, counters))
-            for i, sample in enumerate(good):
-                if i >= delivered:
-                    delivered += 1
+            for i, sample in enumerate(group_samples(reader, caption=caption)):
+                if i < handled:
+                    continue
+                handled += 1
+                if isinstance(sample, BadSample):
+                    counters[sample.reason] += 1
+                else:
                     yield sample
             return
         except (*BAD_BYTES, OSError) as e:
@@ -211,12 +250,6 @@ def shard_samples(url: str, *, caption: str, counters: collections.Counter, retr
             time.sleep(backoff_s * 2**attempt)
         finally:
             reader.close()
-
-
-def _counted(sample: dict[str, Any] | BadSample, counters: collections.Counter) -> bool:
-    if isinstance(sample, BadSample):
-        counters[sample.reason] += 1
-    return isinstance(sample, BadSample)
 
 
 class _CheckedInfo(tarfile.TarInfo):
