@@ -22,8 +22,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from clipscale.data.config import DataConfig
-from clipscale.data.shards import (DataError, check_shards_exist, expand_sources, read_sizes,
-                                   shard_weights)
+from clipscale.data.shards import DataError, check_first_shards, expand_sources, read_sizes, shard_weights
 from clipscale.data.streams import StreamPlan, StreamReader, StreamState, SubBatch
 
 log = logging.getLogger(__name__)
@@ -201,7 +200,7 @@ def build_train_loader(cfg: DataConfig, *, tokenizer: Callable, image_size: int,
     """Validate the shard spec and stream layout against the launch, then build the loader."""
     sources = expand_sources(cfg.train_shards)
     urls = [u for source in sources for u in source]
-    check_shards_exist(urls, spec=cfg.train_shards)
+    check_first_shards(sources, spec=cfg.train_shards)
     check_layout(cfg, num_shards=len(urls), batch_size=batch_size, world_size=world_size)
     weights = shard_weights(sources, cfg.train_weights, spec=cfg.train_shards)
     if cfg.train_weights and not cfg.resampled:

@@ -77,20 +77,17 @@ def shard_weights(sources: list[list[str]], weights: tuple[float, ...] | None, *
     return [w for source, w in zip(sources, weights) for _ in source]
 
 
-def check_shards_exist(urls: list[str], *, spec: str) -> None:
-    """Fail before training starts when local or fsspec shards are missing (pipe: is not checked)."""
-    missing = []
-    for url in urls:
-        if url.startswith("pipe:"):
+def check_first_shards(sources: list[list[str]], *, spec: str) -> None:
+    """Fail before training starts when the first shard of a `::` source does not exist (a wrong
+    path or bucket), one request per source; any other missing shard counts as `unreadable_shard`
+    when it is read. `pipe:` sources are not checked."""
+    for urls in sources:
+        if urls[0].startswith("pipe:"):
             continue
-        fs, path = fsspec.core.url_to_fs(url)
+        fs, path = fsspec.core.url_to_fs(urls[0])
         if not fs.exists(path):
-            missing.append(url)
-    if missing:
-        raise DataError(
-            f"{len(missing)} of {len(urls)} shards of data.train_shards={spec!r} do not exist, "
-            f"e.g. {missing[0]}"
-        )
+            raise DataError(f"shards of data.train_shards={spec!r} do not exist: the first shard of a `::` "
+                            f"source, {urls[0]}, is missing; check the path or URL")
 
 
 def read_sizes(urls: list[str]) -> dict[str, int] | None:
@@ -222,7 +219,8 @@ def shard_samples(url: str, *, caption: str, counters: collections.Counter, retr
 
     A failed or stalled read is retried, resuming after the samples (good and bad) already handled,
     so that each is yielded or counted once; after `retries` the shard counts as `unreadable_shard`.
-    Corrupt or cut tar bytes end the shard (`truncated_shard`).
+    A shard that does not exist counts at once (retrying cannot help). Corrupt or cut tar bytes
+    end the shard (`truncated_shard`).
     """
     handled = 0  # samples, good or bad, already yielded or counted
     for attempt in range(retries + 1):
@@ -242,7 +240,7 @@ def shard_samples(url: str, *, caption: str, counters: collections.Counter, retr
                 counters["truncated_shard"] += 1
                 log.warning("skipping the rest of %s: %s", url, e)
                 return
-            if attempt == retries:
+            if isinstance(e, FileNotFoundError) or attempt == retries:
                 counters["unreadable_shard"] += 1
                 log.warning("skipping %s after %d attempts: %s", url, attempt + 1, e)
                 return

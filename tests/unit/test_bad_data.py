@@ -156,3 +156,10 @@ def test_a_stalled_shard_leaves_no_thread_open_file_or_process_behind():
         time.sleep(0.05)
     assert children_running("sleep 37.25") == []
 
+
+
+def test_a_shard_that_does_not_exist_counts_at_once_without_retries(tmp_path):
+    start = time.monotonic()
+    keys, counters = read(str(tmp_path / "missing.tar"), retries=3, backoff_s=30.0)
+    assert keys == [] and counters == {"unreadable_shard": 1}
+    assert time.monotonic() - start < 5  # retrying would sleep 30 s first

@@ -155,3 +155,14 @@ def test_fsspec_urls_info_json_sizes_and_json_captions(tmp_path):
     assert loader.counters() == {"samples": 12}
     i = seen.index("k00")
     assert torch.equal(batches[i // 4].texts[i % 4], TOKENIZER(["cap 00"])[0])
+
+
+def test_a_wrong_spec_fails_at_once_and_a_missing_shard_counts_when_read(tmp_path):
+    spec = write_dataset(tmp_path / "d", [4] * 4)
+    with pytest.raises(DataError, match=r"do not exist: the first shard of a `::` source, .*/nowhere/000000.tar"):
+        make_loader(f"{spec}::{tmp_path}/nowhere/{{000000..000003}}.tar", train_weights=(1.0, 1.0), resampled=True)
+    (tmp_path / "d" / "000002.tar").unlink()  # not the first: found when a stream reads it
+    loader = make_loader(spec, shuffle_buffer=0)
+    seen = [k for batch in take(loader, 2) for k in batch.keys]
+    assert len(seen) == 16 and not any(k.startswith("s02_") for k in seen)
+    assert loader.counters()["unreadable_shard"] >= 1 and loader.counters()["samples"] == 16
