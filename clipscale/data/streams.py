@@ -96,6 +96,11 @@ class SubBatch:
     keys: list[str]
     slot: int = -1  # the worker's shared image buffer holding `images` (-1: not a pooled one)
 
+    def pin_memory(self) -> SubBatch:
+        """A copy with its images in pinned memory (the DataLoader's pin thread calls this). The slot's
+        shared buffer is then released once the pinned copy is, a little later than it could be."""
+        return dataclasses.replace(self, images=self.images.pin_memory())
+
 
 def shuffled(samples: Iterator[dict], *, buffer: int, rng: random.Random) -> Iterator[dict]:
     """Shuffle buffer over a finite iterator (drained at its end); deterministic given `rng`."""

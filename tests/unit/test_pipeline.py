@@ -16,10 +16,13 @@ UNEVEN = [5, 40, 13, 27, 60, 8, 33, 21]
 TOKENIZER = open_clip.get_tokenizer("ViT-B-32")
 
 
-def make_loader(spec, *, batch=8, rank=0, world=1, seed=0, **data):
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def make_loader(spec, *, batch=8, rank=0, world=1, seed=0, device=torch.device("cpu"), **data):
     cfg = DataConfig(train_shards=spec, **{"num_streams": 4, "workers": 0, "shuffle_buffer": 16, **data})
     return build_train_loader(cfg, tokenizer=TOKENIZER, image_size=16, batch_size=batch // world,
-                              rank=rank, world_size=world, seed=seed)
+                              rank=rank, world_size=world, seed=seed, device=device)
 
 
 def take(loader, steps):
@@ -166,3 +169,20 @@ def test_a_wrong_spec_fails_at_once_and_a_missing_shard_counts_when_read(tmp_pat
     seen = [k for batch in take(loader, 2) for k in batch.keys]
     assert len(seen) == 16 and not any(k.startswith("s02_") for k in seen)
     assert loader.counters()["unreadable_shard"] >= 1 and loader.counters()["samples"] == 16
+
+
+def test_batches_for_the_cpu_stay_in_ordinary_memory(uneven):
+    batch = take(make_loader(uneven, workers=2), 1)[0]
+    assert not batch.texts.is_pinned() and not any(part.is_pinned() for part in batch.image_parts)
+
+
+@CUDA
+@pytest.mark.parametrize("workers", [0, 2])
+def test_batches_for_a_cuda_device_arrive_pinned_and_unchanged(uneven, workers):
+    cuda = torch.device("cuda")
+    want = take(make_loader(uneven, workers=workers), 2 * POOL_SLOTS)
+    got = make_loader(uneven, workers=workers, device=cuda)
+    for ref, batch in zip(want, got):
+        assert batch.texts.is_pinned() and all(part.is_pinned() for part in batch.image_parts)
+        assert torch.equal(batch.images_on(cuda).cpu(), ref.images) and torch.equal(batch.texts, ref.texts)
+        assert batch.keys == ref.keys
