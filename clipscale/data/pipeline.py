@@ -22,6 +22,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from clipscale.data.config import DataConfig
+from clipscale.data.decode import JpegCrop, decode_jpegs_on
 from clipscale.data.shards import DataError, check_first_shards, expand_sources, read_sizes, shard_weights
 from clipscale.data.streams import StreamPlan, StreamReader, StreamState, SubBatch
 
@@ -44,15 +45,21 @@ class Batch:
     image_parts: list[torch.Tensor]  # per stream, in stream order: (b, 3, H, W) uint8
     texts: torch.Tensor  # (B, L) int64
     keys: list[str]
+    jpegs: list[tuple[int, JpegCrop]] = dataclasses.field(default_factory=list)  # (row, JPEG) decoded on the device
 
     @property
     def images(self) -> torch.Tensor:
         """(B, 3, H, W) uint8 on the host."""
-        return torch.cat(self.image_parts)
+        return self.images_on(CPU)
 
     def images_on(self, device: torch.device) -> torch.Tensor:
-        """(B, 3, H, W) uint8 on `device`: each part copied there, then joined there."""
-        return torch.cat([part.to(device, non_blocking=True) for part in self.image_parts])
+        """(B, 3, H, W) uint8 on `device`: each part copied there, then joined there, and the JPEGs left
+        to the device decoded into their rows."""
+        images = torch.cat([part.to(device, non_blocking=True) for part in self.image_parts])
+        if self.jpegs:
+            rows = torch.tensor([row for row, _ in self.jpegs], device=device)
+            images[rows] = decode_jpegs_on([jpeg for _, jpeg in self.jpegs], size=images.shape[-1], device=device)
+        return images
 
 
 def normalize_images(images: torch.Tensor, *, mean, std) -> torch.Tensor:
@@ -146,8 +153,9 @@ class TrainLoader:
                     lent.append((self.streams.index(sb.stream), sb.slot, StorageWeakRef(sb.images.untyped_storage())))
                 self.buffers["pooled" if sb.slot >= 0 else "one_off"] += 1
             texts = torch.from_numpy(np.concatenate([sb.texts for sb in subs]))  # (B, L)
-            batch = Batch(image_parts=[sb.images for sb in subs],
-                          texts=texts.pin_memory() if self.pin_memory else texts, keys=[k for sb in subs for k in sb.keys])
+            jpegs = [(i * self.plan.sub_batch + row, jpeg) for i, sb in enumerate(subs) for row, jpeg in sb.jpegs]
+            batch = Batch(image_parts=[sb.images for sb in subs], texts=texts.pin_memory() if self.pin_memory else texts,
+                          keys=[k for sb in subs for k in sb.keys], jpegs=jpegs)
             del subs, sb  # only the batch's consumer keeps its buffers alive now
             yield batch
             del batch
@@ -203,6 +211,7 @@ def build_train_loader(cfg: DataConfig, *, tokenizer: Callable, image_size: int,
                        rank: int, world_size: int, seed: int, device: torch.device = CPU) -> TrainLoader:
     """Validate the shard spec and stream layout against the launch, then build the loader of batches
     for the training `device` (batches for a CUDA device arrive in pinned memory)."""
+    check_decode_device(cfg, device=device)
     sources = expand_sources(cfg.train_shards)
     urls = [u for source in sources for u in source]
     check_first_shards(sources, spec=cfg.train_shards)
@@ -227,6 +236,15 @@ def shard_sizes(cfg: DataConfig, urls: list[str]) -> list[int]:
         raise DataError(f"no sizes.json or _info.json lists every shard of data.train_shards="
                         f"{cfg.train_shards!r}; set data.train_num_samples (samples in all those shards)")
     return [cfg.train_num_samples // len(urls)] * len(urls)
+
+
+def check_decode_device(cfg: DataConfig, *, device: torch.device) -> None:
+    if cfg.decode_device not in ("cpu", "cuda"):
+        raise DataError(f"data.decode_device={cfg.decode_device!r} must be 'cpu' or 'cuda'")
+    if cfg.decode_device == "cuda" and device.type != "cuda":
+        visible = "a CUDA device is visible" if torch.cuda.is_available() else "no CUDA device is visible"
+        raise DataError(f"data.decode_device='cuda' decodes JPEGs on the training device, but this run trains on "
+                        f"{device} ({visible}); set data.decode_device='cpu'")
 
 
 def check_layout(cfg: DataConfig, *, num_shards: int, batch_size: int, world_size: int) -> None:

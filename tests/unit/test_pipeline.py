@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from clipscale.data.config import DataConfig
-from clipscale.data.pipeline import POOL_SLOTS, build_train_loader, merge_rank_states
+from clipscale.data.pipeline import POOL_SLOTS, TrainLoader, build_train_loader, merge_rank_states
 from clipscale.data.shards import DataError
 from clipscale.data.streams import StreamPlan
 from tests.shard_kit import write_dataset
@@ -186,3 +186,34 @@ def test_batches_for_a_cuda_device_arrive_pinned_and_unchanged(uneven, workers):
         assert batch.texts.is_pinned() and all(part.is_pinned() for part in batch.image_parts)
         assert torch.equal(batch.images_on(cuda).cpu(), ref.images) and torch.equal(batch.texts, ref.texts)
         assert batch.keys == ref.keys
+
+
+def test_gpu_decode_is_refused_without_a_cuda_training_device(uneven):
+    with pytest.raises(DataError, match=r"data.decode_device='cuda' decodes JPEGs on the training device, but "
+                                        r"this run trains on cpu .*; set data.decode_device='cpu'"):
+        make_loader(uneven, decode_device="cuda")
+    with pytest.raises(DataError, match=r"data.decode_device='gpu' must be 'cpu' or 'cuda'"):
+        make_loader(uneven, decode_device="gpu")
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_jpegs_handed_to_the_device_give_the_cpu_paths_batches(uneven, workers):
+    """The worker/trainer hand-off of data.decode_device="cuda", with the device decode run on the CPU."""
+    want = take(make_loader(uneven, workers=workers), 5)
+    plan = make_loader(uneven, workers=workers).plan
+    cfg = DataConfig(train_shards=uneven, num_streams=4, workers=workers, shuffle_buffer=16, decode_device="cuda")
+    handed = TrainLoader(plan, cfg, tokenizer=TOKENIZER, image_size=16, rank=0, world_size=1)
+    for ref, batch in zip(want, handed):
+        assert len(batch.jpegs) == 8 and not any(part.any() for part in batch.image_parts)  # all left to the device
+        assert batch.keys == ref.keys and torch.equal(batch.images, ref.images)
+
+
+@CUDA
+def test_gpu_decoded_batches_match_the_cpu_loader(uneven):
+    cuda = torch.device("cuda")
+    want = take(make_loader(uneven, workers=2), 4)
+    got = make_loader(uneven, workers=2, device=cuda, decode_device="cuda")
+    for ref, batch in zip(want, got):
+        images = batch.images_on(cuda)
+        assert images.device.type == "cuda" and batch.keys == ref.keys
+        assert (images.cpu().int() - ref.images.int()).abs().float().mean() < 2  # nvJPEG vs libjpeg-turbo
