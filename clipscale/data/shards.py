@@ -13,8 +13,8 @@ import collections
 import json
 import logging
 import lzma
-import posixpath
 import os
+import posixpath
 import queue
 import re
 import signal
@@ -43,6 +43,7 @@ FILE_TYPES = (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE)  # sparse fil
 # What corrupt or cut bytes make tarfile and the decompressors raise (a chain of pax headers recurses).
 BAD_BYTES = (tarfile.TarError, EOFError, ValueError, RecursionError, zlib.error, lzma.LZMAError)
 JOIN_TIMEOUT_S = 5.0  # how long closing a shard waits for its reader thread to end
+
 
 class DataError(ValueError):
     """Shards cannot be used as configured; the message names the spec or file."""
