@@ -202,8 +202,8 @@ def decode_jpegs_on(jpegs: list[JpegCrop], *, size: int, device: torch.device) -
         if image is not None and image.shape[1] >= jpeg.box[3] and image.shape[2] >= jpeg.box[2]:
             out[i] = resize_box(image.to(device), jpeg.box, size)
         else:
-            log.warning("a JPEG (%d bytes) that does not decode to its frame header's size is left black in its "
-                        "batch", len(jpeg.data))
+            log.warning("a JPEG (%d bytes) that neither %s nor the CPU decodes to its frame header's size is "
+                        "left black in its batch", len(jpeg.data), device)
     return out
 
 

@@ -239,6 +239,7 @@ def shard_sizes(cfg: DataConfig, urls: list[str]) -> list[int]:
 
 
 def check_decode_device(cfg: DataConfig, *, device: torch.device) -> None:
+    """data.decode_device is "cpu", or "cuda" with a CUDA training device to decode on."""
     if cfg.decode_device not in ("cpu", "cuda"):
         raise DataError(f"data.decode_device={cfg.decode_device!r} must be 'cpu' or 'cuda'")
     if cfg.decode_device == "cuda" and device.type != "cuda":
