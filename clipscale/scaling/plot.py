@@ -1,4 +1,4 @@
-"""Log-log plots of fits (matplotlib, Agg backend: no display needed).
+"""Log-log plots of fits (matplotlib; files are drawn on a bare Figure, so no display or pyplot backend).
 
 Per group: every eligible point faint, the fitted points marked, held-out points as crosses, the law
 with its 95% band over the fitted range and dashed beyond it, the formula in the legend.
@@ -10,11 +10,8 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import numpy as np
+from matplotlib.figure import Figure
 
 if TYPE_CHECKING:
     from clipscale.scaling.fit import Fit
@@ -56,7 +53,8 @@ def legend_label(fit: "Fit") -> str:
 
 def save_plot(fits: Sequence["Fit"], out_dir: Path, *, metric: str) -> list[Path]:
     """One figure of all groups' fits, written as PNG and PDF (atomically); returns the paths."""
-    fig, ax = plt.subplots(figsize=(7.0, 5.0), dpi=120)
+    fig = Figure(figsize=(7.0, 5.0), dpi=120)
+    ax = fig.subplots()
     for i, f in enumerate(fits):
         draw_fit(f, ax, color=f"C{i}", label=legend_label(f))
     ax.set_title(f"{fits[0].y}: {fits[0].form} law, frontier {fits[0].frontier}", fontsize=9)
@@ -70,5 +68,4 @@ def save_plot(fits: Sequence["Fit"], out_dir: Path, *, metric: str) -> list[Path
         fig.savefig(tmp)
         os.replace(tmp, path)
         paths.append(path)
-    plt.close(fig)
     return paths
