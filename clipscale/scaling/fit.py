@@ -140,85 +140,93 @@ def _optimal_split(params: dict[str, np.ndarray], nd_budget: np.ndarray) -> tupl
     return n_opt, nd_budget[None, :] / n_opt
 
 
+def _select(x: np.ndarray, y: np.ndarray, frontier: str) -> tuple[np.ndarray, np.ndarray]:
+    """Fitted inputs (M, k) and their source rows (M,) under a frontier (k = 2: nd, always every point)."""
+    if x.shape[1] == 2:
+        return x, np.arange(len(y))
+    xs, rows = frontiers.select(x[:, 0], y, frontier)
+    return xs[:, None], rows
+
+
+def _solve(law: laws.Law, x: np.ndarray, y: np.ndarray, w: np.ndarray, theta0: np.ndarray, *,
+           x0: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Fit B weighted data sets at once: x (B, M, k), y, w (B, M), theta0 (B, P) -> theta, cost."""
+    u, log_y = np.log(x / x0), np.log(y)
+    lower, upper = laws.bounds(law, np.where(w > 0, y, np.inf).min(axis=1))
+    return laws.solve(lambda t: laws.log_model(law, t, u), log_y, w, theta0, lower=lower, upper=upper,
+                      huber_delta=law.huber_delta)
+
+
+def _resampled(x: np.ndarray, y: np.ndarray, counts: np.ndarray, frontier: str) -> tuple[np.ndarray, ...]:
+    """Each replicate's fitted points, padded to N: x (B, N, k), y, w (B, N) (w = 0 pads).
+
+    counts (B, N): times each row is drawn. Without a frontier a row drawn k times weighs k; with
+    one, the frontier of the drawn rows is selected again and each of its points weighs 1.
+    """
+    if frontier == "none" or x.shape[1] == 2:
+        return np.broadcast_to(x, (len(counts), *x.shape)), np.broadcast_to(y, counts.shape), counts
+    bx, by, bw = np.ones((len(counts), *x.shape)), np.ones(counts.shape), np.zeros(counts.shape)
+    for b, c in enumerate(counts):
+        present = np.flatnonzero(c)
+        xs, rows = _select(x[present], y[present], frontier)
+        bx[b, : len(rows)], by[b, : len(rows)], bw[b, : len(rows)] = xs, y[present][rows], 1.0
+    return bx, by, bw
+
+
 def fit_points(x: np.ndarray, y: np.ndarray, *, form: str, frontier: str, units: np.ndarray | None = None,
                n_bootstrap: int = 400, seed: int = 0) -> dict[str, Any]:
     """Fit a law to raw inputs x (N, k) and errors y (N,) with a bootstrap over units (N,) ints.
 
     Returns params, ci95, bootstrap (reported parameters per replicate), selected (source rows
-    of the fitted points), x_fit (N_fit, k), log_residuals and notes.
+    of the fitted points), x_fit (M, k), log_residuals and notes.
     """
     law = laws.LAWS[form]
-    units = np.arange(len(y)) if units is None else units
-    spec_method, _ = frontiers.parse(frontier)
-    if law is laws.ND and spec_method != "none":
+    if law is laws.ND and frontiers.parse(frontier)[0] != "none":
         raise FitError(f"the nd form fits every (params, samples_seen) point; use frontier 'none', not {frontier!r}")
     if len(np.unique(x, axis=0)) < 2:
         raise FitError(f"all {len(y)} points share the same inputs {x[0].tolist()}: a law needs several")
-    if law is laws.ND:
-        x_fit, selected = x, np.arange(len(y))
-    else:
-        xs, selected = frontiers.select(x[:, 0], y, frontier)
-        x_fit = xs[:, None]
-    n_params = len(law.params)
+    x_fit, selected = _select(x, y, frontier)
+    n_params, y_fit = len(law.params), y[selected]
     if len(selected) < n_params + 1:
         raise FitError(f"frontier {frontier} keeps {len(selected)} points; the {form} form needs at least "
                        f"{n_params + 1}: add runs, use a simpler form, or --frontier none")
-    notes = []
-    if len(selected) < MIN_SUPPORT:
-        notes.append(f"only {len(selected)} points support the fit: its intervals rest on very little data")
     x0 = np.exp(np.log(x_fit).mean(axis=0))  # (k,) reference inputs
-    y_fit = y[selected]
-
-    def solve(u: np.ndarray, log_y: np.ndarray, w: np.ndarray, theta0: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        y_min = np.where(w > 0, np.exp(log_y), np.inf).min(axis=1)
-        lower, upper = laws.bounds(law, y_min)
-        return laws.solve(lambda t: laws.log_model(law, t, u), log_y, w, theta0,
-                          lower=lower, upper=upper, huber_delta=law.huber_delta)
-
-    u = np.log(x_fit / x0)
-    theta0 = laws.starts(law, u, np.log(y_fit))
+    theta0 = laws.starts(law, np.log(x_fit / x0), np.log(y_fit))
     s = len(theta0)
-    thetas, costs = solve(np.broadcast_to(u, (s, *u.shape)), np.broadcast_to(np.log(y_fit), (s, len(y_fit))),
-                          np.ones((s, len(y_fit))), theta0)
+    thetas, costs = _solve(law, np.broadcast_to(x_fit, (s, *x_fit.shape)), np.broadcast_to(y_fit, (s, len(y_fit))),
+                           np.ones((s, len(y_fit))), theta0, x0=x0)
     theta = thetas[np.nanargmin(costs)]
 
     # Bootstrap: resample units, re-select the frontier, refit from the full fit's parameters.
     rng = np.random.default_rng(seed)
-    unit_ids, unit_of_row = np.unique(units, return_inverse=True)
-    draws = rng.integers(0, len(unit_ids), (n_bootstrap, len(unit_ids)))
+    unit_ids, unit_of_row = np.unique(np.arange(len(y)) if units is None else units, return_inverse=True)
     unit_counts = np.zeros((n_bootstrap, len(unit_ids)))
-    np.add.at(unit_counts, (np.arange(n_bootstrap)[:, None], draws), 1)
-    counts = unit_counts[:, unit_of_row]  # (B, N) times each row is drawn
-    bx, by, bw = [], [], []
-    for c in counts:
-        if frontier == "none" or law is laws.ND:
-            rx, ry, rw = x, y, c.astype(np.float64)
-        else:
-            present = np.flatnonzero(c)
-            xs, idx = frontiers.select(x[present, 0], y[present], frontier)
-            rx, ry, rw = np.ones_like(x), np.ones_like(y), np.zeros(len(y))
-            rx[: len(idx), 0], ry[: len(idx)], rw[: len(idx)] = xs, y[present][idx], 1.0
-        bx.append(rx)
-        by.append(ry)
-        bw.append(rw)
-    bx, by, bw = np.array(bx), np.array(by), np.array(bw)  # (B, N, k), (B, N), (B, N)
-    distinct = np.array([len(np.unique(rx[rw > 0], axis=0)) for rx, rw in zip(bx, bw)])
-    ok = distinct >= n_params  # a replicate with fewer distinct inputs than parameters is degenerate
-    boot_theta, _ = solve(np.log(bx[ok] / x0), np.log(by[ok]), bw[ok], np.tile(theta, (int(ok.sum()), 1)))
+    np.add.at(unit_counts, (np.arange(n_bootstrap)[:, None], rng.integers(0, len(unit_ids), unit_counts.shape)), 1)
+    bx, by, bw = _resampled(x, y, unit_counts[:, unit_of_row], frontier)
+    # a replicate with fewer distinct inputs than parameters is degenerate
+    ok = np.array([len(np.unique(rx[rw > 0], axis=0)) >= n_params for rx, rw in zip(bx, bw)])
+    boot_theta, _ = _solve(law, bx[ok], by[ok], bw[ok], np.tile(theta, (int(ok.sum()), 1)), x0=x0)
 
-    reported = {k: float(v[0]) for k, v in laws.to_reported(law, theta[None], x0).items()}
     boot = laws.to_reported(law, boot_theta, x0)
     ci95 = {k: [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] for k, v in boot.items()}
-    pred, _ = laws.log_model(law, theta[None], u[None])
+    pred, _ = laws.log_model(law, theta[None], np.log(x_fit / x0)[None])
     residuals = (np.log(y_fit) - pred[0]) * np.sqrt(len(y_fit) / max(len(y_fit) - n_params, 1))
+    return {"params": {k: float(v[0]) for k, v in laws.to_reported(law, theta[None], x0).items()}, "ci95": ci95,
+            "bootstrap": {k: v.tolist() for k, v in boot.items()}, "selected": selected, "x_fit": x_fit,
+            "log_residuals": residuals.tolist(),
+            "notes": _notes(form, ci95, n_points=len(selected), y_min=y_fit.min(), dropped=n_bootstrap - ok.sum())}
+
+
+def _notes(form: str, ci95: dict[str, list[float]], *, n_points: int, y_min: float, dropped: int) -> list[str]:
+    notes = []
+    if n_points < MIN_SUPPORT:
+        notes.append(f"only {n_points} points support the fit: its intervals rest on very little data")
     floor = {"saturating": "E_inf", "nd": "E0"}.get(form)
-    if floor and ci95[floor][0] <= 1e-3 * y_fit.min():
+    if floor and ci95[floor][0] <= 1e-3 * y_min:
         notes.append(f"{floor} is not identifiable: its interval reaches 0, these data do not determine a floor")
-    if ok.sum() < n_bootstrap:
-        notes.append(f"{n_bootstrap - int(ok.sum())} of {n_bootstrap} bootstrap replicates had too few distinct "
-                     f"points and were dropped")
-    return {"params": reported, "ci95": ci95, "bootstrap": {k: v.tolist() for k, v in boot.items()},
-            "selected": selected, "x_fit": x_fit, "log_residuals": residuals.tolist(), "notes": notes}
+    if dropped:
+        notes.append(f"{dropped} bootstrap replicates had too few distinct points and were dropped")
+    return notes
 
 
 def fit(df: pd.DataFrame, *, metric: str, eval_dataset: str | None = None, task: str | None = None,

@@ -226,3 +226,32 @@ def test_missing_and_malformed_files_are_named(tmp_path):
     with pytest.raises(scaling.FitError, match="bad.jsonl:2 is not JSON"):
         scaling.load_results(bad)
     assert main(["fit", str(tmp_path / "missing"), "--metric", "acc1", "--out", str(tmp_path / "o")]) == 2
+
+
+def test_bootstrap_replicates_reselect_the_frontier_among_the_drawn_rows():
+    from clipscale.scaling.fit import _resampled
+
+    rng = np.random.default_rng(5)
+    x, y = rng.uniform(1, 1e4, (30, 1)), rng.uniform(0.1, 1, 30)
+    counts = rng.integers(0, 3, (20, 30)).astype(float)
+    bx, by, bw = _resampled(x, y, counts, "strict")
+    for c, rx, ry, rw in zip(counts, bx, by, bw):
+        drawn = np.flatnonzero(c)
+        front = drawn[frontier.strict(x[drawn, 0], y[drawn])]
+        assert rw.sum() == len(front) and np.array_equal(rx[rw > 0, 0], x[front, 0]) and np.array_equal(
+            ry[rw > 0], y[front])
+    _, _, bw = _resampled(x, y, counts, "none")
+    assert np.array_equal(bw, counts)
+
+
+def test_bootstrap_resamples_whole_runs():
+    # each run appears as two identical rows: resampling runs doubles every weight and changes nothing,
+    # resampling rows would split the pairs
+    rng = np.random.default_rng(6)
+    x = np.geomspace(1e6, 1e10, 12)[:, None]
+    y = 3 * x[:, 0] ** -0.2 * np.exp(rng.normal(0, 0.03, 12))
+    single = fit_points(x, y, form="power", frontier="none", n_bootstrap=100)
+    paired = fit_points(np.repeat(x, 2, axis=0), np.repeat(y, 2), form="power", frontier="none",
+                        units=np.repeat(np.arange(12), 2), n_bootstrap=100)
+    for k in ("A", "alpha"):
+        assert paired["ci95"][k] == pytest.approx(single["ci95"][k], rel=1e-9)
