@@ -89,7 +89,7 @@ def starts(law: Law, u: np.ndarray, log_y: np.ndarray) -> np.ndarray:
         rows = []
         for frac in (0.0, 0.3, 0.6, 0.9):
             floor = frac * y.min()
-            alpha, log_a = np.polyfit(u[:, 0], np.log(y - floor), 1) if np.ptp(u) > 0 else (0.0, log_y.mean())
+            alpha, log_a = np.polyfit(u[:, 0], np.log(y - floor), 1)
             rows.append([floor, log_a, min(alpha, -1e-3)])
         return np.array(rows)
     grid = np.meshgrid([0.0, 0.5 * y.min()], np.log([0.1, 0.5]) + np.log(y.mean()), [0.1, 0.4, 1.0],

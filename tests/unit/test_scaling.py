@@ -1,6 +1,5 @@
 """Scaling-law fits: solver and frontier math, recovery, the results table, errors, outputs and CLI."""
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
