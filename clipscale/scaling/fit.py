@@ -168,6 +168,8 @@ def _resampled(x: np.ndarray, y: np.ndarray, counts: np.ndarray, frontier: str) 
     bx, by, bw = np.ones((len(counts), *x.shape)), np.ones(counts.shape), np.zeros(counts.shape)
     for b, c in enumerate(counts):
         present = np.flatnonzero(c)
+        if np.ptp(x[present]) == 0:
+            continue  # one distinct x: nothing to select or fit, the replicate is dropped
         xs, rows = _select(x[present], y[present], frontier)
         bx[b, : len(rows)], by[b, : len(rows)], bw[b, : len(rows)] = xs, y[present][rows], 1.0
     return bx, by, bw
@@ -205,6 +207,9 @@ def fit_points(x: np.ndarray, y: np.ndarray, *, form: str, frontier: str, units:
     bx, by, bw = _resampled(x, y, unit_counts[:, unit_of_row], frontier)
     # a replicate with fewer distinct inputs than parameters is degenerate
     ok = np.array([len(np.unique(rx[rw > 0], axis=0)) >= n_params for rx, rw in zip(bx, bw)])
+    if ok.sum() < n_bootstrap / 2:
+        raise FitError(f"only {ok.sum()} of {n_bootstrap} bootstrap replicates keep {n_params} distinct points: "
+                       f"too few runs for the {form} form; add runs or use a simpler form")
     boot_theta, _ = _solve(law, bx[ok], by[ok], bw[ok], np.tile(theta, (int(ok.sum()), 1)), x0=x0)
 
     boot = laws.to_reported(law, boot_theta, x0)

@@ -254,3 +254,11 @@ def test_bootstrap_resamples_whole_runs():
                         units=np.repeat(np.arange(12), 2), n_bootstrap=100)
     for k in ("A", "alpha"):
         assert paired["ci95"][k] == pytest.approx(single["ci95"][k], rel=1e-9)
+
+
+def test_too_few_runs_to_bootstrap_is_an_error_not_a_silent_interval():
+    # 6 runs are enough points for the 5 parameters of nd, but 3 in 4 replicates draw fewer than 5 distinct runs
+    n, d = np.array([1e6, 1e7, 1e8, 1e6, 1e7, 1e8]), np.array([1e8, 1e8, 1e8, 1e9, 1e9, 1e9])
+    y = 0.1 + 30 / n ** 0.35 + 50 / d ** 0.3
+    with pytest.raises(scaling.FitError, match="of 100 bootstrap replicates keep 5 distinct points: too few runs"):
+        fit_points(np.stack([n, d], axis=1), y, form="nd", frontier="none", n_bootstrap=100)
