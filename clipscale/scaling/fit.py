@@ -79,9 +79,9 @@ class Fit:
         params = self._replicates()
         if self.law is not laws.ND:
             return laws.evaluate(self.law, params, x[:, None])
-        n_opt, d_opt = _optimal_split(params, x / self.gmacs_per_param_sample)  # (1 + B, n) each
+        log_n, log_d = _optimal_log_split(params, x / self.gmacs_per_param_sample)  # (1 + B, n) each
         p = {k: v[:, None] for k, v in params.items()}
-        return p["E0"] + p["A"] / n_opt ** p["a"] + p["B"] / d_opt ** p["b"]
+        return p["E0"] + np.exp(np.log(p["A"]) - p["a"] * log_n) + np.exp(np.log(p["B"]) - p["b"] * log_d)
 
     def predict(self, x: Sequence[float] | np.ndarray) -> np.ndarray:
         """Predicted error at axis values x (compute-optimal allocation for nd): (n,)."""
@@ -111,8 +111,9 @@ class Fit:
         out = {self.x: float(budget), "error": float(self.predict(x)[0]), "error_ci95": [float(lo[0]), float(hi[0])],
                "error_pi95": [float(plo[0]), float(phi[0])]}
         if self.law is laws.ND:
-            split = _optimal_split(self._replicates(), x / self.gmacs_per_param_sample)
-            n_opt, d_opt = (v[:, 0] for v in split)
+            split = _optimal_log_split(self._replicates(), x / self.gmacs_per_param_sample)
+            with np.errstate(over="ignore"):  # a replicate with a ~ 0 may put all compute in N: inf is its answer
+                n_opt, d_opt = (np.exp(v[:, 0]) for v in split)
             for name, v in (("params", n_opt), ("samples_seen", d_opt)):
                 out[name] = float(v[0])
                 out[f"{name}_ci95"] = [float(np.percentile(v[1:], 2.5)), float(np.percentile(v[1:], 97.5))]
@@ -132,12 +133,13 @@ class Fit:
         return cls(**{k: v for k, v in d.items() if k != "formula"})
 
 
-def _optimal_split(params: dict[str, np.ndarray], nd_budget: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """argmin over N * D = budget of A/N^a + B/D^b: (N, D) each (len(params), n) (Hoffmann eq. 4)."""
+def _optimal_log_split(params: dict[str, np.ndarray], nd_budget: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """argmin over N * D = budget of A/N^a + B/D^b (Hoffmann et al. 2022, eq. 4): (log N, log D), each
+    (len(params), len(budget)); in logs because a poorly determined A or a overflows G^(a+b)."""
     p = {k: np.asarray(v, dtype=np.float64)[:, None] for k, v in params.items()}
-    g = (p["a"] * p["A"] / (p["b"] * p["B"])) ** (1 / (p["a"] + p["b"]))
-    n_opt = g * nd_budget[None, :] ** (p["b"] / (p["a"] + p["b"]))
-    return n_opt, nd_budget[None, :] / n_opt
+    log_g = (np.log(p["a"] * p["A"]) - np.log(p["b"] * p["B"])) / (p["a"] + p["b"])
+    log_n = log_g + p["b"] / (p["a"] + p["b"]) * np.log(nd_budget)[None, :]
+    return log_n, np.log(nd_budget)[None, :] - log_n
 
 
 def _select(x: np.ndarray, y: np.ndarray, frontier: str) -> tuple[np.ndarray, np.ndarray]:
