@@ -112,11 +112,10 @@ class Fit:
                "error_pi95": [float(plo[0]), float(phi[0])]}
         if self.law is laws.ND:
             split = _optimal_log_split(self._replicates(), x / self.gmacs_per_param_sample)
-            with np.errstate(over="ignore"):  # a replicate with a ~ 0 may put all compute in N: inf is its answer
-                n_opt, d_opt = (np.exp(v[:, 0]) for v in split)
-            for name, v in (("params", n_opt), ("samples_seen", d_opt)):
-                out[name] = float(v[0])
-                out[f"{name}_ci95"] = [float(np.percentile(v[1:], 2.5)), float(np.percentile(v[1:], 97.5))]
+            for name, log_v in zip(("params", "samples_seen"), (v[:, 0] for v in split)):
+                with np.errstate(over="ignore"):  # a replicate with a ~ 0 puts all compute in N: inf is its answer
+                    out[name] = float(np.exp(log_v[0]))
+                    out[f"{name}_ci95"] = np.exp(np.percentile(log_v[1:], [2.5, 97.5])).tolist()
         return out
 
     def plot(self, ax: Any, *, color: Any = None, label: str | None = None) -> None:

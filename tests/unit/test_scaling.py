@@ -262,3 +262,13 @@ def test_too_few_runs_to_bootstrap_is_an_error_not_a_silent_interval():
     y = 0.1 + 30 / n ** 0.35 + 50 / d ** 0.3
     with pytest.raises(scaling.FitError, match="of 100 bootstrap replicates keep 5 distinct points: too few runs"):
         fit_points(np.stack([n, d], axis=1), y, form="nd", frontier="none", n_bootstrap=100)
+
+
+def test_plan_survives_replicates_with_extreme_exponents():
+    boot = {"E0": [0.0, 0.1], "A": [1e30, 30.0], "a": [1e-6, 0.35], "B": [1.3, 50.0], "b": [0.04, 0.3]}
+    f = scaling.Fit(group={}, form="nd", frontier="none", x="compute_gmacs", y="1 - acc1",
+                    params={k: v[1] for k, v in boot.items()}, ci95={}, n_points=0, points=[], all_points=[],
+                    bootstrap=boot, log_residuals=[0.0], gmacs_per_param_sample=1e-9)
+    with np.errstate(divide="raise", invalid="raise"):
+        plan = f.plan(1e12)
+    assert np.isfinite([plan["error"], *plan["error_ci95"], plan["params"]]).all()

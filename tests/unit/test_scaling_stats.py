@@ -8,7 +8,7 @@ a binomial count of 50 draws at 92% falls below 45 about a third of the time, so
 import numpy as np
 import pytest
 
-from clipscale.scaling.fit import fit_points
+from clipscale.scaling.fit import Fit, fit_points
 
 SEEDS = 50
 
@@ -39,3 +39,19 @@ def test_95_percent_intervals_cover_the_true_parameters(form, draw):
         for k, v in truth.items():
             covered[k] = covered.get(k, 0) + int(ci[k][0] <= v <= ci[k][1])
     assert all(c >= 43 for c in covered.values()), covered
+
+
+def test_95_percent_prediction_intervals_cover_new_points():
+    covered = 0
+    for seed in range(SEEDS):
+        rng = np.random.default_rng(seed)
+        x, y, _ = power(rng)
+        r = fit_points(x, y, form="power", frontier="none", n_bootstrap=200, seed=seed)
+        f = Fit(group={}, form="power", frontier="none", x="compute_gmacs", y="1 - acc1", params=r["params"],
+                ci95=r["ci95"], n_points=len(y), points=[], all_points=[], bootstrap=r["bootstrap"],
+                log_residuals=r["log_residuals"])
+        new_x = 10 ** rng.uniform(6, 10)
+        new_y = 3.0 * new_x ** -0.2 * np.exp(rng.normal(0, 0.03))
+        lo, hi = f.interval([new_x], kind="prediction")
+        covered += int(lo[0] <= new_y <= hi[0])
+    assert covered >= 43
