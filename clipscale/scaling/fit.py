@@ -152,10 +152,8 @@ def _select(x: np.ndarray, y: np.ndarray, frontier: str) -> tuple[np.ndarray, np
 def _solve(law: laws.Law, x: np.ndarray, y: np.ndarray, w: np.ndarray, theta0: np.ndarray, *,
            x0: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Fit B weighted data sets at once: x (B, M, k), y, w (B, M), theta0 (B, P) -> theta, cost."""
-    u, log_y = np.log(x / x0), np.log(y)
     lower, upper = laws.bounds(law, np.where(w > 0, y, np.inf).min(axis=1))
-    return laws.solve(lambda t: laws.log_model(law, t, u), log_y, w, theta0, lower=lower, upper=upper,
-                      huber_delta=law.huber_delta)
+    return laws.solve(law, np.log(x / x0), np.log(y), w, theta0, lower=lower, upper=upper)
 
 
 def _resampled(x: np.ndarray, y: np.ndarray, counts: np.ndarray, frontier: str) -> tuple[np.ndarray, ...]:

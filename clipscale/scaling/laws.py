@@ -14,8 +14,6 @@ small fits in one numpy loop), with box bounds by projection and Huber loss by i
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
-
 import numpy as np
 
 BIG = 50.0  # bound of log-coefficients: e^50 covers any coefficient in float64 without overflow
@@ -129,43 +127,41 @@ def _cost(r: np.ndarray, w: np.ndarray, delta: float | None) -> np.ndarray:
     return (w * np.where(a <= delta, 0.5 * r * r, delta * (a - 0.5 * delta))).sum(-1)
 
 
-def solve(model: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], log_y: np.ndarray, w: np.ndarray,
-          theta0: np.ndarray, *, lower: np.ndarray, upper: np.ndarray, huber_delta: float | None,
-          max_iter: int = 100) -> tuple[np.ndarray, np.ndarray]:
-    """Minimise sum_m w * rho(log_y - pred) for B independent problems at once.
+def solve(law: Law, u: np.ndarray, log_y: np.ndarray, w: np.ndarray, theta0: np.ndarray, *, lower: np.ndarray,
+          upper: np.ndarray, max_iter: int = 100) -> tuple[np.ndarray, np.ndarray]:
+    """Minimise sum_m w * rho(log_y - log_model) for B independent problems at once.
 
-    model(theta (B, P)) -> pred (B, M), jac (B, M, P); log_y, w: (B, M) (w = 0 drops a point,
-    w = k counts it k times); theta0, lower, upper: (B, P). rho is squared error or Huber(delta).
-    Returns theta (B, P) and the final cost (B,).
+    u: (B, M, n_inputs) as in log_model; log_y, w: (B, M) (w = 0 drops a point, w = k counts it k
+    times); theta0, lower, upper: (B, P). rho is the law's loss: squared error or Huber.
+    Returns theta (B, P) and the final cost (B,). Converged problems leave the batch.
     """
+    delta = law.huber_delta
     theta = np.clip(theta0, lower, upper)
-    pred, jac = model(theta)
+    pred, jac = log_model(law, theta, u)
     r = log_y - pred
-    cost = _cost(r, w, huber_delta)
+    cost = _cost(r, w, delta)
     lam = np.full(len(theta), 1e-3)
     eye = np.eye(theta.shape[1])
-    finished = np.zeros(len(theta), dtype=bool)
+    i = np.arange(len(theta))  # problems still iterating
     for _ in range(max_iter):
         # Huber by reweighting: the gradient J^T (w psi(r)) equals J^T (w_irls r)
-        w_irls = w if huber_delta is None else w * np.minimum(1.0, huber_delta / np.maximum(np.abs(r), 1e-300))
-        jw = jac * w_irls[..., None]
-        h = jw.transpose(0, 2, 1) @ jac  # (B, P, P) Gauss-Newton Hessian
-        g = (jw.transpose(0, 2, 1) @ r[..., None])[..., 0]  # (B, P)
+        w_irls = w[i] if delta is None else w[i] * np.minimum(1.0, delta / np.maximum(np.abs(r[i]), 1e-300))
+        jw = jac[i] * w_irls[..., None]
+        h = jw.transpose(0, 2, 1) @ jac[i]  # (b, P, P) Gauss-Newton Hessian
+        g = (jw.transpose(0, 2, 1) @ r[i][..., None])[..., 0]  # (b, P)
         diag = np.einsum("bpp->bp", h) + 1e-12 * (1 + np.abs(h).max(axis=(1, 2)))[:, None]
-        damped = h + lam[:, None, None] * diag[:, :, None] * eye
-        step = np.linalg.solve(damped, g[..., None])[..., 0]
-        trial = np.clip(theta + step, lower, upper)
-        pred_t, jac_t = model(trial)
-        r_t = log_y - pred_t
-        cost_t = _cost(r_t, w, huber_delta)
-        better = np.isfinite(cost_t) & (cost_t < cost)
-        gain = np.where(better, cost - cost_t, 0.0)
-        theta = np.where(better[:, None], trial, theta)
-        r = np.where(better[:, None], r_t, r)
-        jac = np.where(better[:, None, None], jac_t, jac)
-        cost = np.where(better, cost_t, cost)
-        lam = np.clip(np.where(better, lam / 3, lam * 4), 1e-12, 1e12)
-        finished |= (better & (gain <= 1e-9 * (cost + 1e-30))) | (~better & (lam >= 1e12))
-        if finished.all():
+        step = np.linalg.solve(h + lam[i, None, None] * diag[:, :, None] * eye, g[..., None])[..., 0]
+        trial = np.clip(theta[i] + step, lower[i], upper[i])
+        pred_t, jac_t = log_model(law, trial, u[i])
+        r_t = log_y[i] - pred_t
+        cost_t = _cost(r_t, w[i], delta)
+        better = np.isfinite(cost_t) & (cost_t < cost[i])
+        # converged: a Gauss-Newton-like step (small damping) that no longer gains, or no step gains at all
+        done = (better & (cost[i] - cost_t <= 1e-9 * (cost_t + 1e-30)) & (lam[i] <= 1)) | (~better & (lam[i] >= 1e11))
+        b = i[better]
+        theta[b], r[b], jac[b], cost[b] = trial[better], r_t[better], jac_t[better], cost_t[better]
+        lam[i] = np.clip(np.where(better, lam[i] / 3, lam[i] * 4), 1e-12, 1e12)
+        i = i[~done]
+        if not len(i):
             break
     return theta, cost

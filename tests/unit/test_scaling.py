@@ -37,10 +37,9 @@ def test_nd_solver_reaches_scipy_lbfgs_optimum_of_the_huber_objective():
     y = (0.1 + 30 / n ** 0.35 + 50 / d ** 0.3) * np.exp(rng.normal(0, 0.02, n.size))
     u = np.log(np.stack([n / n.mean(), d / d.mean()], axis=1))
     log_y = np.log(y)
-    ours, _ = laws.solve(lambda t: laws.log_model(laws.ND, t, np.broadcast_to(u, (len(t), *u.shape))),
-                         np.broadcast_to(log_y, (72, len(y))), np.ones((72, len(y))), laws.starts(laws.ND, u, log_y),
-                         lower=laws.bounds(laws.ND, np.full(72, y.min()))[0],
-                         upper=laws.bounds(laws.ND, np.full(72, y.min()))[1], huber_delta=1e-3)
+    lower, upper = laws.bounds(laws.ND, np.full(72, y.min()))
+    ours, _ = laws.solve(laws.ND, np.broadcast_to(u, (72, *u.shape)), np.broadcast_to(log_y, (72, len(y))),
+                         np.ones((72, len(y))), laws.starts(laws.ND, u, log_y), lower=lower, upper=upper)
     best_ours = min(huber_objective(t, u, log_y, 1e-3) for t in ours)
     lo, hi = laws.bounds(laws.ND, np.array([y.min()]))
     best_scipy = min(minimize(huber_objective, t0, args=(u, log_y, 1e-3), method="L-BFGS-B",
