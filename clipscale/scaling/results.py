@@ -89,7 +89,8 @@ def error_name(metric: str) -> str:
 
 
 def final_checkpoints(df: pd.DataFrame) -> pd.DataFrame:
-    """Each run's last evaluated step; rows without a run or step (published tables) are all kept.
+    """Each run's last evaluated step per task and eval dataset; rows without a run or step (published
+    tables) are all kept.
 
     An intermediate checkpoint of a cosine run has not annealed its learning rate and understates what
     its compute buys.
@@ -97,7 +98,7 @@ def final_checkpoints(df: pd.DataFrame) -> pd.DataFrame:
     if not {"run", "step"} <= set(df):
         return df
     known = df["run"].notna() & df["step"].notna()
-    last = df[known].groupby("run")["step"].transform("max")
+    last = df[known].groupby(["run", "task", "eval_dataset"])["step"].transform("max")
     return df[~known | (df["step"] == last.reindex(df.index))]
 
 

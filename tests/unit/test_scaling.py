@@ -155,6 +155,13 @@ def test_only_final_checkpoints_are_fitted_unless_asked():
     every = scaling.fit(df, metric="acc1", frontier="none", checkpoints="all", n_bootstrap=20)[0]
     assert {p["checkpoint"] for p in final.points} == {"step_000003"}
     assert final.n_points == 15 and every.n_points == 45
+    # a run whose last checkpoint is not yet evaluated on one eval dataset keeps its latest there
+    partial = df[~((df["eval_dataset"] == "imagenet1k") & (df["step"] == 3) & (df["run"] == df["run"].iloc[0]))]
+    other = df[df["step"] == 3].assign(eval_dataset="cifar10")
+    fits = scaling.fit(pd.concat([partial, other]), metric="acc1", frontier="none", by=["eval_dataset"],
+                       n_bootstrap=20)
+    assert [f.n_points for f in fits] == [15, 15]
+    assert {p["checkpoint"] for p in fits[1].points if p["run"] == df["run"].iloc[0]} == {"step_000002"}
 
 
 def test_holdout_reports_whether_the_extrapolation_held():
