@@ -128,17 +128,23 @@ def select(df: pd.DataFrame, *, metric: str, x: str, eval_dataset: str | None = 
     if checkpoints not in ("final", "all"):
         raise FitError(f"checkpoints={checkpoints!r} must be 'final' or 'all'")
     rows = final_checkpoints(rows) if checkpoints == "final" else rows
-    rows = rows.assign(error=1.0 - rows["value"].astype(np.float64))
     for column in ("value", x, *need):
-        values = pd.to_numeric(rows[column], errors="coerce")
+        values = pd.to_numeric(rows[column], errors="coerce").astype(np.float64)
         bad = rows[~np.isfinite(values)] if column == "value" else rows[~(values > 0)]
         if len(bad):
-            row = bad.iloc[0]
-            raise FitError(f"{row['source']}: {column}={row[column]!r} ({len(bad)} such rows); a fit needs a finite "
-                           f"{'value' if column == 'value' else 'positive ' + column}: fix or drop those rows")
+            first = bad[column].iloc[0]
+            first = first.item() if isinstance(first, np.generic) else first
+            raise FitError(f"{_where(bad)}: {column}={first!r} ({len(bad)} such rows); a fit needs a "
+                           f"finite {'value' if column == 'value' else 'positive ' + column}: fix or drop those rows")
+        rows = rows.assign(**{column: values})
     out_of_range = rows[(rows["value"] < 0) | (rows["value"] >= 1)]
     if len(out_of_range):
-        row = out_of_range.iloc[0]
-        raise FitError(f"{row['source']}: {metric}={row['value']} gives error {1 - row['value']:g}; errors must be "
+        value = out_of_range["value"].iloc[0]
+        raise FitError(f"{_where(out_of_range)}: {metric}={value} gives error {1 - value:g}; errors must be "
                        f"in (0, 1] to fit in log space (values in percent? divide them by 100)")
-    return rows
+    return rows.assign(error=1.0 - rows["value"])
+
+
+def _where(bad: pd.DataFrame) -> str:
+    """file:line of the first bad row, or its index in a DataFrame built by hand."""
+    return str(bad["source"].iloc[0]) if "source" in bad else f"row {bad.index[0]}"

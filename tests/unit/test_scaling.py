@@ -179,7 +179,7 @@ def test_holdout_reports_whether_the_extrapolation_held():
 def test_fit_plot_draws_on_a_given_axis():
     import matplotlib.pyplot as plt
 
-    [f] = scaling.fit(pd.read_csv(PUBLISHED).assign(source="x"), metric="acc1", eval_dataset="imagenet1k",
+    [f] = scaling.fit(pd.read_csv(PUBLISHED), metric="acc1", eval_dataset="imagenet1k",
                       holdout=2, n_bootstrap=50)
     fig, ax = plt.subplots()
     f.plot(ax)
@@ -203,6 +203,7 @@ def good_rows(n=6):
     (lambda r: [{**x, "value": 1.0} if i == 2 else x for i, x in enumerate(r)], {}, r"acc1=1.0 gives error 0"),
     (lambda r: [{**x, "value": 73.0} for x in r], {}, "values in percent"),
     (lambda r: [{**x, "value": None} if i == 1 else x for i, x in enumerate(r)], {}, r"results.jsonl:2: value="),
+    (lambda r: [{**x, "value": "n/a"} if i == 1 else x for i, x in enumerate(r)], {}, r"value='n/a' \(1 such"),
     (lambda r: [{**x, "samples_seen": 1000} for x in r], {}, "share the same inputs"),
     (lambda r: [{**x, "gmacs_per_sample": -1.0} for x in r], {}, "positive compute_gmacs"),
     (lambda r: r, {"metric": "acc3"}, r"metric 'acc3' is not in the results \(metrics: \['acc1'\]\)"),
@@ -219,6 +220,12 @@ def test_bad_inputs_give_clear_errors_and_write_nothing(tmp_path, edit, options,
     with pytest.raises(scaling.FitError, match=message):
         scaling.fit_results([path.parent], out_dir=tmp_path / "out", **{"metric": "acc1", **options})
     assert not (tmp_path / "out").exists()
+
+
+def test_rows_built_by_hand_are_named_by_index():
+    df = pd.DataFrame(good_rows()).assign(value=[0.1, 0.2, float("nan"), 0.4, 0.5, 0.6])
+    with pytest.raises(scaling.FitError, match="row 2: value=nan"):
+        scaling.fit(df, metric="acc1")
 
 
 def test_missing_and_malformed_files_are_named(tmp_path):
