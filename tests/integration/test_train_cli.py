@@ -62,8 +62,8 @@ def test_eval_then_fit(two_rank_run, synthetic_data, tmp_path):
                "model.vision_width=32", "model.text_width=32", "model.embed_dim=32"]
     run_cli("train", *learner)
     run_cli("eval", str(tmp_path / "learner"))
-    run_cli("fit", str(two_rank_run), str(tmp_path / "learner"), "--metric", "acc1", "--checkpoints", "all",
-            "--frontier", "none", "--out", str(tmp_path / "fit"))
+    run_cli("fit", str(two_rank_run), str(tmp_path / "learner"), "--metric", "acc1", "--task",
+            "zeroshot_classification", "--checkpoints", "all", "--frontier", "none", "--out", str(tmp_path / "fit"))
     [fit] = json.loads((tmp_path / "fit" / "fits.json").read_text())["fits"]
     assert fit["y"] == "1 - acc1" and fit["x"] == "compute_gmacs" and fit["n_points"] == 7
     assert fit["params"]["alpha"] < 0

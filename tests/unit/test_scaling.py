@@ -213,6 +213,11 @@ def good_rows(n=6):
     (lambda r: r, {"form": "cubic"}, "form 'cubic' is not one of"),
     (lambda r: r, {"form": "nd", "frontier": "bins:5"}, "use frontier 'none'"),
     (lambda r: r, {"holdout": 5}, "--holdout 5 leaves too few"),
+    (lambda r: r, {"by": ["family"]}, "the results have no column 'family'"),
+    (lambda r: r, {"checkpoints": "last"}, "checkpoints='last' must be 'final' or 'all'"),
+    (lambda r: r, {"form": "nd", "x": "params"}, "drop --x params"),
+    (lambda r: r + [{**x, "dataset": "d2"} for x in r[:2]], {"by": ["dataset"]},
+     r"group \{'dataset': 'd2'\}: frontier bins:5 keeps 2 points"),
     (lambda r: [{k: v for k, v in x.items() if k != "dataset"} for x in r], {}, r"lacks the columns \['dataset'\]"),
 ])
 def test_bad_inputs_give_clear_errors_and_write_nothing(tmp_path, edit, options, message):
@@ -220,6 +225,17 @@ def test_bad_inputs_give_clear_errors_and_write_nothing(tmp_path, edit, options,
     with pytest.raises(scaling.FitError, match=message):
         scaling.fit_results([path.parent], out_dir=tmp_path / "out", **{"metric": "acc1", **options})
     assert not (tmp_path / "out").exists()
+
+
+def test_fits_files_and_interval_kinds_are_checked(tmp_path):
+    with pytest.raises(scaling.FitError, match="no fits at .*fits.json: run `clipscale fit"):
+        scaling.read_fits(tmp_path)
+    (tmp_path / "fits.json").write_text('{"metric": "acc1"}')
+    with pytest.raises(scaling.FitError, match="is not a clipscale fits.json"):
+        scaling.read_fits(tmp_path / "fits.json")
+    [f] = scaling.fit(pd.DataFrame(good_rows()), metric="acc1", n_bootstrap=20)
+    with pytest.raises(scaling.FitError, match="interval kind 'credible' must be 'confidence' or 'prediction'"):
+        f.interval([1e6], kind="credible")
 
 
 def test_rows_built_by_hand_are_named_by_index():
