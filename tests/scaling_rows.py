@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 LAW = {"E0": 0.1, "A": 30.0, "a": 0.35, "B": 50.0, "b": 0.3}
-GMACS_PER_PARAM = 2e-9  # forward GMACs per pair per parameter (2 MACs... any constant will do)
+GMACS_PER_PARAM = 2e-9  # forward GMACs per pair per parameter: any constant makes compute proportional to N * D
 
 
 def law_error(n: np.ndarray, d: np.ndarray, law: dict[str, float] = LAW) -> np.ndarray:

@@ -64,10 +64,12 @@ class Fit:
 
     @property
     def law(self) -> laws.Law:
+        """The functional form."""
         return laws.LAWS[self.form]
 
     @property
     def formula(self) -> str:
+        """The fitted law as text."""
         return laws.formula(self.law, self.params, y=self.y, x=self.x)
 
     def _replicates(self) -> dict[str, np.ndarray]:
@@ -125,10 +127,12 @@ class Fit:
         draw_fit(self, ax, color=color, label=label)
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready entry of fits.json (with the formula as text)."""
         return {"formula": self.formula, **asdict(self)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Fit":
+        """The Fit of a fits.json entry."""
         return cls(**{k: v for k, v in d.items() if k != "formula"})
 
 
