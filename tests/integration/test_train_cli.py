@@ -62,13 +62,14 @@ def test_eval_then_fit(two_rank_run, synthetic_data, tmp_path):
                "model.vision_width=32", "model.text_width=32", "model.embed_dim=32"]
     run_cli("train", *learner)
     run_cli("eval", str(tmp_path / "learner"))
-    run_cli("fit", str(two_rank_run), str(tmp_path / "learner"), "--out", str(tmp_path / "fit"))
-    fits = json.loads((tmp_path / "fit" / "fits.json").read_text())
-    assert fits["metric"] == "zeroshot_top1" and len(fits["points"]) == 7
-    assert len(fits["frontier"]) >= 2 and fits["alpha"] < 0
-    assert (tmp_path / "fit" / "fit.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    run_cli("fit", str(two_rank_run), str(tmp_path / "learner"), "--metric", "acc1", "--task",
+            "zeroshot_classification", "--checkpoints", "all", "--frontier", "none", "--out", str(tmp_path / "fit"))
+    [fit] = json.loads((tmp_path / "fit" / "fits.json").read_text())["fits"]
+    assert fit["y"] == "1 - acc1" and fit["x"] == "compute_gmacs" and fit["n_points"] == 7
+    assert fit["params"]["alpha"] < 0
+    assert (tmp_path / "fit" / "fit_acc1.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    bad = run_cli("fit", str(tmp_path / "nothing"), "--out", str(tmp_path / "fit2"), check=False)
+    bad = run_cli("fit", str(tmp_path / "nothing"), "--metric", "acc1", "--out", str(tmp_path / "fit2"), check=False)
     assert bad.returncode == 2 and "no results at" in bad.stderr
 
 
