@@ -18,6 +18,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 from clipscale.data.decode import open_image, to_rgb  # noqa: E402
 from clipscale.data.shards import BadSample, caption_text  # noqa: E402
@@ -32,7 +33,7 @@ def collect(urls: list[str], *, caption: str, n: int, max_samples: int) -> dict[
     counters: collections.Counter = collections.Counter()
     stats: dict[str, list] = {"widths": [], "heights": [], "caption_chars": [], "sheet": []}
     samples = (sample for url in urls for sample in read_shard(url, caption=caption, counters=counters))
-    for sample in samples:
+    for sample in tqdm(samples, desc="inspect", unit="sample", disable=None):
         if len(stats["widths"]) >= max_samples:
             break
         try:

@@ -6,7 +6,7 @@ duplicate keys and exact-duplicate images (first one kept), sends each sample to
 split by a hash of its key, and appends it to a random bucket tar of that split under
 `OUT/.reshard/`. Pass 2 reads the buckets one at a time, shuffles each in memory and cuts the
 concatenation into shards of equal size (+-1). Memory: one bucket, about N / min(M, 512) samples,
-plus 16 bytes per distinct image for the duplicate check.
+plus every kept key and a 16-byte digest per kept image for the duplicate checks.
 
 Resume: pass 1 ends by writing `.reshard/buckets.json`; without it pass 1 starts over. Pass 2 is
 deterministic given the buckets, so shards already under their final names are skipped.
@@ -22,6 +22,7 @@ import random
 from typing import Any, Iterator
 
 import fsspec
+from tqdm import tqdm
 
 from clipscale.data.shards import DataError
 from data_tools.shardio import (ShardWriter, caption_extension, image_extension, member_key, read_json, read_shard,
@@ -88,21 +89,21 @@ def fill_buckets(urls: list[str], tmp: str, params: dict[str, Any]) -> dict[str,
     keys: set[str] = set()
     images: set[bytes] = set()
     cap_ext = caption_extension(params["caption"])
+    samples = (s for url in urls for s in read_shard(url, caption=params["caption"], counters=counters))
     try:
-        for url in urls:
-            for sample in read_shard(url, caption=params["caption"], counters=counters):
-                key = member_key(sample["__key__"])
-                digest = hashlib.blake2b(sample["image"], digest_size=16).digest()
-                reason = ("unsafe_member_name" if key is None else "duplicate_key" if key in keys
-                          else "duplicate_image" if digest in images else None)
-                if reason:
-                    counters[reason] += 1
-                    continue
-                keys.add(key)
-                images.add(digest)
-                split = ("val" if val_split(key, params["val_fraction"]) else "train") if params["val_fraction"] else ""
-                bucket = writers[split][rng.randrange(n_buckets[split])]
-                bucket.write(key, {image_extension(sample["image"]): sample["image"], cap_ext: sample["caption"]})
+        for sample in tqdm(samples, desc="reshard: bucketing", unit="sample", disable=None):
+            key = member_key(sample["__key__"])
+            digest = hashlib.blake2b(sample["image"], digest_size=16).digest()
+            reason = ("unsafe_member_name" if key is None else "duplicate_key" if key in keys
+                      else "duplicate_image" if digest in images else None)
+            if reason:
+                counters[reason] += 1
+                continue
+            keys.add(key)
+            images.add(digest)
+            split = ("val" if val_split(key, params["val_fraction"]) else "train") if params["val_fraction"] else ""
+            bucket = writers[split][rng.randrange(n_buckets[split])]
+            bucket.write(key, {image_extension(sample["image"]): sample["image"], cap_ext: sample["caption"]})
     except BaseException:
         for w in (w for ws in writers.values() for w in ws):
             w.abort()
@@ -134,7 +135,7 @@ def write_split(tmp: str, out: str, *, split: str, counts: list[int], shards: in
     remove_temporary(out)
     cap_ext = caption_extension(params["caption"])
     stream = shuffled_buckets(tmp, split=split, counts=counts, params=params)
-    for i, size in enumerate(sizes):
+    for i, size in enumerate(tqdm(sizes, desc=f"reshard: writing {split or 'shards'}", unit="shard", disable=None)):
         path = posixpath.join(out, f"{i:06d}.tar")
         if fs.exists(posixpath.join(root, f"{i:06d}.tar")):  # written before an interruption: same samples
             for _ in range(size):

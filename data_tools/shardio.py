@@ -105,16 +105,21 @@ class ShardWriter:
     def abort(self) -> None:
         """Drop the shard: its temporary file is removed and nothing appears under its final name."""
         self.file.close()
-        self.fs.rm(self.tmp)
+        if self.fs.exists(self.tmp):
+            self.fs.rm(self.tmp)
 
     def __enter__(self) -> ShardWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.commit()
-        else:
+        if exc_type is not None:
             self.abort()
+            return
+        try:
+            self.commit()
+        except BaseException:
+            self.abort()
+            raise
 
 
 def remove_temporary(directory: str) -> None:

@@ -4,6 +4,7 @@ import json
 import pytest
 
 from clipscale.data.shards import DataError, read_sizes
+import data_tools.reshard as reshard_module
 from data_tools.reshard import reshard, val_split
 from tests.data_tools.kit import sample_multiset, wds_samples
 from tests.shard_kit import image_bytes, sample_members, write_dataset, write_shard
@@ -65,3 +66,29 @@ def test_val_split_by_key_hash(tmp_path):
     assert recorded["result"] == result
     other = reshard(inputs, str(tmp_path / "other"), shards=5, val_fraction=0.25, seed=4)  # another seed:
     assert other["splits"] == result["splits"]  # the same split, another order
+
+
+def test_interrupted_reshard_resumes_without_duplicates(tmp_path, monkeypatch):
+    write_dataset(tmp_path / "in", UNEVEN)
+    inputs = shard_list(tmp_path / "in", len(UNEVEN))
+    reshard(inputs, str(tmp_path / "whole"), shards=4, seed=2)
+
+    class CtrlC(reshard_module.ShardWriter):  # Ctrl-C while pass 2 writes its third shard
+        def commit(self):
+            if self.path.endswith("out/000002.tar"):
+                raise KeyboardInterrupt
+            super().commit()
+
+    monkeypatch.setattr(reshard_module, "ShardWriter", CtrlC)
+    with pytest.raises(KeyboardInterrupt):
+        reshard(inputs, str(tmp_path / "out"), shards=4, seed=2)
+    monkeypatch.undo()
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.glob("*.tar")) == ["000000.tar", "000001.tar"]
+    assert (out / ".reshard/buckets.json").exists() and not list(out.glob(".*.tmp"))
+    first_written = (out / "000000.tar").stat().st_mtime_ns
+    reshard(inputs, str(out), shards=4, seed=2)
+    assert (out / "000000.tar").stat().st_mtime_ns == first_written  # kept, not rewritten
+    for i in range(4):
+        assert (out / f"{i:06d}.tar").read_bytes() == (tmp_path / f"whole/{i:06d}.tar").read_bytes()
+    assert sample_multiset(shard_list(out, 4)) == sample_multiset(inputs)
