@@ -62,3 +62,10 @@ def test_fix_into_the_input_directory_is_refused(tmp_path):
     shard = write_shard(tmp_path / "a.tar", sample_members("x", 0))
     with pytest.raises(DataError, match="never modifies its input"):
         validate_shards([str(shard)], fix_dir=str(tmp_path))
+
+
+def test_a_shard_that_cannot_be_read_is_counted_after_retries(tmp_path):
+    report = validate_shards([str(tmp_path / "vanished.tar")])  # listed, then gone before it was read
+    assert report == {"samples": 0, "bad": {"unreadable_shard": 1},
+                      "shards": [{"url": str(tmp_path / "vanished.tar"), "samples": 0,
+                                  "counters": {"unreadable_shard": 1}, "bad": []}]}
