@@ -94,13 +94,18 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_set(args: argparse.Namespace) -> int:
-    from data_tools.evalset import classification_items, retrieval_items, write_eval_set
+    from data_tools.evalset import classification_items, retrieval_items, shard_items, write_eval_set
+    from data_tools.shardio import is_shards, list_shards
 
     templates = None
     if args.templates:
         with open(args.templates, encoding="utf-8") as f:
             templates = [line.strip() for line in f if line.strip()]
-    if args.captions:
+    if is_shards(args.images):
+        items = shard_items(list_shards(args.images), caption=args.caption)
+        summary = write_eval_set(items, args.out, split=args.split, label="txt", samples_per_shard=args.samples_per_shard,
+                                 max_side=args.max_side, processes=args.processes)
+    elif args.captions:
         items = retrieval_items(args.images, args.captions, path_column=args.path_column,
                                 caption_column=args.caption_column)
         summary = write_eval_set(items, args.out, split=args.split, label="txt", samples_per_shard=args.samples_per_shard,
@@ -180,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval-set", help="zero-shot classification (ImageFolder) or retrieval (captions table) set "
                                         "in CLIP_benchmark's WebDataset layout")
-    p.add_argument("images", help="ImageFolder tree (IMAGES/CLASS/*.jpg), or the image folder of --captions")
+    p.add_argument("images", help="ImageFolder tree (IMAGES/CLASS/*.jpg), the image folder of --captions, "
+                                  "or image-text shards (a directory of *.tar or a spec): a retrieval set")
     p.add_argument("out")
     p.add_argument("--captions", help="captions table: makes a retrieval set (image + .txt captions)")
     p.add_argument("--path-column", default="path")
@@ -189,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test")
     p.add_argument("--samples-per-shard", type=int, default=10_000)
     p.add_argument("--max-side", type=int)
+    p.add_argument("--caption", **caption)
     p.add_argument("--processes", **processes)
     p.set_defaults(func=cmd_eval_set)
     return parser

@@ -7,7 +7,8 @@
     OUT/zeroshot_classification_templates.txt   one prompt template per line with a {c} slot
 
 Classification reads an ImageFolder tree (FOLDER/CLASS/*.jpg; classes in sorted order, `_` shown
-as a space); retrieval reads a captions table, rows with the same image giving its captions.
+as a space); retrieval reads a captions table, rows with the same image giving its captions, or
+image-text shards (one caption per image).
 """
 from __future__ import annotations
 
@@ -15,14 +16,14 @@ import collections
 import functools
 import logging
 import posixpath
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 import fsspec
 from open_clip.zero_shot_metadata import SIMPLE_IMAGENET_TEMPLATES
 
-from clipscale.data.shards import BadSample, DataError
+from clipscale.data.shards import BadSample, DataError, caption_text
 from data_tools.inputs import encode_image, list_images, read_bytes, read_table, resolve
-from data_tools.shardio import ShardWriter, parallel_map, write_json, write_text
+from data_tools.shardio import ShardWriter, parallel_map, read_shard, write_json, write_text
 
 log = logging.getLogger(__name__)
 DEFAULT_TEMPLATES = tuple(t("{c}") for t in SIMPLE_IMAGENET_TEMPLATES)  # open_clip's 7 ImageNet prompts
@@ -49,19 +50,33 @@ def retrieval_items(folder: str, table: str, *, path_column: str, caption_column
     return [(url, "\n".join(texts)) for url, texts in captions.items()]
 
 
-def encode_item(item: tuple[str, str], *, max_side: int | None) -> dict[str, Any]:
-    url, label = item
+def shard_items(urls: list[str], *, caption: str) -> Iterator[tuple[bytes, str]]:
+    """(image bytes, caption) of every sample of some shards (an img2dataset download, say) whose
+    caption the loader accepts: the source of a retrieval set."""
+    counters: collections.Counter = collections.Counter()
+    for url in urls:
+        for sample in read_shard(url, caption=caption, counters=counters):
+            try:
+                yield sample["image"], caption_text(sample["caption"], caption=caption)
+            except BadSample as e:
+                log.warning("skipping %s in %s: %s", sample["__key__"], url, e.reason)
+
+
+def encode_item(item: tuple[str | bytes, str], *, max_side: int | None) -> dict[str, Any]:
+    """(image URL or bytes, label) -> the sample's members, or the reason it is skipped."""
+    source, label = item
     try:
-        ext, image, _ = encode_image(read_bytes(url), max_side=max_side, quality=None)
+        data = source if isinstance(source, bytes) else read_bytes(source)
+        ext, image, _ = encode_image(data, max_side=max_side, quality=None)
     except BadSample as e:
-        return {"url": url, "reason": e.reason}
+        return {"source": source if isinstance(source, str) else "shard sample", "reason": e.reason}
     return {"ext": ext, "image": image, "label": label.encode()}
 
 
-def write_eval_set(items: list[tuple[str, str]], out: str, *, split: str = "test", label: str,
+def write_eval_set(items: Iterable[tuple[str | bytes, str]], out: str, *, split: str = "test", label: str,
                    classnames: list[str] | None = None, templates: list[str] | None = None,
                    samples_per_shard: int = 10_000, max_side: int | None = None, processes: int = 1) -> dict[str, Any]:
-    """Write `items` (image URL, label text) as `out/split/*.tar` with `label` as the label's extension
+    """Write `items` (image URL or bytes, label text) as `out/split/*.tar` with `label` as the label's extension
     (`cls` or `txt`), plus classnames and templates for classification; returns a summary."""
     templates = list(templates or DEFAULT_TEMPLATES)
     bad = [t for t in templates if "{c}" not in t]
@@ -75,10 +90,11 @@ def write_eval_set(items: list[tuple[str, str]], out: str, *, split: str = "test
     skipped: collections.Counter = collections.Counter()
     writer = None
     try:
-        for result in parallel_map(encode, items, processes=processes, desc="eval-set", total=len(items), unit="image"):
+        for result in parallel_map(encode, items, processes=processes, desc="eval-set", unit="image",
+                                   total=len(items) if isinstance(items, list) else None):
             if "reason" in result:
                 skipped[result["reason"]] += 1
-                log.warning("skipping %s: %s", result["url"], result["reason"])
+                log.warning("skipping %s: %s", result["source"], result["reason"])
                 continue
             if writer is not None and writer.samples >= samples_per_shard:
                 writer.commit()
@@ -91,7 +107,7 @@ def write_eval_set(items: list[tuple[str, str]], out: str, *, split: str = "test
             writer.abort()
         raise
     if writer is None:
-        raise DataError(f"no usable image among the {len(items)} inputs ({dict(skipped)})")
+        raise DataError(f"no usable image among the inputs ({dict(skipped)}); check the image folder or shards")
     writer.commit()
     sizes.append(writer.samples)
     write_text(posixpath.join(out, split, "nshards.txt"), f"{len(sizes)}\n")

@@ -43,6 +43,14 @@ def list_shards(spec: str) -> list[str]:
     return urls
 
 
+def is_shards(source: str) -> bool:
+    """Whether `source` names shards (a spec ending in .tar, or a directory holding *.tar) rather than images."""
+    if source.endswith(".tar") or "{" in source:
+        return True
+    fs, path = fsspec.core.url_to_fs(source)
+    return fs.isdir(path) and bool(fs.glob(posixpath.join(path, "*.tar")))
+
+
 def read_shard(url: str, *, caption: str, counters: collections.Counter) -> Iterator[dict[str, Any]]:
     """Raw samples {"__key__", "image", "caption"} of one shard, bad ones counted, as the loader reads them."""
     return shard_samples(url, caption=caption, counters=counters, **READ)

@@ -1,10 +1,12 @@
 """`eval-set`: CLIP_benchmark's WebDataset layout from an ImageFolder tree or a captions table."""
 import pytest
 
+from clipscale.cli import main
+
 from clipscale.data.shards import DataError
 from data_tools.evalset import classification_items, retrieval_items, write_eval_set
 from tests.data_tools.kit import wds_samples
-from tests.shard_kit import image_bytes
+from tests.shard_kit import image_bytes, sample_members, write_shard
 
 
 def test_image_folder_becomes_a_zero_shot_classification_set(tmp_path):
@@ -51,3 +53,13 @@ def test_templates_without_a_slot_and_existing_shards_are_refused(tmp_path):
     write_eval_set(items, str(tmp_path / "out"), label="cls", classnames=names)
     with pytest.raises(DataError, match="already holds shards"):
         write_eval_set(items, str(tmp_path / "out"), label="cls", classnames=names)
+
+
+def test_image_text_shards_become_a_retrieval_set_through_the_cli(tmp_path):
+    (tmp_path / "dl").mkdir()
+    write_shard(tmp_path / "dl/00000.tar", sample_members("a", 1) + [("b.jpg", image_bytes(2)), ("b.txt", b" ")]
+                + [("c.jpg", b"not an image"), ("c.txt", b"c caption")] + sample_members("d", 4))
+    assert main(["data", "eval-set", str(tmp_path / "dl"), str(tmp_path / "out"), "--split", "val",
+                 "--processes", "1"]) == 0
+    samples = wds_samples([str(tmp_path / "out/val/0.tar")])
+    assert [(s["jpg"], s["txt"]) for s in samples] == [(image_bytes(1), b"caption a"), (image_bytes(4), b"caption d")]
