@@ -85,36 +85,30 @@ def cmd_reshard(args: argparse.Namespace) -> int:
 def cmd_synth(args: argparse.Namespace) -> int:
     from clipscale.data.synthetic import write_synthetic_dataset
 
-    specs = write_synthetic_dataset(args.out, train_samples=args.train_samples, samples_per_shard=args.samples_per_shard,
-                                    zeroshot_samples=args.zeroshot_samples, image_size=args.image_size,
-                                    seed=args.seed, processes=args.processes)
+    specs = write_synthetic_dataset(args.out, train_samples=args.train_samples,
+                                    samples_per_shard=args.samples_per_shard, zeroshot_samples=args.zeroshot_samples,
+                                    image_size=args.image_size, seed=args.seed, processes=args.processes)
     for name, spec in specs.items():
         print(f"{name}: {spec}")
     return 0
 
 
 def cmd_eval_set(args: argparse.Namespace) -> int:
-    from data_tools.evalset import classification_items, retrieval_items, shard_items, write_eval_set
+    from data_tools.evalset import classification_items, read_templates, retrieval_items, shard_items, write_eval_set
     from data_tools.shardio import is_shards, list_shards
 
-    templates = None
-    if args.templates:
-        with open(args.templates, encoding="utf-8") as f:
-            templates = [line.strip() for line in f if line.strip()]
+    templates = read_templates(args.templates) if args.templates else None
+    write = {"out": args.out, "split": args.split, "samples_per_shard": args.samples_per_shard,
+             "max_side": args.max_side, "processes": args.processes}
     if is_shards(args.images):
-        items = shard_items(list_shards(args.images), caption=args.caption)
-        summary = write_eval_set(items, args.out, split=args.split, label="txt", samples_per_shard=args.samples_per_shard,
-                                 max_side=args.max_side, processes=args.processes)
+        summary = write_eval_set(shard_items(list_shards(args.images), caption=args.caption), label="txt", **write)
     elif args.captions:
         items = retrieval_items(args.images, args.captions, path_column=args.path_column,
                                 caption_column=args.caption_column)
-        summary = write_eval_set(items, args.out, split=args.split, label="txt", samples_per_shard=args.samples_per_shard,
-                                 max_side=args.max_side, processes=args.processes)
+        summary = write_eval_set(items, label="txt", **write)
     else:
         items, classnames = classification_items(args.images)
-        summary = write_eval_set(items, args.out, split=args.split, label="cls", classnames=classnames,
-                                 templates=templates, samples_per_shard=args.samples_per_shard,
-                                 max_side=args.max_side, processes=args.processes)
+        summary = write_eval_set(items, label="cls", classnames=classnames, templates=templates, **write)
     print(f"{summary['samples']:,} samples in {summary['shards']} shards under {args.out}/{args.split}; "
           f"skipped: {summary['skipped'] or 'none'}")
     return 0

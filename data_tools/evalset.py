@@ -29,6 +29,15 @@ log = logging.getLogger(__name__)
 DEFAULT_TEMPLATES = tuple(t("{c}") for t in SIMPLE_IMAGENET_TEMPLATES)  # open_clip's 7 ImageNet prompts
 
 
+def read_templates(path: str) -> list[str]:
+    """Prompt templates from a text file, one per line (blank lines ignored)."""
+    try:
+        with fsspec.open(path, "r", encoding="utf-8") as f:
+            return [line.strip() for line in f if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"cannot read templates file {path}: {e}") from None
+
+
 def classification_items(folder: str) -> tuple[list[tuple[str, str]], list[str]]:
     """([(image URL, class index as text)], class names) of an ImageFolder tree."""
     images = [rel for rel in list_images(folder) if "/" in rel]
@@ -101,7 +110,8 @@ def write_eval_set(items: Iterable[tuple[str | bytes, str]], out: str, *, split:
                 sizes.append(writer.samples)
                 writer = None
             writer = writer or ShardWriter(posixpath.join(out, split, f"{len(sizes)}.tar"))
-            writer.write(f"s{sum(sizes) + writer.samples:07d}", {result["ext"]: result["image"], label: result["label"]})
+            key = f"s{sum(sizes) + writer.samples:07d}"  # CLIP_benchmark's keys: s + running index
+            writer.write(key, {result["ext"]: result["image"], label: result["label"]})
     except BaseException:
         if writer is not None:
             writer.abort()

@@ -113,10 +113,10 @@ def inspect_shards(urls: list[str], out: str, *, caption: str = "txt", n: int = 
 
 def summary_table(summary: dict[str, Any]) -> str:
     """The summary as a text table: one row per measured quantity, then the bad counts."""
+    columns = ("min", "p5", "median", "p95", "max")
     lines = [f"{summary['samples_read']:,} samples read from {summary['shards']} shards",
-             f"{'':<14}{'min':>9}{'p5':>9}{'median':>9}{'p95':>9}{'max':>9}"]
+             f"{'':<14}" + "".join(f"{c:>9}" for c in columns)]
     for name in ("width", "height", "aspect_ratio", "caption_chars"):
-        q = summary[name]
-        lines.append(f"{name:<14}" + "".join(f"{q.get(k, float('nan')):>9.4g}" for k in ("min", "p5", "median", "p95", "max")))
+        lines.append(f"{name:<14}" + "".join(f"{summary[name].get(c, float('nan')):>9.4g}" for c in columns))
     lines += [f"bad {reason}: {n}" for reason, n in sorted(summary["bad"].items())]
     return "\n".join(lines)

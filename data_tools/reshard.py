@@ -81,7 +81,8 @@ def reshard(urls: list[str], out: str, *, shards: int, val_fraction: float = 0.0
 
 def fill_buckets(urls: list[str], tmp: str, params: dict[str, Any]) -> dict[str, Any]:
     """Pass 1: every kept sample into a random bucket of its split; counts per bucket and drops by reason."""
-    n_buckets = {split: min(n, MAX_BUCKETS) for split, n in split_shards(params["shards"], params["val_fraction"]).items()}
+    shards = split_shards(params["shards"], params["val_fraction"])
+    n_buckets = {split: min(n, MAX_BUCKETS) for split, n in shards.items()}
     writers = {split: [ShardWriter(posixpath.join(tmp, f"{split or 'all'}-{b:06d}.tar")) for b in range(n)]
                for split, n in n_buckets.items()}
     rng = random.Random(f"reshard/{params['seed']}")

@@ -63,3 +63,15 @@ def test_image_text_shards_become_a_retrieval_set_through_the_cli(tmp_path):
                  "--processes", "1"]) == 0
     samples = wds_samples([str(tmp_path / "out/val/0.tar")])
     assert [(s["jpg"], s["txt"]) for s in samples] == [(image_bytes(1), b"caption a"), (image_bytes(4), b"caption d")]
+
+
+def test_templates_come_from_a_file_and_a_missing_one_is_named(tmp_path, capsys):
+    (tmp_path / "tree/x").mkdir(parents=True)
+    (tmp_path / "tree/x/1.jpg").write_bytes(image_bytes(0))
+    (tmp_path / "t.txt").write_text("a {c}.\n\nan image of a {c}.\n")
+    assert main(["data", "eval-set", str(tmp_path / "tree"), str(tmp_path / "out"), "--templates",
+                 str(tmp_path / "t.txt"), "--processes", "1"]) == 0
+    assert (tmp_path / "out/zeroshot_classification_templates.txt").read_text() == "a {c}.\nan image of a {c}.\n"
+    assert main(["data", "eval-set", str(tmp_path / "tree"), str(tmp_path / "o2"), "--templates",
+                 str(tmp_path / "none.txt")]) == 2
+    assert f"cannot read templates file {tmp_path / 'none.txt'}" in capsys.readouterr().err
