@@ -63,7 +63,7 @@ def encode_input(job: tuple[int, str, str | None], *, max_side: int | None, qual
     try:
         ext, image, size = encode_image(read_bytes(url), max_side=max_side, quality=quality)
     except BadSample as e:
-        return {"index": index, "reason": e.reason, "url": url}
+        return {"index": index, "reason": e.reason}
     return {"index": index, "ext": ext, "image": image, "caption": caption.strip().encode(), "size": size}
 
 
@@ -78,6 +78,7 @@ def stats_name(i: int) -> str:
 def make_shards(folder: str, out: str, *, target: ShardTarget, captions: str | None = None,
                 path_column: str = "path", caption_column: str = "caption", processes: int = 1) -> dict[str, Any]:
     """Write shards of `folder`'s images into `out`; returns {"shards", "samples", "failed": {reason: n}}."""
+    folder = folder.rstrip("/")
     params = {"folder": folder, "captions": captions, "path_column": path_column,
               "caption_column": caption_column, **dataclasses.asdict(target)}
     check_resumable(out, params)

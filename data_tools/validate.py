@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import functools
 import logging
+import os
 import posixpath
 import random
 from typing import Any
@@ -62,8 +63,8 @@ def validate_shards(urls: list[str], *, caption: str = "txt", fix_dir: str | Non
                     processes: int = 1) -> dict[str, Any]:
     """Validate every shard; returns {"samples", "bad": {reason: n}, "shards": [per-shard results]}."""
     if fix_dir is not None:
-        inputs = {posixpath.dirname(u) for u in urls}
-        if fix_dir.rstrip("/") in inputs:
+        inputs = {_place(posixpath.dirname(u)) for u in urls}
+        if _place(fix_dir) in inputs:
             raise DataError(f"--fix {fix_dir} is where the input shards are; validate never modifies its "
                             "input: choose another directory")
         names = collections.Counter(posixpath.basename(u) for u in urls)
@@ -79,6 +80,11 @@ def validate_shards(urls: list[str], *, caption: str = "txt", fix_dir: str | Non
         write_json(posixpath.join(fix_dir, "sizes.json"),
                    {posixpath.basename(s["url"]): s["samples"] for s in shards})
     return report
+
+
+def _place(directory: str) -> str:
+    """A directory compared by where it is: local paths resolved, URLs without a trailing slash."""
+    return directory.rstrip("/") if "://" in directory else os.path.realpath(directory or ".")
 
 
 def summary_table(report: dict[str, Any]) -> str:

@@ -60,8 +60,9 @@ def test_remote_shards_are_read_through_fsspec(tmp_path):
 
 def test_fix_into_the_input_directory_is_refused(tmp_path):
     shard = write_shard(tmp_path / "a.tar", sample_members("x", 0))
-    with pytest.raises(DataError, match="never modifies its input"):
-        validate_shards([str(shard)], fix_dir=str(tmp_path))
+    for same in (str(tmp_path), f"{tmp_path}/", f"{tmp_path}/../{tmp_path.name}"):
+        with pytest.raises(DataError, match="never modifies its input"):
+            validate_shards([str(shard)], fix_dir=same)
 
 
 def test_a_shard_that_cannot_be_read_is_counted_after_retries(tmp_path):
