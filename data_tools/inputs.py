@@ -97,8 +97,9 @@ def read_bytes(url: str) -> bytes:
 def encode_image(data: bytes, *, max_side: int | None, quality: int | None) -> tuple[str, bytes, tuple[int, int]]:
     """(extension, bytes, (width, height)) of an image as it goes into a shard; BadSample if unusable.
 
-    Bytes are kept as they are unless a resize (`max_side`) or re-encode (`quality`) is asked, or
-    the format is not one the loader selects (jpg, png, webp): those become lossless PNG.
+    Bytes are kept as they are unless needed otherwise: `quality` re-encodes every image as JPEG; a
+    JPEG resized to `max_side` stays JPEG (quality 95); other resized images, and formats the loader
+    does not select (it reads jpg, png, webp), become lossless PNG.
     """
     img = open_image(data)
     try:

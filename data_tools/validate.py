@@ -23,7 +23,7 @@ from data_tools.shardio import (ShardWriter, caption_extension, image_extension,
                                 remove_temporary, write_json)
 
 log = logging.getLogger(__name__)
-CHECK_SIZE = 32  # side of the crop decoded per sample: every pixel is decoded whatever the size
+CHECK_SIZE = 32  # output side: all the image data is still read (large JPEGs at reduced DCT scale)
 
 
 def check_sample(sample: dict[str, Any], *, caption: str) -> None:
