@@ -75,7 +75,10 @@ def sidecar_pairs(folder: str) -> list[tuple[str, str | None]]:
     pairs: list[tuple[str, str | None]] = []
     for rel in list_images(folder):
         sidecar = posixpath.join(root, posixpath.splitext(rel)[0] + ".txt")
-        caption = fs.cat_file(sidecar).decode("utf-8", "replace") if fs.exists(sidecar) else None
+        try:
+            caption = fs.cat_file(sidecar).decode("utf-8", "replace") if fs.exists(sidecar) else None
+        except OSError as e:
+            raise DataError(f"cannot read caption file {sidecar}: {e}") from None
         pairs.append((resolve(folder, rel), caption))
     return pairs
 

@@ -7,15 +7,16 @@ decoded) and optionally resized / re-encoded in parallel; shards are cut in inpu
 sample count or a size in MB and written atomically, each followed by `NNNNNN_stats.json`
 (img2dataset's format: `successes`, plus the input range and failures by reason).
 
-Resume: `OUT/make.json` records the parameters; a run with the same parameters keeps every
-shard whose stats file exists and continues with the next input, so an interrupted run finishes
-without duplicates. `OUT/sizes.json` is written last.
+Resume: `OUT/make.json` records the parameters and a digest of the input list; a run with the
+same ones keeps every shard whose stats file exists and continues with the next input, so an
+interrupted run finishes without duplicates. `OUT/sizes.json` is written last.
 """
 from __future__ import annotations
 
 import collections
 import dataclasses
 import functools
+import hashlib
 import json
 import logging
 import posixpath
@@ -79,11 +80,13 @@ def make_shards(folder: str, out: str, *, target: ShardTarget, captions: str | N
                 path_column: str = "path", caption_column: str = "caption", processes: int = 1) -> dict[str, Any]:
     """Write shards of `folder`'s images into `out`; returns {"shards", "samples", "failed": {reason: n}}."""
     folder = folder.rstrip("/")
-    params = {"folder": folder, "captions": captions, "path_column": path_column,
-              "caption_column": caption_column, **dataclasses.asdict(target)}
-    check_resumable(out, params)
     pairs = (table_pairs(folder, captions, path_column=path_column, caption_column=caption_column)
              if captions else sidecar_pairs(folder))
+    # the input list is part of the parameters: resuming over a changed list would shift the indices
+    inputs_sha1 = hashlib.sha1(json.dumps(pairs).encode()).hexdigest()
+    params = {"folder": folder, "captions": captions, "path_column": path_column, "caption_column": caption_column,
+              "inputs": len(pairs), "inputs_sha1": inputs_sha1, **dataclasses.asdict(target)}
+    check_resumable(out, params)
     shard, start = completed_shards(out)
     if start:
         log.info("resuming %s at shard %d, input %d of %d", out, shard, start, len(pairs))

@@ -149,6 +149,10 @@ def test_other_parameters_or_a_foreign_directory_are_refused(tmp_path):
     make_shards(str(tmp_path / "img"), str(tmp_path / "out"), target=ShardTarget(samples_per_shard=2))
     with pytest.raises(DataError, match="samples_per_shard differ"):
         make_shards(str(tmp_path / "img"), str(tmp_path / "out"), target=ShardTarget(samples_per_shard=5))
+    (tmp_path / "img/sub0/new.jpg").write_bytes(image_bytes(7))  # the input list changed: indices would shift
+    (tmp_path / "img/sub0/new.txt").write_text("new")
+    with pytest.raises(DataError, match="inputs, inputs_sha1 differ"):
+        make_shards(str(tmp_path / "img"), str(tmp_path / "out"), target=ShardTarget(samples_per_shard=2))
     (tmp_path / "other").mkdir()
     (tmp_path / "other/keep.txt").write_text("mine")
     with pytest.raises(DataError, match="not empty"):
