@@ -75,7 +75,7 @@ def cmd_reshard(args: argparse.Namespace) -> int:
     from data_tools.shardio import list_shards
 
     result = reshard(list_shards(args.shards), args.out, shards=args.shards_out, val_fraction=args.val_fraction,
-                     seed=args.seed, caption=args.caption)
+                     seed=args.seed, caption=args.caption, processes=args.processes)
     for split, sizes in result["splits"].items():
         print(f"{split or 'shards'}: {len(sizes)} shards, {sum(sizes):,} samples ({min(sizes)}-{max(sizes)} each)")
     print(f"dropped: {json.dumps(result['dropped']) if result['dropped'] else 'none'}")
@@ -165,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=float, default=0.0, help="share of keys (by hash) in OUT/val")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--caption", **caption)
+    p.add_argument("--processes", **processes)
     p.set_defaults(func=cmd_reshard)
 
     p = sub.add_parser("synth", help="the embedded synthetic dataset (train shards + zero-shot set)")

@@ -4,9 +4,10 @@ Two passes (Rao's two-pass shuffle: random buckets, then a shuffle inside each b
 uniformly random order). Pass 1 reads the inputs in order with the loader's reader, drops
 duplicate keys and exact-duplicate images (first one kept), sends each sample to the train or val
 split by a hash of its key, and appends it to a random bucket tar of that split under
-`OUT/.reshard/`. Pass 2 reads the buckets one at a time, shuffles each in memory and cuts the
-concatenation into shards of equal size (+-1). Memory: one bucket, about N / min(M, 512) samples,
-plus every kept key and a 16-byte digest per kept image for the duplicate checks.
+`OUT/.reshard/`. Pass 2 cuts the concatenation of the shuffled buckets into shards of equal size
+(+-1), shards in parallel, each reading (and shuffling in memory) the few buckets its slice
+overlaps. Memory: pass 1 keeps every kept key and a 16-byte digest per kept image for the duplicate
+checks; pass 2 one bucket (about N / min(M, 512) samples) per process.
 
 Resume: pass 1 ends by writing `.reshard/buckets.json`; without it pass 1 starts over. Pass 2 is
 deterministic given the buckets, so shards already under their final names are skipped.
@@ -15,6 +16,7 @@ deterministic given the buckets, so shards already under their final names are s
 from __future__ import annotations
 
 import collections
+import functools
 import hashlib
 import logging
 import posixpath
@@ -25,8 +27,8 @@ import fsspec
 from tqdm import tqdm
 
 from clipscale.data.shards import DataError
-from data_tools.shardio import (ShardWriter, caption_extension, image_extension, member_key, read_json, read_shard,
-                                remove_temporary, write_json)
+from data_tools.shardio import (ShardWriter, caption_extension, image_extension, member_key, parallel_map, read_json,
+                                read_shard, remove_temporary, write_json)
 
 log = logging.getLogger(__name__)
 MAX_BUCKETS = 512  # bucket files open at once in pass 1
@@ -46,7 +48,7 @@ def split_shards(shards: int, val_fraction: float) -> dict[str, int]:
 
 
 def reshard(urls: list[str], out: str, *, shards: int, val_fraction: float = 0.0, seed: int = 0,
-            caption: str = "txt") -> dict[str, Any]:
+            caption: str = "txt", processes: int = 1) -> dict[str, Any]:
     """Reshard `urls` into `out`; returns {"splits": {split: [samples per shard]}, "dropped": {reason: n}}."""
     if shards < 1 or not 0 <= val_fraction < 1:
         raise DataError(f"shards={shards} must be >= 1 and val_fraction={val_fraction} in [0, 1)")
@@ -69,7 +71,8 @@ def reshard(urls: list[str], out: str, *, shards: int, val_fraction: float = 0.0
         buckets = {"params": params, **fill_buckets(urls, tmp, params)}
         write_json(posixpath.join(tmp, "buckets.json"), buckets)
     splits = {split: write_split(tmp, posixpath.join(out, split) if split else out, split=split,
-                                 counts=counts, shards=split_shards(shards, val_fraction)[split], params=params)
+                                 counts=counts, shards=split_shards(shards, val_fraction)[split], params=params,
+                                 processes=processes)
               for split, counts in buckets["counts"].items()}
     result = {"splits": splits, "dropped": buckets["dropped"]}
     write_json(posixpath.join(out, "reshard.json"), {"params": params, "result": result})
@@ -114,38 +117,56 @@ def fill_buckets(urls: list[str], tmp: str, params: dict[str, Any]) -> dict[str,
     return {"counts": {split: [w.samples for w in ws] for split, ws in writers.items()}, "dropped": dict(counters)}
 
 
-def shuffled_buckets(tmp: str, *, split: str, counts: list[int], params: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    """Pass 2's stream: each bucket read whole, shuffled with its own seed, in bucket order."""
-    for b in range(len(counts)):
-        counters: collections.Counter = collections.Counter()
-        samples = list(read_shard(posixpath.join(tmp, f"{split or 'all'}-{b:06d}.tar"),
-                                  caption=params["caption"], counters=counters))
-        if len(samples) != counts[b] or counters:
-            raise DataError(f"bucket {b} of {tmp} holds {len(samples)} samples, not {counts[b]} ({dict(counters)}); "
-                            f"delete {tmp} and run again")
-        random.Random(f"reshard/{params['seed']}/{split}/{b}").shuffle(samples)
-        yield from samples
+def shuffled_bucket(tmp: str, b: int, *, split: str, count: int, params: dict[str, Any]) -> list[dict[str, Any]]:
+    """Bucket `b` of a split, read whole and shuffled with its own seed."""
+    counters: collections.Counter = collections.Counter()
+    samples = list(read_shard(posixpath.join(tmp, f"{split or 'all'}-{b:06d}.tar"), caption=params["caption"],
+                              counters=counters))
+    if len(samples) != count or counters:
+        raise DataError(f"bucket {b} of {tmp} holds {len(samples)} samples, not {count} ({dict(counters)}); "
+                        f"delete {tmp} and run again")
+    random.Random(f"reshard/{params['seed']}/{split}/{b}").shuffle(samples)
+    return samples
 
 
-def write_split(tmp: str, out: str, *, split: str, counts: list[int], shards: int,
-                params: dict[str, Any]) -> list[int]:
-    """Pass 2 for one split: `shards` shards of equal size (+-1), skipping those already written."""
+def stream_slice(tmp: str, *, split: str, counts: list[int], params: dict[str, Any], start: int,
+                 stop: int) -> Iterator[dict[str, Any]]:
+    """Samples [start, stop) of pass 2's stream: the shuffled buckets one after another."""
+    offset = 0
+    for b, count in enumerate(counts):
+        if offset < stop and offset + count > start:
+            samples = shuffled_bucket(tmp, b, split=split, count=count, params=params)
+            yield from samples[max(0, start - offset):stop - offset]
+        offset += count
+
+
+def write_shard(job: tuple[int, int, int], *, tmp: str, out: str, split: str, counts: list[int],
+                params: dict[str, Any]) -> None:
+    """Output shard i = stream samples [start, start + size); skipped if it was written before an
+    interruption (it holds the same samples)."""
+    i, start, size = job
+    path = posixpath.join(out, f"{i:06d}.tar")
+    fs, local = fsspec.core.url_to_fs(path)
+    if fs.exists(local):
+        return
+    cap_ext = caption_extension(params["caption"])
+    with ShardWriter(path) as writer:
+        for sample in stream_slice(tmp, split=split, counts=counts, params=params, start=start, stop=start + size):
+            writer.write(sample["__key__"], {image_extension(sample["image"]): sample["image"],
+                                             cap_ext: sample["caption"]})
+
+
+def write_split(tmp: str, out: str, *, split: str, counts: list[int], shards: int, params: dict[str, Any],
+                processes: int) -> list[int]:
+    """Pass 2 for one split: `shards` shards of equal size (+-1), in parallel; each reads only the
+    buckets its slice of the stream overlaps."""
     total = sum(counts)
     sizes = [total // shards + (i < total % shards) for i in range(shards)]
-    fs, root = fsspec.core.url_to_fs(out)
+    starts = [sum(sizes[:i]) for i in range(shards)]
     remove_temporary(out)
-    cap_ext = caption_extension(params["caption"])
-    stream = shuffled_buckets(tmp, split=split, counts=counts, params=params)
-    for i, size in enumerate(tqdm(sizes, desc=f"reshard: writing {split or 'shards'}", unit="shard", disable=None)):
-        path = posixpath.join(out, f"{i:06d}.tar")
-        if fs.exists(posixpath.join(root, f"{i:06d}.tar")):  # written before an interruption: same samples
-            for _ in range(size):
-                next(stream)
-            continue
-        with ShardWriter(path) as writer:
-            for _ in range(size):
-                sample = next(stream)
-                writer.write(sample["__key__"], {image_extension(sample["image"]): sample["image"],
-                                                 cap_ext: sample["caption"]})
+    write = functools.partial(write_shard, tmp=tmp, out=out, split=split, counts=counts, params=params)
+    for _ in parallel_map(write, list(zip(range(shards), starts, sizes)), processes=processes,
+                          desc=f"reshard: writing {split or 'shards'}", total=shards, unit="shard"):
+        pass
     write_json(posixpath.join(out, "sizes.json"), {f"{i:06d}.tar": n for i, n in enumerate(sizes)})
     return sizes

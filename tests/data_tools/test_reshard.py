@@ -92,3 +92,15 @@ def test_interrupted_reshard_resumes_without_duplicates(tmp_path, monkeypatch):
     for i in range(4):
         assert (out / f"{i:06d}.tar").read_bytes() == (tmp_path / f"whole/{i:06d}.tar").read_bytes()
     assert sample_multiset(shard_list(out, 4)) == sample_multiset(inputs)
+
+
+@pytest.mark.slow
+def test_parallel_reshard_writes_the_same_shards(tmp_path):
+    write_dataset(tmp_path / "in", UNEVEN)
+    inputs = shard_list(tmp_path / "in", len(UNEVEN))
+    for processes in (1, 2):
+        reshard(inputs, str(tmp_path / f"p{processes}"), shards=4, val_fraction=0.3, seed=5, processes=processes)
+    for split, n in (("train", 3), ("val", 1)):
+        for i in range(n):
+            assert (tmp_path / f"p1/{split}/{i:06d}.tar").read_bytes() == \
+                (tmp_path / f"p2/{split}/{i:06d}.tar").read_bytes()
