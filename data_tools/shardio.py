@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable, Iterator
 import fsspec
 from tqdm import tqdm
 
-from clipscale.data.shards import DataError, check_shards_exist, expand_sources, shard_samples
+from clipscale.data.shards import DataError, expand_sources, shard_samples
 
 READ = {"retries": 2, "backoff_s": 1.0, "timeout_s": 120.0}  # shard_samples' retry policy in the tools
 WINDOW = 1024  # items handed to a process pool at a time: bounds the results held in memory
@@ -39,8 +39,16 @@ def list_shards(spec: str) -> list[str]:
             raise DataError(f"{spec} holds no *.tar shards; give a directory of shards or a spec like dir/{{0..9}}.tar")
         return urls
     urls = [u for source in expand_sources(spec) for u in source]
-    check_shards_exist(urls, spec=spec)
+    missing = [u for u in urls if not u.startswith("pipe:") and not _exists(u)]
+    if missing:
+        raise DataError(f"{len(missing)} of {len(urls)} shards of {spec!r} do not exist, e.g. {missing[0]}; "
+                        "check the path and the brace range")
     return urls
+
+
+def _exists(url: str) -> bool:
+    fs, path = fsspec.core.url_to_fs(url)
+    return fs.exists(path)
 
 
 def is_shards(source: str) -> bool:

@@ -16,7 +16,7 @@ def test_clipscale_data_synth_writes_the_synthetic_dataset(tmp_path):
     assert main(["data", "synth", str(tmp_path), "--train-samples", "40", "--samples-per-shard", "20",
                  "--zeroshot-samples", "10", "--image-size", "16", "--processes", "1"]) == 0
     assert json.loads((tmp_path / "train/sizes.json").read_text()) == {"000000.tar": 20, "000001.tar": 20}
-    assert (tmp_path / "zeroshot/classnames.json").exists() and (tmp_path / "dataset.json").exists()
+    assert list((tmp_path / "zeroshot").rglob("*.tar")) and (tmp_path / "dataset.json").exists()
 
 
 def test_clipscale_data_help_lists_the_verbs(capsys):
