@@ -46,3 +46,24 @@ def test_python_m_data_tools_sizes(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "2 shards, 8 samples" in done.stdout
     assert json.loads((tmp_path / "sizes.json").read_text()) == {"000000.tar": 3, "000001.tar": 5}
+
+
+def test_the_readme_flow_through_the_cli(tmp_path, capsys):
+    from tests.data_tools.kit import image_folder
+
+    paths = image_folder(tmp_path / "photos", 12, sidecars=False)
+    (tmp_path / "captions.tsv").write_text("path\tcaption\n" + "".join(f"{p}\tphoto {i}\n" for i, p in enumerate(paths)))
+    one = ["--processes", "1"]
+    assert main(["data", "make", str(tmp_path / "photos"), str(tmp_path / "shards"), "--captions",
+                 str(tmp_path / "captions.tsv"), "--samples-per-shard", "5", "--max-side", "14", "--quality", "80",
+                 *one]) == 0
+    assert f"3 shards, 12 samples in {tmp_path / 'shards'} (spec {tmp_path / 'shards'}/{{000000..000002}}.tar)" \
+        in capsys.readouterr().out
+    assert main(["data", "validate", str(tmp_path / "shards"), *one]) == 0
+    assert main(["data", "reshard", str(tmp_path / "shards"), str(tmp_path / "re"), "--shards", "4",
+                 "--val-fraction", "0.25", *one]) == 0
+    out = capsys.readouterr().out
+    assert "train: 3 shards" in out and "val: 1 shards" in out
+    assert main(["data", "inspect", f"{tmp_path}/re/train/{{000000..000002}}.tar", str(tmp_path / "report")]) == 0
+    assert (tmp_path / "report/contact_sheet.png").exists()
+    assert main(["data", "sizes", str(tmp_path / "re/val"), "--count", *one]) == 0
