@@ -75,7 +75,8 @@ def cmd_reshard(args: argparse.Namespace) -> int:
     from data_tools.shardio import list_shards
 
     result = reshard(list_shards(args.shards), args.out, shards=args.shards_out, val_fraction=args.val_fraction,
-                     seed=args.seed, caption=args.caption, processes=args.processes)
+                     seed=args.seed, caption=args.caption, drop_duplicate_images=not args.keep_duplicate_images,
+                     processes=args.processes)
     for split, sizes in result["splits"].items():
         print(f"{split or 'shards'}: {len(sizes)} shards, {sum(sizes):,} samples ({min(sizes)}-{max(sizes)} each)")
     print(f"dropped: {json.dumps(result['dropped']) if result['dropped'] else 'none'}")
@@ -164,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shards", dest="shards_out", type=int, required=True, help="output shards (train + val)")
     p.add_argument("--val-fraction", type=float, default=0.0, help="share of keys (by hash) in OUT/val")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--keep-duplicate-images", action="store_true",
+                   help="keep byte-identical images under different keys (one image, several captions)")
     p.add_argument("--caption", **caption)
     p.add_argument("--processes", **processes)
     p.set_defaults(func=cmd_reshard)

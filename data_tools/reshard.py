@@ -48,11 +48,13 @@ def split_shards(shards: int, val_fraction: float) -> dict[str, int]:
 
 
 def reshard(urls: list[str], out: str, *, shards: int, val_fraction: float = 0.0, seed: int = 0,
-            caption: str = "txt", processes: int = 1) -> dict[str, Any]:
-    """Reshard `urls` into `out`; returns {"splits": {split: [samples per shard]}, "dropped": {reason: n}}."""
+            caption: str = "txt", drop_duplicate_images: bool = True, processes: int = 1) -> dict[str, Any]:
+    """Reshard `urls` into `out`; returns {"splits": {split: [samples per shard]}, "dropped": {reason: n}}.
+    Keep `drop_duplicate_images` off for sets that pair one image with several captions (COCO-style)."""
     if shards < 1 or not 0 <= val_fraction < 1:
         raise DataError(f"shards={shards} must be >= 1 and val_fraction={val_fraction} in [0, 1)")
-    params = {"inputs": urls, "shards": shards, "val_fraction": val_fraction, "seed": seed, "caption": caption}
+    params = {"inputs": urls, "shards": shards, "val_fraction": val_fraction, "seed": seed, "caption": caption,
+              "drop_duplicate_images": drop_duplicate_images}
     fs, root = fsspec.core.url_to_fs(out)
     done = read_json(posixpath.join(out, "reshard.json"))
     if done is not None and done["params"] == params:
@@ -99,7 +101,7 @@ def fill_buckets(urls: list[str], tmp: str, params: dict[str, Any]) -> dict[str,
             key = member_key(sample["__key__"])
             digest = hashlib.blake2b(sample["image"], digest_size=16).digest()
             reason = ("unsafe_member_name" if key is None else "duplicate_key" if key in keys
-                      else "duplicate_image" if digest in images else None)
+                      else "duplicate_image" if params["drop_duplicate_images"] and digest in images else None)
             if reason:
                 counters[reason] += 1
                 continue

@@ -49,6 +49,8 @@ def test_duplicate_keys_and_images_are_dropped(tmp_path):
     assert keys == ["k1", "k2", "k4"]
     first_k1 = [s for s in wds_samples(shard_list(tmp_path / "out", 2)) if s["__key__"] == "k1"][0]
     assert first_k1["jpg"] == image_bytes(1)  # the first one is kept
+    kept = reshard([str(a), str(b)], str(tmp_path / "captions"), shards=2, drop_duplicate_images=False)
+    assert kept["dropped"] == {"duplicate_key": 1, "unsafe_member_name": 1}  # one image, two captions: both kept
 
 
 def test_val_split_by_key_hash(tmp_path):
