@@ -52,7 +52,8 @@ def test_the_readme_flow_through_the_cli(tmp_path, capsys):
     from tests.data_tools.kit import image_folder
 
     paths = image_folder(tmp_path / "photos", 12, sidecars=False)
-    (tmp_path / "captions.tsv").write_text("path\tcaption\n" + "".join(f"{p}\tphoto {i}\n" for i, p in enumerate(paths)))
+    rows = "".join(f"{p}\tphoto {i}\n" for i, p in enumerate(paths))
+    (tmp_path / "captions.tsv").write_text("path\tcaption\n" + rows)
     one = ["--processes", "1"]
     assert main(["data", "make", str(tmp_path / "photos"), str(tmp_path / "shards"), "--captions",
                  str(tmp_path / "captions.tsv"), "--samples-per-shard", "5", "--max-side", "14", "--quality", "80",
