@@ -73,13 +73,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from clipscale.data.synthetic import write_synthetic_dataset
+    from data_tools.cli import main as data_main
 
-    specs = write_synthetic_dataset(args.out, train_samples=args.train_samples, seed=args.seed,
-                                    processes=args.processes)
-    for name, spec in specs.items():
-        print(f"{name}: {spec}")
-    return 0
+    return data_main(args.data_args)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -139,11 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=float, action="append", required=True, help="in the fit's x units; repeatable")
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("data", help="write the synthetic dataset (train shards + zero-shot set)")
-    p.add_argument("out")
-    p.add_argument("--train-samples", type=int, default=64_000)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--processes", type=int, default=os.cpu_count() or 1)
+    p = sub.add_parser("data", help="prepare shards: sizes, make, validate, inspect, reshard, synth, eval-set",
+                       add_help=False)
+    p.add_argument("data_args", nargs=argparse.REMAINDER, help="`clipscale data --help` lists the verbs")
     p.set_defaults(func=cmd_data)
 
     p = sub.add_parser("demo", help="synthetic data -> scaling grid under torchrun -> eval -> fit")
@@ -166,7 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     _setup_logging()
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if args.command == "data":  # the data tools parse their own options, `clipscale data --help` included
+        args.data_args = unknown + args.data_args
+    elif unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return args.func(args)
     except (ConfigError, DataError, FitError) as e:

@@ -13,7 +13,7 @@ Layout written by `write_synthetic_dataset(OUT)`:
     OUT/zeroshot/000000.tar ...        {key}.jpg, {key}.cls (class index), {key}.json
     OUT/zeroshot/{sizes,classnames,templates}.json
 
-    python data_tools/make_synthetic.py data/synthetic --train-samples 64000 --processes 2
+    clipscale data synth data/synthetic --train-samples 64000 --processes 2
 """
 from __future__ import annotations
 
