@@ -7,10 +7,11 @@ Layout of `RUN_DIR/checkpoints/`:
         meta.json           {"step", "samples_seen", "loader", "config"} (written last)
         rng_rank{r}.pt      per-rank RNG states (python, numpy, torch, cuda)
     step_000200.tmp/        being written; never loaded, removed on the next save
-    latest                  name of the newest complete checkpoint
 
 A checkpoint is written under a `.tmp` name by all ranks and renamed by rank 0 after a barrier,
-so a job killed mid-save leaves the previous checkpoint as `latest`.
+so a job killed mid-save leaves the previous checkpoint as the newest complete one. The scan of
+complete `step_*` directories is the one record of which checkpoint is latest: no pointer file
+can disagree with it.
 """
 from __future__ import annotations
 
@@ -97,17 +98,10 @@ def save_checkpoint(
         if final.exists():  # the same step saved again after a resume
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _write_latest(ckpt_dir, final.name)
         _prune(ckpt_dir, keep_last=keep_last, keep_every_samples=keep_every_samples)
     dist.barrier()
     log.info("saved checkpoint %s", final)
     return final
-
-
-def _write_latest(ckpt_dir: Path, name: str) -> None:
-    pointer = ckpt_dir / "latest.tmp"
-    pointer.write_text(name + "\n")
-    os.replace(pointer, ckpt_dir / "latest")
 
 
 def _prune(ckpt_dir: Path, *, keep_last: int, keep_every_samples: int) -> None:
