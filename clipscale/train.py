@@ -101,8 +101,10 @@ def _train(cfg: Config, info: DistInfo) -> Path:
         batch_size=cfg.train.global_batch_size // info.world_size, rank=info.rank,
         world_size=info.world_size, seed=cfg.run.seed,
     )
-    progress = resume(run_dir / "checkpoints", model=model, optimizer=optimizer, loader=loader, scaler=scaler)
-    torch.manual_seed(cfg.run.seed * 1000 + info.rank + progress.step)  # per-rank stochastic layers
+    progress, rng_restored = resume(run_dir / "checkpoints", model=model, optimizer=optimizer, loader=loader,
+                                    scaler=scaler)
+    if not rng_restored:  # fresh start, or a rank the checkpoint's world did not have
+        torch.manual_seed(cfg.run.seed * 1000 + info.rank + progress.step)  # per-rank stochastic layers
     total_steps = cfg.train.total_samples // cfg.train.global_batch_size
     metrics = MetricsLogger(run_dir, cfg.log, enabled=info.is_main, total_steps=total_steps,
                             config=config_to_dict(cfg), start_step=progress.step)
@@ -134,7 +136,8 @@ def run_loop(cfg: Config, info: DistInfo, *, model, optimizer, loader, bundle: M
     t_log, samples_at_log = time.perf_counter(), progress.samples_seen
     while progress.step < total_steps:
         timer.sync = (progress.step + 1) % t.log_every_steps == 0  # exact phase times on log steps
-        batch = next(batches)  # fetch
+        with torch.random.fork_rng(devices=[]):  # a new DataLoader iterator draws its base seed from
+            batch = next(batches)  # fetch           # the global RNG: that must not shift the model's draws
         images = normalize_images(batch.images_on(info.device), mean=bundle.mean, std=bundle.std)
         texts = batch.texts.to(info.device, non_blocking=True)
         timer.lap("data_s")
@@ -273,17 +276,21 @@ def save(cfg: Config, *, model, optimizer, loader, progress: Progress,
                          keep_every_samples=cfg.train.keep_every_samples)
 
 
-def resume(ckpt_dir: Path, *, model, optimizer, loader, scaler: torch.amp.GradScaler | None = None) -> Progress:
+def resume(ckpt_dir: Path, *, model, optimizer, loader,
+           scaler: torch.amp.GradScaler | None = None) -> tuple[Progress, bool]:
+    """Load the newest complete checkpoint, if any; returns the progress and whether this rank's
+    RNG states were restored (they must then not be reseeded, or stochastic layers diverge)."""
     latest = ckpt.latest_checkpoint(ckpt_dir)
     if latest is None:
-        return Progress()
+        return Progress(), False
     meta = ckpt.load_checkpoint(latest, model=model, optimizer=optimizer)
+    rng_restored = ckpt.restore_rng(latest)
     loader.load_state_dict(meta["loader"])
     if scaler is not None and scaler.is_enabled() and "grad_scaler" in meta:
         scaler.load_state_dict(meta["grad_scaler"])
     log.info("resumed from %s (step %d, %d samples)", latest, meta["step"], meta["samples_seen"])
     return Progress(step=meta["step"], samples_seen=meta["samples_seen"],
-                    skipped_steps=meta.get("skipped_steps", 0))
+                    skipped_steps=meta.get("skipped_steps", 0)), rng_restored
 
 
 def configure_threads(cfg: Config, info: DistInfo) -> None:
