@@ -265,12 +265,24 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"recipe {path} is not valid TOML: {e}") from e
 
 
+SWEEP_POINT = "sweep={}"
+"""The override `load_sweep` puts first in every run's overrides: this run is one point of the sweep."""
+
+
 def load_config(recipe: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
-    """Defaults < recipe < overrides, type-checked; raises ConfigError naming the bad key."""
+    """Defaults < recipe < overrides, type-checked; raises ConfigError naming the bad key.
+
+    A recipe with a `[sweep]` table describes many runs and is refused, unless the overrides
+    empty the table (`sweep={}`, as in every run `load_sweep` expands) to train one point.
+    """
     tree: dict[str, Any] = read_toml(recipe) if recipe else {}
-    tree.pop("sweep", None)  # a sweep recipe is also a valid base recipe
     for text in overrides:
         _set_dotted(tree, *parse_override(text))
+    if tree.pop("sweep", None):
+        raise ConfigError(
+            f"{recipe} has a [sweep] table, which describes several runs, but this trains one: run "
+            f"`clipscale sweep {recipe}` to train every run of the sweep, or add the override "
+            f"{SWEEP_POINT} to train the base recipe alone")
     return _build(Config, tree, "")
 
 
@@ -317,7 +329,8 @@ def load_sweep(recipe: str | Path) -> list[tuple[str, list[str]]]:
 
     A sweep recipe is a normal recipe plus a `[sweep]` table whose entries are axes: lists of
     override sets `{ name = "w64", "model.vision_width" = 64, ... }`. Runs are the product of
-    the axes, named `<run.name>-<name>-<name>...`.
+    the axes, named `<run.name>-<name>-<name>...`. Each run's overrides start with `sweep={}`, so
+    `clipscale train RECIPE *overrides` trains exactly that run.
     """
     import itertools
 
@@ -325,7 +338,7 @@ def load_sweep(recipe: str | Path) -> list[tuple[str, list[str]]]:
     axes = tree.get("sweep")
     if not isinstance(axes, dict) or not axes:
         raise ConfigError(f"{recipe}: no [sweep] table with axes")
-    base = load_config(recipe).run.name
+    base = load_config(recipe, [SWEEP_POINT]).run.name
     options: list[list[tuple[str, list[str]]]] = []
     for axis, entries in axes.items():
         if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
@@ -339,7 +352,7 @@ def load_sweep(recipe: str | Path) -> list[tuple[str, list[str]]]:
     runs = []
     for combo in itertools.product(*options):
         name = "-".join([base] + [label for label, _ in combo])
-        overrides = [o for _, ovs in combo for o in ovs] + [f"run.name={_toml_value(name)}"]
+        overrides = [SWEEP_POINT] + [o for _, ovs in combo for o in ovs] + [f"run.name={_toml_value(name)}"]
         load_config(recipe, overrides)  # fail now, naming the key, not minutes into the sweep
         runs.append((name, overrides))
     return runs
