@@ -116,7 +116,8 @@ class TrainConfig:
     compile_backend: str = "inductor"
     """torch.compile backend: "inductor" (needs a C++ compiler on CPU) or "aot_eager" (no compiler)."""
     log_every_steps: int = 10
-    """Write a metrics line every this many steps."""
+    """Write a metrics line every this many steps (and at checkpoints). Ranks synchronise only then,
+    so this also bounds how many steps pass before a stop signal or a non-finite streak is acted on."""
     checkpoint_every_samples: int = 12_800
     """Save a checkpoint every this many samples (and at the end)."""
     keep_last: int = 0
@@ -124,7 +125,8 @@ class TrainConfig:
     keep_every_samples: int = 0
     """With keep_last, also keep checkpoints at multiples of this many samples (0 = none)."""
     max_nonfinite_steps: int = 5
-    """Stop (after saving) when this many consecutive steps had non-finite loss or gradients."""
+    """Stop (after saving) when this many consecutive steps had non-finite gradients (checked at
+    log and checkpoint steps)."""
     num_threads: int | None = None
     """torch intra-op threads per process on CPU (None = cores / local processes)."""
 
