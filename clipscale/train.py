@@ -174,8 +174,10 @@ def run_loop(cfg: Config, info: DistInfo, *, model, optimizer, loader, bundle: M
     t_log, samples_at_log = time.perf_counter(), progress.samples_seen
     while progress.step < total_steps:
         timer.sync = (progress.step + 1) % t.log_every_steps == 0  # exact phase times on log steps
-        with torch.random.fork_rng(devices=[]):  # a new DataLoader iterator draws its base seed from
-            batch = next(batches)  # fetch           # the global RNG: that must not shift the model's draws
+        # A new DataLoader iterator draws its base seed from the global RNG; forking keeps that draw
+        # out of the model's random stream, or a resumed run would see other dropout masks.
+        with torch.random.fork_rng(devices=[]):
+            batch = next(batches)  # fetch
         images = normalize_images(batch.images_on(info.device), mean=bundle.mean, std=bundle.std)
         texts = batch.texts.to(info.device, non_blocking=True)
         timer.lap("data_s")
