@@ -3,6 +3,7 @@
 The resume tests train with patch dropout, so every step draws random numbers on every rank: a
 resume is bitwise only if each rank's RNG streams continue exactly where the checkpoint left them.
 """
+import contextlib
 import json
 import os
 import shutil
@@ -86,10 +87,12 @@ def kill_tree(proc: subprocess.Popen, timeout: float = 30) -> None:
         pid = todo.pop()
         if pid not in tree:
             tree.append(pid)
-            os.kill(pid, signal.SIGSTOP)
+            with contextlib.suppress(ProcessLookupError):  # it may have exited since pgrep saw it
+                os.kill(pid, signal.SIGSTOP)
             todo += children(pid)
     for pid in tree:
-        os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     proc.wait()
     deadline = time.time() + timeout
     while any(alive(pid) for pid in tree):
