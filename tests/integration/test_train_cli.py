@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import run_cli
+from tests.helpers import REPO, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -42,7 +42,7 @@ def test_run_directory_layout(two_rank_run):
     cfg = json.loads((two_rank_run / "config.json").read_text())
     assert cfg["train"]["global_batch_size"] == 32
     names = sorted(p.name for p in (two_rank_run / "checkpoints").iterdir())
-    assert names == ["latest", "step_000002", "step_000004", "step_000006"]
+    assert names == ["step_000002", "step_000004", "step_000006"]  # the scan of complete ones is the record
 
 
 def test_eval_then_fit(two_rank_run, synthetic_data, tmp_path):
@@ -80,6 +80,8 @@ def test_broken_recipes_fail_naming_the_problem(tmp_path, synthetic_data):
     recipe.write_text("[train]\nglobal_batch_size = 'big'\n")
     bad = run_cli("train", str(recipe), check=False)
     assert bad.returncode == 2 and "train.global_batch_size" in bad.stderr
+    bad = run_cli("train", str(REPO / "recipes" / "scaling_tiny.toml"), check=False)  # trains nothing
+    assert bad.returncode == 2 and "clipscale sweep" in bad.stderr and "scaling_tiny.toml" in bad.stderr
     missing = tmp_path / "nowhere" / "{000000..000003}.tar"
     bad = run_cli("train", f'data.train_shards="{missing}"', f'run.output_dir="{tmp_path}"', check=False)
     assert bad.returncode == 2 and "do not exist" in bad.stderr and "nowhere" in bad.stderr
