@@ -133,7 +133,7 @@ def _train(cfg: Config, info: DistInfo) -> Path:
     loader = build_train_loader(
         cfg.data, tokenizer=bundle.tokenizer, image_size=bundle.image_size,
         batch_size=cfg.train.global_batch_size // info.world_size, rank=info.rank,
-        world_size=info.world_size, seed=cfg.run.seed,
+        world_size=info.world_size, seed=cfg.run.seed, device=info.device,
     )
     progress, rng_restored = resume(run_dir / "checkpoints", model=model, optimizer=optimizer, loader=loader,
                                     scaler=scaler)
