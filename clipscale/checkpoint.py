@@ -5,18 +5,20 @@ Layout of `RUN_DIR/checkpoints/`:
     step_000100/            a complete checkpoint (only complete ones carry this name)
         .metadata, *.distcp DCP shards of {"model": ..., "optim": ...}
         meta.json           {"step", "samples_seen", "loader", "config"} (written last)
-        rng_rank{r}.pt      per-rank RNG states (python, numpy, torch, cuda)
+        rng_rank{r}.pt      per-rank RNG states as tensors and plain data (loaded with weights_only)
     step_000200.tmp/        being written; never loaded, removed on the next save
-    latest                  name of the newest complete checkpoint
 
 A checkpoint is written under a `.tmp` name by all ranks and renamed by rank 0 after a barrier,
-so a job killed mid-save leaves the previous checkpoint as `latest`.
+so a job killed mid-save leaves the previous checkpoint as the newest complete one. The scan of
+complete `step_*` directories is the one record of which checkpoint is latest: no pointer file
+can disagree with it.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import pickle
 import random
 import shutil
 import warnings
@@ -63,18 +65,50 @@ def read_meta(path: Path) -> dict[str, Any]:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This process's RNG states as tensors and plain data, so loading them unpickles no objects.
+
+    Schema: {"python": random.getstate() (nested tuples of ints), "numpy": [name, keys (int64
+    tensor), pos, has_gauss, cached_gaussian], "torch": uint8 tensor, "cuda": [uint8 tensor per
+    device] when CUDA is available}.
+    """
+    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    state = {"python": random.getstate(),
+             "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached_gaussian],
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore the states `rng_state` returned."""
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached_gaussian))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def restore_rng(path: Path) -> bool:
+    """Restore this rank's RNG states saved in checkpoint `path`; False when it saved none.
+
+    A checkpoint written on another world size has no file for a new rank. The file is loaded
+    with `weights_only=True`: a file that needs arbitrary unpickling (code) is refused, not run.
+    """
+    rng_file = path / f"rng_rank{dist.rank()}.pt"
+    if not rng_file.exists():
+        return False
+    try:
+        state = torch.load(rng_file, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise RuntimeError(
+            f"{rng_file} is not a clipscale RNG state: it holds objects whose loading could run code, "
+            f"so it was refused. Restore the file from a trusted copy, or delete it to resume with "
+            f"fresh per-rank seeds"
+        ) from e
+    set_rng_state(state)
+    return True
 
 
 def save_checkpoint(
@@ -97,17 +131,10 @@ def save_checkpoint(
         if final.exists():  # the same step saved again after a resume
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _write_latest(ckpt_dir, final.name)
         _prune(ckpt_dir, keep_last=keep_last, keep_every_samples=keep_every_samples)
     dist.barrier()
     log.info("saved checkpoint %s", final)
     return final
-
-
-def _write_latest(ckpt_dir: Path, name: str) -> None:
-    pointer = ckpt_dir / "latest.tmp"
-    pointer.write_text(name + "\n")
-    os.replace(pointer, ckpt_dir / "latest")
 
 
 def _prune(ckpt_dir: Path, *, keep_last: int, keep_every_samples: int) -> None:
@@ -123,16 +150,12 @@ def _prune(ckpt_dir: Path, *, keep_last: int, keep_every_samples: int) -> None:
 def load_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Collective: load model + optimizer shards into the (possibly sharded) model; return meta.
 
-    RNG states are restored when this rank saved one (same world size); otherwise the caller's
-    seeding stands.
+    RNG states are left alone: `restore_rng` restores them where this rank saved some.
     """
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=str(path))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    rng_file = path / f"rng_rank{dist.rank()}.pt"
-    if rng_file.exists():
-        set_rng_state(torch.load(rng_file, weights_only=False))
     return read_meta(path)
 
 

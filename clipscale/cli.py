@@ -1,4 +1,4 @@
-"""The `clipscale` command: train, eval, results, fit, data, demo, export, bench."""
+"""The `clipscale` command: train, eval, results, fit, predict, data, demo, export, bench."""
 from __future__ import annotations
 
 import argparse
@@ -10,7 +10,7 @@ from pathlib import Path
 
 from clipscale.config import ConfigError
 from clipscale.data.shards import DataError
-from clipscale.scaling.fit import FitError
+from clipscale.scaling import FitError
 
 BENCHMARKS = ("loader", "loss", "gradcache", "step")
 
@@ -90,22 +90,27 @@ def cmd_results(args: argparse.Namespace) -> int:
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    from clipscale.scaling.fit import fit_results
+    from clipscale.scaling import fit_results, format_fits
 
-    fits = fit_results(args.results, metric=args.metric, x=args.x, out_dir=args.out, checkpoints=args.checkpoints)
-    print(f"fit: {fits['formula']}")
-    print(f"fits: {Path(args.out) / 'fits.json'}  plot: {Path(args.out) / 'fit.png'}")
+    fits = fit_results(args.results, out_dir=args.out, metric=args.metric, eval_dataset=args.eval_dataset,
+                       task=args.task, x=args.x, form=args.form, frontier=args.frontier, by=args.by,
+                       holdout=args.holdout, checkpoints=args.checkpoints, n_bootstrap=args.bootstrap)
+    print(format_fits(fits))
+    print(f"fits: {Path(args.out) / 'fits.json'}  plots: {Path(args.out)}/fit_*.png, .pdf")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from clipscale.scaling import format_plan, read_fits
+
+    print(format_plan(read_fits(args.fits), args.budget))
     return 0
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from clipscale.data.synthetic import write_synthetic_dataset
+    from data_tools.cli import main as data_main
 
-    specs = write_synthetic_dataset(args.out, train_samples=args.train_samples, seed=args.seed,
-                                    processes=args.processes)
-    for name, spec in specs.items():
-        print(f"{name}: {spec}")
-    return 0
+    return data_main(args.data_args)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -160,20 +165,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--csv", nargs="?", const="-", default="-", help="CSV file to write (default: stdout)")
     p.set_defaults(func=cmd_results)
 
-    p = sub.add_parser("fit", help="fit a power law to evaluation results")
-    p.add_argument("results", nargs="+", help="results.jsonl files or run directories")
-    p.add_argument("--metric", default="zeroshot_top1")
-    p.add_argument("--x", default="train_compute_gmacs", help="compute axis field")
-    p.add_argument("--out", default="fits", help="output directory for fits.json and fit.png")
+    p = sub.add_parser("fit", help="fit scaling laws to evaluation results, with bootstrap intervals")
+    p.add_argument("results", nargs="+", help="results.jsonl / CSV files, run directories or globs")
+    p.add_argument("--metric", required=True, help="e.g. acc1, mean_per_class_recall, image_retrieval_recall@5")
+    p.add_argument("--eval-dataset", help="e.g. imagenet1k (needed when the metric spans several)")
+    p.add_argument("--task", help="zeroshot_classification | zeroshot_retrieval | linear_probe")
+    p.add_argument("--x", default="compute_gmacs", choices=("compute_gmacs", "samples_seen", "params"),
+                   help="axis: compute_gmacs = forward GMACs per pair x samples seen (Cherti et al. 2023)")
+    p.add_argument("--form", default="power", choices=("power", "saturating", "nd"))
+    p.add_argument("--frontier", help="none | strict | bins:K (default bins:5; none for nd)")
+    p.add_argument("--by", default=[], type=lambda s: s.split(","), help="comma-separated columns: one fit each")
+    p.add_argument("--holdout", type=int, default=0, help="fit without the K highest-x rows and check them")
     p.add_argument("--checkpoints", choices=("final", "all"), default="final",
                    help="fit each run's final checkpoint (default) or every checkpoint")
+    p.add_argument("--bootstrap", type=int, default=400, help="bootstrap replicates")
+    p.add_argument("--out", default="fits", help="output directory for fits.json and the plots")
     p.set_defaults(func=cmd_fit)
 
-    p = sub.add_parser("data", help="write the synthetic dataset (train shards + zero-shot set)")
-    p.add_argument("out")
-    p.add_argument("--train-samples", type=int, default=64_000)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--processes", type=int, default=os.cpu_count() or 1)
+    p = sub.add_parser("predict", help="predicted error (and nd's compute-optimal split) at compute budgets")
+    p.add_argument("fits", help="fits.json, or the directory holding it")
+    p.add_argument("--budget", type=float, action="append", required=True, help="in the fit's x units; repeatable")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("data", help="prepare shards: sizes, make, validate, inspect, reshard, synth, eval-set",
+                       add_help=False)
+    p.add_argument("data_args", nargs=argparse.REMAINDER, help="`clipscale data --help` lists the verbs")
     p.set_defaults(func=cmd_data)
 
     p = sub.add_parser("demo", help="synthetic data -> scaling grid under torchrun -> eval -> fit")
@@ -196,7 +212,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     _setup_logging()
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if args.command == "data":  # the data tools parse their own options, `clipscale data --help` included
+        args.data_args = unknown + args.data_args
+    elif unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return args.func(args)
     except (ConfigError, DataError, FitError) as e:

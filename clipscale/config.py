@@ -116,7 +116,8 @@ class TrainConfig:
     compile_backend: str = "inductor"
     """torch.compile backend: "inductor" (needs a C++ compiler on CPU) or "aot_eager" (no compiler)."""
     log_every_steps: int = 10
-    """Write a metrics line every this many steps."""
+    """Write a metrics line every this many steps (and at checkpoints). Ranks synchronise only then,
+    so this also bounds how many steps pass before a stop signal or a non-finite streak is acted on."""
     checkpoint_every_samples: int = 12_800
     """Save a checkpoint every this many samples (and at the end)."""
     keep_last: int = 0
@@ -124,7 +125,8 @@ class TrainConfig:
     keep_every_samples: int = 0
     """With keep_last, also keep checkpoints at multiples of this many samples (0 = none)."""
     max_nonfinite_steps: int = 5
-    """Stop (after saving) when this many consecutive steps had non-finite loss or gradients."""
+    """Stop (after saving) when this many consecutive steps had non-finite gradients (checked at
+    log and checkpoint steps)."""
     num_threads: int | None = None
     """torch intra-op threads per process on CPU (None = cores / local processes)."""
 
@@ -273,12 +275,24 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"recipe {path} is not valid TOML: {e}") from e
 
 
+SWEEP_POINT = "sweep={}"
+"""The override `load_sweep` puts first in every run's overrides: this run is one point of the sweep."""
+
+
 def load_config(recipe: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
-    """Defaults < recipe < overrides, type-checked; raises ConfigError naming the bad key."""
+    """Defaults < recipe < overrides, type-checked; raises ConfigError naming the bad key.
+
+    A recipe with a `[sweep]` table describes many runs and is refused, unless the overrides
+    empty the table (`sweep={}`, as in every run `load_sweep` expands) to train one point.
+    """
     tree: dict[str, Any] = read_toml(recipe) if recipe else {}
-    tree.pop("sweep", None)  # a sweep recipe is also a valid base recipe
     for text in overrides:
         _set_dotted(tree, *parse_override(text))
+    if tree.pop("sweep", None):
+        raise ConfigError(
+            f"{recipe} has a [sweep] table, which describes several runs, but this trains one: run "
+            f"`clipscale sweep {recipe}` to train every run of the sweep, or add the override "
+            f"{SWEEP_POINT} to train the base recipe alone")
     return _build(Config, tree, "")
 
 
@@ -328,7 +342,8 @@ def load_sweep(recipe: str | Path) -> list[tuple[str, list[str]]]:
 
     A sweep recipe is a normal recipe plus a `[sweep]` table whose entries are axes: lists of
     override sets `{ name = "w64", "model.vision_width" = 64, ... }`. Runs are the product of
-    the axes, named `<run.name>-<name>-<name>...`.
+    the axes, named `<run.name>-<name>-<name>...`. Each run's overrides start with `sweep={}`, so
+    `clipscale train RECIPE *overrides` trains exactly that run.
     """
     import itertools
 
@@ -336,7 +351,7 @@ def load_sweep(recipe: str | Path) -> list[tuple[str, list[str]]]:
     axes = tree.get("sweep")
     if not isinstance(axes, dict) or not axes:
         raise ConfigError(f"{recipe}: no [sweep] table with axes")
-    base = load_config(recipe).run.name
+    base = load_config(recipe, [SWEEP_POINT]).run.name
     options: list[list[tuple[str, list[str]]]] = []
     for axis, entries in axes.items():
         if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
@@ -350,7 +365,7 @@ def load_sweep(recipe: str | Path) -> list[tuple[str, list[str]]]:
     runs = []
     for combo in itertools.product(*options):
         name = "-".join([base] + [label for label, _ in combo])
-        overrides = [o for _, ovs in combo for o in ovs] + [f"run.name={_toml_value(name)}"]
+        overrides = [SWEEP_POINT] + [o for _, ovs in combo for o in ovs] + [f"run.name={_toml_value(name)}"]
         load_config(recipe, overrides)  # fail now, naming the key, not minutes into the sweep
         runs.append((name, overrides))
     return runs

@@ -1,4 +1,4 @@
-"""The Quickstart demo: synthetic shards -> scaling grid (torchrun) -> evaluation -> power-law fit.
+"""The Quickstart demo: synthetic shards -> scaling grid (torchrun) -> evaluation -> scaling-law fit.
 
 Every stage writes to disk and the next reads it back, exactly as separate SLURM jobs would.
 """
@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 def run_demo(*, out: Path, recipe: Path, nproc: int) -> None:
     from clipscale.data.synthetic import write_synthetic_dataset
     from clipscale.evaluate.runner import evaluate_run
-    from clipscale.scaling.fit import fit_results
+    from clipscale.scaling import fit_results
 
     t0 = time.perf_counter()
     out = out.resolve()
@@ -37,7 +37,7 @@ def run_demo(*, out: Path, recipe: Path, nproc: int) -> None:
         run_dirs.append(runs_dir / name)
     for run_dir in run_dirs:
         evaluate_run(run_dir)
-    fits = fit_results(run_dirs, metric="zeroshot_top1", out_dir=out / "fit")
+    fits = fit_results(run_dirs, out_dir=out / "fit", metric="acc1", task="zeroshot_classification")
     chance = 1 / len((Path(specs["zeroshot"]) / "classnames.txt").read_text().splitlines())
     print_summary(run_dirs, fits=fits, chance=chance, out=out, seconds=time.perf_counter() - t0)
 
@@ -49,8 +49,9 @@ def launch_torchrun(recipe: Path, overrides: list[str], *, nproc: int) -> None:
     subprocess.run(cmd, check=True)
 
 
-def print_summary(run_dirs: list[Path], *, fits: dict, chance: float, out: Path, seconds: float) -> None:
+def print_summary(run_dirs: list[Path], *, fits: list, chance: float, out: Path, seconds: float) -> None:
     from clipscale.evaluate.results import read_results
+    from clipscale.scaling import format_fits
 
     print(f"\n[demo] zero-shot classification of each run's final checkpoint (chance {chance:.3f})")
     print(f"{'run':28s} {'params':>9s} {'samples':>8s} {'GMACs':>9s} {'acc1':>6s} {'acc5':>6s}")
@@ -61,10 +62,10 @@ def print_summary(run_dirs: list[Path], *, fits: dict, chance: float, out: Path,
         last = next(r for r in rows if r["step"] == final)
         print(f"{last['run']:28s} {last['params']:>9d} {last['samples_seen']:>8d} "
               f"{last['compute_gmacs']:>9.3g} {value['acc1']:>6.3f} {value['acc5']:>6.3f}")
-    lo, hi = fits["alpha_ci95"]
-    print(f"\n[demo] fit on the compute frontier ({len(fits['frontier'])} points): {fits['formula']}"
-          f"  (alpha 95% CI [{lo:.3f}, {hi:.3f}])")
+    print("\n[demo] power law in compute (forward GMACs x samples seen) on the binned frontier, 95% bootstrap "
+          "intervals over runs:")
+    print(format_fits(fits))
     print(f"[demo] runs: {out / 'runs'}/*/  (config.json, metrics.jsonl, results.jsonl, checkpoints/)")
     print(f"[demo] fit:  {out / 'fit' / 'fits.json'}")
-    print(f"[demo] plot: {out / 'fit' / 'fit.png'}")
+    print(f"[demo] plot: {out / 'fit' / 'fit_acc1.png'} (and .pdf)")
     print(f"[demo] finished in {seconds / 60:.1f} min")

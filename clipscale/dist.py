@@ -111,13 +111,18 @@ def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     return _GatherWithGrad.apply(tensor)
 
 
-def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
-    """Mean of a tensor over ranks (a copy; identity without a process group)."""
+def gather_rows(values: torch.Tensor) -> torch.Tensor:
+    """Every rank's `values` (N,) stacked -> (world_size, N), in one all_gather.
+
+    One collective for several statistics that need different reductions (mean, max, any):
+    each rank reduces the rows itself. Shape (1, N) without a process group.
+    """
+    values = values.detach().reshape(-1)
     if not dist.is_initialized():
-        return value
-    out = value.detach().clone()
-    dist.all_reduce(out)
-    return out / dist.get_world_size()
+        return values[None]
+    rows = [torch.empty_like(values) for _ in range(dist.get_world_size())]
+    dist.all_gather(rows, values)
+    return torch.stack(rows)
 
 
 def gather_objects(obj: object) -> list:

@@ -26,7 +26,23 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Ada
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=cfg.lr_peak, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    # fused: one kernel per device, and it honours `found_inf` (see step_unless)
+    return torch.optim.AdamW(groups, lr=cfg.lr_peak, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=True)
+
+
+def step_unless(optimizer: torch.optim.AdamW, skip: torch.Tensor) -> None:
+    """`optimizer.step()`, except where `skip` (a 0-d bool tensor on the device) is true: then
+    parameters, moments and step counts stay exactly as they were.
+
+    No host sync: the fused AdamW kernel reads the flag on the device through the optimizer's
+    `found_inf` attribute (the one `torch.amp.GradScaler` sets); it works on CPU and CUDA, and on
+    FSDP2's DTensor parameters.
+    """
+    optimizer.found_inf = skip.float()
+    try:
+        optimizer.step()
+    finally:
+        del optimizer.found_inf
 
 
 def lr_at(samples_seen: int, *, cfg: OptimConfig, total_samples: int) -> float:

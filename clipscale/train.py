@@ -1,4 +1,4 @@
-"""The training loop: fetch -> step -> maybe checkpoint -> maybe evaluate -> log, over a global batch.
+"""The training loop: fetch -> step -> maybe evaluate -> maybe checkpoint -> log, over a global batch.
 
     python -m clipscale train recipes/tiny_cpu.toml                        # one process
     torchrun --nproc_per_node=2 -m clipscale train recipes/tiny_cpu.toml   # DDP/FSDP2, gloo or NCCL
@@ -6,8 +6,9 @@
 
 The run directory `RUN_DIR = run.output_dir/run.name` holds config.json, metrics.jsonl and
 checkpoints/; starting a run whose directory has a complete checkpoint resumes from it.
-SIGUSR1 or SIGTERM: the current step finishes, a checkpoint is saved and every rank exits with
-`EXIT_PREEMPTED`, so a scheduler can requeue the job and the next start resumes.
+SIGUSR1 or SIGTERM: at the next log or checkpoint step (so within `train.log_every_steps` steps)
+a checkpoint is saved and every rank exits with `EXIT_PREEMPTED`, so a scheduler can requeue the
+job and the next start resumes. Steps in between run without a host-device sync.
 """
 from __future__ import annotations
 
@@ -25,13 +26,13 @@ import torch
 from clipscale import checkpoint as ckpt
 from clipscale.config import Config, config_to_dict, save_config
 from clipscale.data.pipeline import build_train_loader, merge_rank_states, normalize_images, sum_counters
-from clipscale.dist import DistInfo, all_reduce_mean, destroy_distributed, init_distributed
+from clipscale.dist import DistInfo, destroy_distributed, gather_rows, init_distributed
 from clipscale.evaluate.runner import maybe_eval
 from clipscale.gradcache import gradcache_step
 from clipscale.loss import contrastive_loss
 from clipscale.metrics import MetricsLogger, StepTimer, mfu, peak_flops
 from clipscale.models import ModelBundle, build_model, count_params, gmacs_per_sample
-from clipscale.optim import build_optimizer, lr_at, set_lr
+from clipscale.optim import build_optimizer, lr_at, set_lr, step_unless
 from clipscale.parallel import autocast, full_tensor, global_grad_norm, grad_scaler, parallelize, unwrap
 
 log = logging.getLogger(__name__)
@@ -57,10 +58,43 @@ class Progress:
 
 @dataclasses.dataclass
 class StepResult:
-    loss: torch.Tensor
-    grad_norm: torch.Tensor
-    skipped: bool  # loss or gradients were non-finite on some rank: no update
+    """One step's outcome, left on the device so the step needs no host sync."""
+
+    loss: torch.Tensor  # this rank's loss, 0-d
+    grad_norm: torch.Tensor  # global gradient norm, 0-d, the same on every rank
+    skipped: torch.Tensor  # 0-d bool: the gradients were non-finite and nothing was updated
+
+
+class SkipTally:
+    """Skipped steps counted on the device between sync points (log and checkpoint steps)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.skipped = torch.zeros((), device=device)  # skipped steps since the last sync point
+        self.streak = torch.zeros((), device=device)  # consecutive skipped steps up to now
+        self.max_streak = torch.zeros((), device=device)  # longest streak since the last sync point
+
+    def add(self, skipped: torch.Tensor) -> None:
+        s = skipped.float()
+        self.skipped += s
+        self.streak.mul_(s).add_(s)  # streak + 1 on a skipped step, 0 otherwise
+        torch.maximum(self.max_streak, self.streak, out=self.max_streak)
+
+    def reset(self) -> None:
+        self.skipped.zero_()
+        self.max_streak.copy_(self.streak)  # a streak runs on across sync points
+
+
+@dataclasses.dataclass(frozen=True)
+class StepStats:
+    """What all ranks agree on at a sync point (`gather_step_stats`)."""
+
+    loss: float  # last step's loss, mean over ranks
+    grad_norm: float
+    skipped: int  # steps skipped since the previous sync point
+    max_streak: int  # longest run of consecutive skipped steps since the previous sync point
     stop: bool  # some rank received a stop signal
+    logit_scale: float
+    data: dict[str, float]  # the loader's good and bad sample counters over all ranks
 
 
 class StopSignal:
@@ -100,10 +134,12 @@ def _train(cfg: Config, info: DistInfo) -> Path:
     loader = build_train_loader(
         cfg.data, tokenizer=bundle.tokenizer, image_size=bundle.image_size,
         batch_size=cfg.train.global_batch_size // info.world_size, rank=info.rank,
-        world_size=info.world_size, seed=cfg.run.seed,
+        world_size=info.world_size, seed=cfg.run.seed, device=info.device,
     )
-    progress = resume(run_dir / "checkpoints", model=model, optimizer=optimizer, loader=loader, scaler=scaler)
-    torch.manual_seed(cfg.run.seed * 1000 + info.rank + progress.step)  # per-rank stochastic layers
+    progress, rng_restored = resume(run_dir / "checkpoints", model=model, optimizer=optimizer, loader=loader,
+                                    scaler=scaler)
+    if not rng_restored:  # fresh start, or a rank the checkpoint's world did not have
+        torch.manual_seed(cfg.run.seed * 1000 + info.rank + progress.step)  # per-rank stochastic layers
     total_steps = cfg.train.total_samples // cfg.train.global_batch_size
     metrics = MetricsLogger(run_dir, cfg.log, enabled=info.is_main, total_steps=total_steps,
                             config=config_to_dict(cfg), start_step=progress.step)
@@ -127,68 +163,81 @@ def _train(cfg: Config, info: DistInfo) -> Path:
 def run_loop(cfg: Config, info: DistInfo, *, model, optimizer, loader, bundle: ModelBundle,
              progress: Progress, total_steps: int, metrics: MetricsLogger, stop_signal: StopSignal,
              flops_per_sample: float, scaler: torch.amp.GradScaler | None = None) -> None:
+    """Steps until `total_steps`, with no host sync except at sync points: log steps and checkpoint
+    steps, where every rank gathers the step statistics, agrees on the skip streak and the stop
+    flag, maybe saves, and rank 0 logs. A stop signal is therefore acted on at the next sync point
+    (at most `train.log_every_steps` steps later)."""
     batches = iter(loader)
     timer = StepTimer(info.device)
+    tally = SkipTally(info.device)
     peak = peak_flops(torch.cuda.get_device_name(info.device)) if info.device.type == "cuda" else None
     global_batch, t = cfg.train.global_batch_size, cfg.train
-    nonfinite_streak = 0
     t_log, samples_at_log = time.perf_counter(), progress.samples_seen
     while progress.step < total_steps:
         timer.sync = (progress.step + 1) % t.log_every_steps == 0  # exact phase times on log steps
-        batch = next(batches)  # fetch
+        # A new DataLoader iterator draws its base seed from the global RNG; forking keeps that draw
+        # out of the model's random stream, or a resumed run would see other dropout masks.
+        with torch.random.fork_rng(devices=[]):
+            batch = next(batches)  # fetch
         images = normalize_images(batch.images_on(info.device), mean=bundle.mean, std=bundle.std)
         texts = batch.texts.to(info.device, non_blocking=True)
         timer.lap("data_s")
         lr = lr_at(progress.samples_seen + global_batch, cfg=cfg.optim, total_samples=t.total_samples)
         set_lr(optimizer, lr)
         result = train_step(model, images, texts, optimizer=optimizer, cfg=cfg, device=info.device,
-                            timer=timer, stop_requested=stop_signal.requested, scaler=scaler)
+                            timer=timer, scaler=scaler)
+        tally.add(result.skipped)
         progress.step += 1
         progress.samples_seen += global_batch
         metrics.advance()
-        nonfinite_streak = nonfinite_streak + 1 if result.skipped else 0
-        progress.skipped_steps += result.skipped
-        if nonfinite_streak >= t.max_nonfinite_steps:
-            save(cfg, model=model, optimizer=optimizer, loader=loader, progress=progress, scaler=scaler)
-            raise NonFiniteLoss(
-                f"{nonfinite_streak} consecutive steps with non-finite loss or gradients at step "
-                f"{progress.step}; saved the last good weights (updates were skipped). Lower "
-                f"optim.lr_peak, set optim.grad_clip_norm, or use train.precision='bf16'")
 
         last = progress.step == total_steps
-        if crossed(progress.samples_seen, global_batch, t.checkpoint_every_samples) or last or result.stop:
-            save(cfg, model=model, optimizer=optimizer, loader=loader, progress=progress, scaler=scaler)
+        checkpoint_due = crossed(progress.samples_seen, global_batch, t.checkpoint_every_samples) or last
         maybe_eval(cfg, model=unwrap(model), bundle=bundle, step=progress.step, samples_seen=progress.samples_seen,
-                   batch_size=global_batch)
-        if progress.step % t.log_every_steps == 0 or last:
-            elapsed = time.perf_counter() - t_log
-            per_device = (progress.samples_seen - samples_at_log) / elapsed / info.world_size
-            t_log, samples_at_log = time.perf_counter(), progress.samples_seen
-            metrics.log({
-                "step": progress.step, "samples_seen": progress.samples_seen,
-                "loss": all_reduce_mean(result.loss).item(),  # host sync: once per log interval
-                "grad_norm": result.grad_norm.item(), "lr": lr,
-                "logit_scale": full_tensor(unwrap(model).logit_scale).exp().item(),
-                "samples_per_s": per_device * info.world_size, "samples_per_s_per_device": per_device,
-                "mfu": mfu(flops_per_sample=flops_per_sample, samples_per_s_per_device=per_device, peak=peak),
-                "skipped_steps": progress.skipped_steps, "max_memory_gb": max_memory_gb(info.device),
-                **({"loss_scale": scaler.get_scale()} if scaler is not None and scaler.is_enabled() else {}),
-                **timer.pop(), **data_counters(loader),
-            })
-        if result.stop:
+                   batch_size=global_batch, checkpoint_due=checkpoint_due)
+        if not (checkpoint_due or progress.step % t.log_every_steps == 0):
+            continue
+        stats = gather_step_stats(result, tally, model=model, loader=loader, stop_requested=stop_signal.requested)
+        tally.reset()
+        progress.skipped_steps += stats.skipped
+        if stats.max_streak >= t.max_nonfinite_steps:
+            save(cfg, model=model, optimizer=optimizer, loader=loader, progress=progress, scaler=scaler)
+            raise NonFiniteLoss(
+                f"{stats.max_streak} consecutive steps with non-finite loss or gradients before step "
+                f"{progress.step}; saved the weights (the non-finite updates were skipped). Lower "
+                f"optim.lr_peak, set optim.grad_clip_norm, or use train.precision='bf16'")
+        if checkpoint_due or stats.stop:
+            save(cfg, model=model, optimizer=optimizer, loader=loader, progress=progress, scaler=scaler)
+        elapsed = time.perf_counter() - t_log
+        per_device = (progress.samples_seen - samples_at_log) / elapsed / info.world_size
+        t_log, samples_at_log = time.perf_counter(), progress.samples_seen
+        metrics.log({
+            "step": progress.step, "samples_seen": progress.samples_seen, "loss": stats.loss,
+            "grad_norm": stats.grad_norm, "lr": lr, "logit_scale": stats.logit_scale,
+            "samples_per_s": per_device * info.world_size, "samples_per_s_per_device": per_device,
+            "mfu": mfu(flops_per_sample=flops_per_sample, samples_per_s_per_device=per_device, peak=peak),
+            "skipped_steps": progress.skipped_steps, "max_memory_gb": max_memory_gb(info.device),
+            **({"loss_scale": scaler.get_scale()} if scaler is not None and scaler.is_enabled() else {}),
+            **timer.pop(), **stats.data,
+        })
+        if stats.stop:
             log.warning("stopped at step %d on a signal; start the run again to resume", progress.step)
             raise Preempted()
 
 
 def train_step(model: torch.nn.Module, images: torch.Tensor, texts: torch.Tensor, *,
                optimizer: torch.optim.Optimizer, cfg: Config, device: torch.device,
-               timer: StepTimer, stop_requested: bool = False,
-               scaler: torch.amp.GradScaler | None = None) -> StepResult:
-    """One optimizer step on this rank's share of the global batch (B_rank samples).
+               timer: StepTimer, scaler: torch.amp.GradScaler | None = None) -> StepResult:
+    """One optimizer step on this rank's share of the global batch (B_rank samples), without a
+    host-device sync.
 
-    With an enabled `scaler` (fp16) the loss is scaled for backward and the gradients unscaled
-    before the norm; a step that any rank finds non-finite is skipped and the scale backed off on
-    every rank alike. The gradient-cache path does its own backward with the same scale.
+    A step whose global gradient norm is non-finite updates nothing: the flag gates the fused
+    AdamW kernel on the device (`step_unless`). The norm is of the synchronised gradients (DDP
+    averages them, FSDP2 reduces the norm), so every rank skips alike without a collective of its
+    own, and a non-finite loss makes it non-finite through backward. With an enabled `scaler`
+    (fp16) the loss is scaled for backward and the gradients unscaled before the norm; the scale
+    backs off from the scaler's own check of those same (synchronised) gradients. The
+    gradient-cache path does its own backward with the same scale.
     """
     optimizer.zero_grad(set_to_none=True)
     scaling = scaler is not None and scaler.is_enabled()
@@ -208,40 +257,32 @@ def train_step(model: torch.nn.Module, images: torch.Tensor, texts: torch.Tensor
     if scaling:
         scaler.unscale_(optimizer)
     grad_norm = global_grad_norm(model, max_norm=cfg.optim.grad_clip_norm)
-    skipped, stop = agree_on_flags(~torch.isfinite(loss.detach()) | ~torch.isfinite(grad_norm), stop_requested)
-    if not skipped:
-        if scaling:
-            scaler.step(optimizer)
-        else:
-            optimizer.step()
-        with torch.no_grad():
-            unwrap(model).logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+    skipped = ~torch.isfinite(grad_norm)
+    step_unless(optimizer, skipped)
     if scaling:
-        update_scale(scaler, skipped=skipped)
+        scaler.update()  # on the device: backs off and restarts the growth interval on non-finite grads
+    with torch.no_grad():
+        unwrap(model).logit_scale.clamp_(0, MAX_LOGIT_SCALE)
     timer.lap("optimizer_s")
-    return StepResult(loss=loss.detach(), grad_norm=grad_norm, skipped=skipped, stop=stop)
+    return StepResult(loss=loss.detach(), grad_norm=grad_norm, skipped=skipped)
 
 
-def agree_on_flags(nonfinite: torch.Tensor, stop_requested: bool) -> tuple[bool, bool]:
-    """Whether any rank saw a non-finite value or a stop signal (one all_reduce, one host sync)."""
-    flags = torch.stack([nonfinite.float().reshape(()), torch.tensor(float(stop_requested), device=nonfinite.device)])
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-    skipped, stop = flags.tolist()  # host sync: every step, so every rank takes the same branch
-    return bool(skipped), bool(stop)
+def gather_step_stats(result: StepResult, tally: SkipTally, *, model, loader, stop_requested: bool) -> StepStats:
+    """Collective: every rank calls it at every sync point, never from inside a rank-0 branch.
 
-
-def update_scale(scaler: torch.amp.GradScaler, *, skipped: bool) -> None:
-    """Grow or back off the loss scale from the agreed skip flag, so every rank keeps one scale.
-
-    The scaler's own inf check is per rank; a step skipped because another rank (or the loss)
-    was non-finite must still back the scale off here.
+    One all_gather carries the loss, gradient norm, skip counts and stop flag of every rank (the
+    only host sync of the interval); the logit scale is gathered when FSDP2 shards it, and the
+    loader counters with the loader states.
     """
-    if skipped:
-        scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
-        scaler.load_state_dict({**scaler.state_dict(), "_growth_tracker": 0})  # growth restarts, as on a local inf
-    else:
-        scaler.update()
+    stop = torch.tensor(float(stop_requested), device=result.loss.device)
+    rows = gather_rows(torch.stack([result.loss.float(), result.grad_norm.float(), tally.skipped,
+                                    tally.max_streak, stop]))  # (world_size, 5)
+    loss, grad_norm, skipped, max_streak, stop = zip(*rows.tolist())  # host sync: sync points only
+    return StepStats(loss=sum(loss) / len(loss), grad_norm=grad_norm[0], skipped=int(max(skipped)),
+                     max_streak=int(max(max_streak)), stop=any(stop),
+                     logit_scale=full_tensor(unwrap(model).logit_scale).exp().item(),
+                     data=data_counters(loader))
+
 
 
 def crossed(samples_seen: int, batch: int, every: int) -> bool:
@@ -276,17 +317,21 @@ def save(cfg: Config, *, model, optimizer, loader, progress: Progress,
                          keep_every_samples=cfg.train.keep_every_samples)
 
 
-def resume(ckpt_dir: Path, *, model, optimizer, loader, scaler: torch.amp.GradScaler | None = None) -> Progress:
+def resume(ckpt_dir: Path, *, model, optimizer, loader,
+           scaler: torch.amp.GradScaler | None = None) -> tuple[Progress, bool]:
+    """Load the newest complete checkpoint, if any; returns the progress and whether this rank's
+    RNG states were restored (they must then not be reseeded, or stochastic layers diverge)."""
     latest = ckpt.latest_checkpoint(ckpt_dir)
     if latest is None:
-        return Progress()
+        return Progress(), False
     meta = ckpt.load_checkpoint(latest, model=model, optimizer=optimizer)
+    rng_restored = ckpt.restore_rng(latest)
     loader.load_state_dict(meta["loader"])
     if scaler is not None and scaler.is_enabled() and "grad_scaler" in meta:
         scaler.load_state_dict(meta["grad_scaler"])
     log.info("resumed from %s (step %d, %d samples)", latest, meta["step"], meta["samples_seen"])
     return Progress(step=meta["step"], samples_seen=meta["samples_seen"],
-                    skipped_steps=meta.get("skipped_steps", 0))
+                    skipped_steps=meta.get("skipped_steps", 0)), rng_restored
 
 
 def configure_threads(cfg: Config, info: DistInfo) -> None:

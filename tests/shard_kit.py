@@ -4,7 +4,9 @@ import json
 import tarfile
 from pathlib import Path
 
+import fsspec
 import numpy as np
+from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
 
 
@@ -42,3 +44,39 @@ def write_dataset(directory: Path, sizes: list[int], *, with_sizes: bool = True)
     if with_sizes:
         (directory / "sizes.json").write_text(json.dumps({f"{i:06d}.tar": s for i, s in enumerate(sizes)}))
     return f"{directory}/{{{0:06d}..{len(sizes) - 1:06d}}}.tar"
+
+
+class FailingAfter:
+    """A file that delivers its first `limit` bytes, then fails as a dropped connection does."""
+
+    def __init__(self, f, limit: int) -> None:
+        self.f, self.left = f, limit
+
+    def read(self, n: int = -1) -> bytes:
+        if self.left <= 0:
+            raise ConnectionResetError(f"{self.f.path}: connection reset")
+        data = self.f.read(self.left if n < 0 else min(n, self.left))
+        self.left -= len(data)
+        return data
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.f.close()
+
+
+class FlakyFileSystem(LocalFileSystem):
+    """`flaky://PATH`: a local file; the first open of a path listed in `fail_after` fails after that
+    many bytes, later opens read it whole."""
+
+    protocol = "flaky"
+    fail_after: dict[str, int] = {}
+
+    def _open(self, path, mode="rb", **kwargs):
+        f = super()._open(path, mode, **kwargs)
+        limit = self.fail_after.pop(self._strip_protocol(path), None)
+        return f if limit is None else FailingAfter(f, limit)
+
+
+fsspec.register_implementation("flaky", FlakyFileSystem, clobber=True)

@@ -41,7 +41,7 @@ from clipscale.bench import environment, write_json
 from clipscale.data.config import DataConfig
 from clipscale.data.decode import decode_crop
 from clipscale.data.pipeline import build_train_loader
-from clipscale.data.shards import IMAGE_EXTENSIONS, decompressed, expand_sources, extension, open_shard, tar_members
+from clipscale.data.shards import IMAGE_EXTENSIONS, expand_sources, extension, open_shard, tar_members
 
 log = logging.getLogger(__name__)
 CROP_PX = 224  # ViT-B train transforms
@@ -154,7 +154,7 @@ def read_images(urls: list[str], *, limit: int) -> tuple[list[bytes], list[int]]
     for url in urls:
         reader = open_shard(url, timeout_s=DataConfig().read_timeout_s)
         try:
-            members = tar_members(decompressed(reader), select=lambda name: extension(name) in IMAGE_EXTENSIONS)
+            members = tar_members(reader, select=lambda name: extension(name) in IMAGE_EXTENSIONS)
             count = 0
             for _, data in members:
                 count += 1

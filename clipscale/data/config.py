@@ -25,6 +25,9 @@ class DataConfig:
     """Shards per shuffle block: a resume re-reads (without decoding) at most this many shards."""
     caption_key: str = "txt"
     """Member extension holding the caption (`txt`), or `json:FIELD` for a field of key.json."""
+    decode_device: str = "cpu"
+    """Where JPEGs are decoded: "cpu" (dataloader workers) or "cuda" (the training GPU, nvJPEG; workers
+    then only read the JPEG's header and draw its crop, and other formats stay on the CPU)."""
     crop_scale_min: float = 0.9
     """Lower bound of RandomResizedCrop's area fraction (open_clip's default 0.9)."""
     max_bad_fraction: float = 0.2

@@ -10,11 +10,16 @@ the crop box is resized once, by the fastest path for the image:
   per core; the two bicubic filters agree to within rounding (torchvision 0.29 marks its decoder
   deprecated in favour of torchcodec, which needs FFmpeg; the pin keeps it until a pure wheel exists);
 - other formats and CMYK JPEGs: PIL.
+With `data.decode_device = "cuda"` a colour or grey JPEG is not decoded in the worker: its bytes and
+the crop box drawn for it (`JpegCrop`) go to the training process, which decodes them on the GPU
+(nvJPEG) and resizes the box there the same way (`decode_jpegs_on`).
 Every way an image can be unusable raises `BadSample` with a reason the loader counts.
 """
 from __future__ import annotations
 
+import dataclasses
 import io
+import logging
 import math
 import random
 
@@ -26,8 +31,17 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from clipscale.data.shards import BadSample
 
+log = logging.getLogger(__name__)
 MAX_IMAGE_PIXELS = 64_000_000  # larger images are treated as decompression bombs and skipped
 WHITE = (255, 255, 255)
+EOI = b"\xff\xd9"  # a JPEG's end-of-image marker: one cut short is decoded on the CPU, where it can be skipped
+
+
+@dataclasses.dataclass(frozen=True)
+class JpegCrop:
+    """A JPEG left for the training device to decode: its bytes and the crop box drawn for it."""
+    data: bytes
+    box: tuple[int, int, int, int]  # (left, top, right, bottom) in the full image
 
 
 def open_image(data: bytes) -> Image.Image:
@@ -122,14 +136,18 @@ def jpeg_frame(data: bytes) -> tuple[int, int, int] | None:
     return None
 
 
-def decode_crop(data: bytes, *, size: int, rng: random.Random, scale: tuple[float, float]) -> np.ndarray:
-    """Image bytes -> uint8 array (3, size, size) of a random resized crop; BadSample on bad images."""
+def decode_crop(data: bytes, *, size: int, rng: random.Random, scale: tuple[float, float],
+                jpeg_to_device: bool = False) -> np.ndarray | JpegCrop:
+    """Image bytes -> uint8 array (3, size, size) of a random resized crop; BadSample on bad images.
+    With `jpeg_to_device`, a colour or grey JPEG comes back undecoded, as a `JpegCrop` with the same box."""
     frame = jpeg_frame(data)
     if frame is not None and frame[2] in (1, 3):  # grey or colour JPEG: no PIL header parsing
         width, height, _ = frame
         if width * height > MAX_IMAGE_PIXELS:
             raise BadSample("decompression_bomb", f"{width}x{height} > {MAX_IMAGE_PIXELS} pixels")
         box = random_resized_crop_box(width, height, rng, scale=scale)
+        if jpeg_to_device and data.endswith(EOI):
+            return JpegCrop(data, box)
         if _short_side(box) < 2 * size:
             return _decoded(_torch_crop, data, box, size)
         img = open_image(data)
@@ -156,8 +174,47 @@ def _decoded(crop, *args) -> np.ndarray:
 def _torch_crop(data: bytes, box: tuple[int, int, int, int], size: int) -> np.ndarray:
     """Full JPEG decode (libjpeg-turbo) and one antialiased bicubic resize of the integer box."""
     pixels = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    return resize_box(pixels, box, size).numpy()
+
+
+def resize_box(pixels: torch.Tensor, box: tuple[int, int, int, int], size: int) -> torch.Tensor:
+    """(3, H, W) uint8 -> (3, size, size) uint8: the box resized by antialiased bicubic, with torch's
+    uint8 kernel on the CPU; in float, rounded, on other devices (which have no uint8 kernel)."""
     crop = pixels[None, :, box[1]:box[3], box[0]:box[2]]  # (1, 3, h, w) uint8
-    return F.interpolate(crop, size=(size, size), mode="bicubic", antialias=True)[0].numpy()
+    if crop.device.type == "cpu":
+        return F.interpolate(crop, size=(size, size), mode="bicubic", antialias=True)[0]
+    resized = F.interpolate(crop.float(), size=(size, size), mode="bicubic", antialias=True)[0]
+    return resized.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def decode_jpegs_on(jpegs: list[JpegCrop], *, size: int, device: torch.device) -> torch.Tensor:
+    """(n, 3, size, size) uint8 on `device`: the JPEGs decoded there in one call (nvJPEG on CUDA) and
+    their boxes resized as on the CPU. A JPEG the device cannot decode is decoded on the CPU
+    (libjpeg-turbo, as the CPU path does); one that neither decodes stays black, with a warning: it
+    is already in its batch, where the CPU path would have skipped and counted it."""
+    datas = [torch.frombuffer(bytearray(jpeg.data), dtype=torch.uint8) for jpeg in jpegs]
+    try:
+        pixels = decode_jpeg(datas, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError:  # one bad JPEG fails the whole call: decode them one by one
+        pixels = [_decoded_jpeg(data, devices=(device, torch.device("cpu"))) for data in datas]
+    out = torch.zeros(len(jpegs), 3, size, size, dtype=torch.uint8, device=device)  # (n, 3, size, size)
+    for i, (jpeg, image) in enumerate(zip(jpegs, pixels)):
+        if image is not None and image.shape[1] >= jpeg.box[3] and image.shape[2] >= jpeg.box[2]:
+            out[i] = resize_box(image.to(device), jpeg.box, size)
+        else:
+            log.warning("a JPEG (%d bytes) that neither %s nor the CPU decodes to its frame header's size is "
+                        "left black in its batch", len(jpeg.data), device)
+    return out
+
+
+def _decoded_jpeg(data: torch.Tensor, *, devices: tuple[torch.device, ...]) -> torch.Tensor | None:
+    """(3, H, W) uint8 decoded on the first of `devices` that can; None if none can."""
+    for device in devices:
+        try:
+            return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+        except RuntimeError:
+            continue
+    return None
 
 
 def _pil_crop(img: Image.Image, box: tuple[float, float, float, float], size: int) -> np.ndarray:

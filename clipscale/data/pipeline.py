@@ -22,14 +22,15 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from clipscale.data.config import DataConfig
-from clipscale.data.shards import (DataError, check_shards_exist, expand_sources, read_sizes,
-                                   shard_weights)
+from clipscale.data.decode import JpegCrop, decode_jpegs_on
+from clipscale.data.shards import DataError, check_first_shards, expand_sources, read_sizes, shard_weights
 from clipscale.data.streams import StreamPlan, StreamReader, StreamState, SubBatch
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 2
 STATE_FIELDS = {f.name for f in dataclasses.fields(StreamState)}
 POOL_SLOTS = 6  # shared image buffers per stream: in flight (prefetch 2), held by the trainer (2), spare
+CPU = torch.device("cpu")
 
 
 @dataclasses.dataclass
@@ -38,19 +39,27 @@ class Batch:
     them on the training device: joining on the host would copy every batch once more in the
     training process (~20% of a 2-core machine's loader throughput). The parts are shared-memory
     buffers that a worker reuses once this process holds no reference to them: copy them before
-    handing them to another process."""
+    handing them to another process. For a CUDA device, parts and texts arrive in pinned (page-locked)
+    memory, copied there by the DataLoader's pin thread, so the non_blocking copies to the device
+    overlap the step instead of blocking it."""
     image_parts: list[torch.Tensor]  # per stream, in stream order: (b, 3, H, W) uint8
     texts: torch.Tensor  # (B, L) int64
     keys: list[str]
+    jpegs: list[tuple[int, JpegCrop]] = dataclasses.field(default_factory=list)  # (row, JPEG) decoded on the device
 
     @property
     def images(self) -> torch.Tensor:
         """(B, 3, H, W) uint8 on the host."""
-        return torch.cat(self.image_parts)
+        return self.images_on(CPU)
 
     def images_on(self, device: torch.device) -> torch.Tensor:
-        """(B, 3, H, W) uint8 on `device`: each part copied there, then joined there."""
-        return torch.cat([part.to(device, non_blocking=True) for part in self.image_parts])
+        """(B, 3, H, W) uint8 on `device`: each part copied there, then joined there, and the JPEGs left
+        to the device decoded into their rows."""
+        images = torch.cat([part.to(device, non_blocking=True) for part in self.image_parts])
+        if self.jpegs:
+            rows = torch.tensor([row for row, _ in self.jpegs], device=device)
+            images[rows] = decode_jpegs_on([jpeg for _, jpeg in self.jpegs], size=images.shape[-1], device=device)
+        return images
 
 
 def normalize_images(images: torch.Tensor, *, mean, std) -> torch.Tensor:
@@ -115,8 +124,9 @@ class TrainLoader:
     """Iterable of this rank's `Batch`es; see the module docstring for the design and state."""
 
     def __init__(self, plan: StreamPlan, cfg: DataConfig, *, tokenizer: Callable, image_size: int,
-                 rank: int, world_size: int) -> None:
+                 rank: int, world_size: int, device: torch.device = CPU) -> None:
         self.plan, self.cfg, self.tokenizer, self.image_size = plan, cfg, tokenizer, image_size
+        self.pin_memory = device.type == "cuda"
         per_rank = cfg.num_streams // world_size
         self.streams = list(range(rank * per_rank, (rank + 1) * per_rank))
         self.states = [StreamState() for _ in range(cfg.num_streams)]
@@ -127,7 +137,7 @@ class TrainLoader:
         free = torch.ones(len(self.streams), POOL_SLOTS, dtype=torch.uint8).share_memory_()
         dataset = _WorkerStreams(self.plan, self.cfg, states={s: self.states[s] for s in self.streams},
                                  image_size=self.image_size, tokenizer=self.tokenizer, free=free)
-        loader = DataLoader(dataset, batch_size=None, num_workers=self.cfg.workers,
+        loader = DataLoader(dataset, batch_size=None, num_workers=self.cfg.workers, pin_memory=self.pin_memory,
                             persistent_workers=False, prefetch_factor=2 if self.cfg.workers else None)
         parts = iter(loader)
         lent: list[tuple[int, int, StorageWeakRef]] = []  # (row of `free`, slot, the slot's storage)
@@ -142,9 +152,10 @@ class TrainLoader:
                 if sb.slot >= 0:
                     lent.append((self.streams.index(sb.stream), sb.slot, StorageWeakRef(sb.images.untyped_storage())))
                 self.buffers["pooled" if sb.slot >= 0 else "one_off"] += 1
-            batch = Batch(image_parts=[sb.images for sb in subs],
-                          texts=torch.from_numpy(np.concatenate([sb.texts for sb in subs])),
-                          keys=[k for sb in subs for k in sb.keys])
+            texts = torch.from_numpy(np.concatenate([sb.texts for sb in subs]))  # (B, L)
+            jpegs = [(i * self.plan.sub_batch + row, jpeg) for i, sb in enumerate(subs) for row, jpeg in sb.jpegs]
+            batch = Batch(image_parts=[sb.images for sb in subs], texts=texts.pin_memory() if self.pin_memory else texts,
+                          keys=[k for sb in subs for k in sb.keys], jpegs=jpegs)
             del subs, sb  # only the batch's consumer keeps its buffers alive now
             yield batch
             del batch
@@ -197,18 +208,21 @@ def merge_rank_states(states: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def build_train_loader(cfg: DataConfig, *, tokenizer: Callable, image_size: int, batch_size: int,
-                       rank: int, world_size: int, seed: int) -> TrainLoader:
-    """Validate the shard spec and stream layout against the launch, then build the loader."""
+                       rank: int, world_size: int, seed: int, device: torch.device = CPU) -> TrainLoader:
+    """Validate the shard spec and stream layout against the launch, then build the loader of batches
+    for the training `device` (batches for a CUDA device arrive in pinned memory)."""
+    check_decode_device(cfg, device=device)
     sources = expand_sources(cfg.train_shards)
     urls = [u for source in sources for u in source]
-    check_shards_exist(urls, spec=cfg.train_shards)
+    check_first_shards(sources, spec=cfg.train_shards)
     check_layout(cfg, num_shards=len(urls), batch_size=batch_size, world_size=world_size)
     weights = shard_weights(sources, cfg.train_weights, spec=cfg.train_shards)
     if cfg.train_weights and not cfg.resampled:
         raise DataError("data.train_weights needs data.resampled=true: exact epochs read every shard once")
     sub_batch = batch_size * world_size // cfg.num_streams
     plan = StreamPlan(urls, sizes=shard_sizes(cfg, urls), weights=weights, cfg=cfg, sub_batch=sub_batch, seed=seed)
-    return TrainLoader(plan, cfg, tokenizer=tokenizer, image_size=image_size, rank=rank, world_size=world_size)
+    return TrainLoader(plan, cfg, tokenizer=tokenizer, image_size=image_size, rank=rank, world_size=world_size,
+                       device=device)
 
 
 def shard_sizes(cfg: DataConfig, urls: list[str]) -> list[int]:
@@ -222,6 +236,16 @@ def shard_sizes(cfg: DataConfig, urls: list[str]) -> list[int]:
         raise DataError(f"no sizes.json or _info.json lists every shard of data.train_shards="
                         f"{cfg.train_shards!r}; set data.train_num_samples (samples in all those shards)")
     return [cfg.train_num_samples // len(urls)] * len(urls)
+
+
+def check_decode_device(cfg: DataConfig, *, device: torch.device) -> None:
+    """data.decode_device is "cpu", or "cuda" with a CUDA training device to decode on."""
+    if cfg.decode_device not in ("cpu", "cuda"):
+        raise DataError(f"data.decode_device={cfg.decode_device!r} must be 'cpu' or 'cuda'")
+    if cfg.decode_device == "cuda" and device.type != "cuda":
+        visible = "a CUDA device is visible" if torch.cuda.is_available() else "no CUDA device is visible"
+        raise DataError(f"data.decode_device='cuda' decodes JPEGs on the training device, but this run trains on "
+                        f"{device} ({visible}); set data.decode_device='cpu'")
 
 
 def check_layout(cfg: DataConfig, *, num_shards: int, batch_size: int, world_size: int) -> None:

@@ -1,20 +1,23 @@
 """Shards: spec expansion, sizes, and reading one shard's raw samples safely.
 
-Reading never decodes pickles and never writes files: members are selected by extension and
-kept as bytes. A source that fails or stalls is retried with backoff, resuming after the samples
-already delivered, and finally skipped; a truncated or corrupt tar ends its shard early.
+Members are read by Python's streaming `tarfile` (`mode="r|*"`: ustar, GNU and pax tars, plain or
+gzip/bzip2/xz-compressed). clipscale adds only what `tarfile` leaves out: a cap on every size a
+header claims, checked before anything is read; telling a cut or corrupt shard from a whole one
+(`tarfile` ends the archive silently at a bad header); grouping members into samples; bad-sample
+accounting; and retries of a source that fails or stalls, resuming after what was already handled.
+Reading never decodes pickles and never writes files: only image and caption members are read, as bytes.
 """
 from __future__ import annotations
 
-import bz2
 import collections
-import gzip
 import json
 import logging
 import lzma
+import os
 import posixpath
 import queue
 import re
+import signal
 import tarfile
 import threading
 import time
@@ -22,22 +25,24 @@ import zlib
 from typing import Any, BinaryIO, Callable, Iterator
 
 import fsspec
-from webdataset.gopen import gopen
+from webdataset import utils as wds_utils
+from webdataset.gopen import Pipe
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import base_plus_ext
 
 log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 CHUNK_BYTES = 1 << 20
-BLOCK = 512  # tar header and padding unit
-ZERO_BLOCK = bytes(BLOCK)
-REGULAR_FILE = (b"0", b"\0", b"7")  # ustar regular, old-style regular, contiguous
 META_NAME = re.compile(r"__[^/]*__($|/)")  # webdataset's metadata members (`__key__`, ...)
-MAX_MEMBER_BYTES = 256 << 20  # an image or caption claiming more is taken as a corrupt header
-MAX_META_BYTES = 1 << 20  # GNU long-name and pax headers
-# magic bytes: gzip; bzip2 ("BZh", block size 1-9, first block's magic); xz
-COMPRESSED = {re.compile(b"\x1f\x8b"): lambda f: gzip.GzipFile(fileobj=f),
-              re.compile(b"BZh[1-9]1AY&SY"): bz2.BZ2File, re.compile(b"\xfd7zXZ\x00"): lzma.LZMAFile}
+MAX_MEMBER_BYTES = 256 << 20  # a member claiming more is taken as a corrupt header
+MAX_META_BYTES = 8 << 10  # GNU long-name and pax headers; also bounds the backtracking of the pax
+# parser of CPython < 3.11.10 (CVE-2024-6232), quadratic in a header's length: ~0.1 s at this cap
+META_TYPES = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE,
+              tarfile.SOLARIS_XHDTYPE)
+FILE_TYPES = (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE)  # sparse files, links and devices are skipped
+# What corrupt or cut bytes make tarfile and the decompressors raise (a chain of pax headers recurses).
+BAD_BYTES = (tarfile.TarError, EOFError, ValueError, RecursionError, zlib.error, lzma.LZMAError)
+JOIN_TIMEOUT_S = 5.0  # how long closing a shard waits for its reader thread to end
 
 
 class DataError(ValueError):
@@ -73,20 +78,17 @@ def shard_weights(sources: list[list[str]], weights: tuple[float, ...] | None, *
     return [w for source, w in zip(sources, weights) for _ in source]
 
 
-def check_shards_exist(urls: list[str], *, spec: str) -> None:
-    """Fail before training starts when local or fsspec shards are missing (pipe: is not checked)."""
-    missing = []
-    for url in urls:
-        if url.startswith("pipe:"):
+def check_first_shards(sources: list[list[str]], *, spec: str) -> None:
+    """Fail before training starts when the first shard of a `::` source does not exist (a wrong
+    path or bucket), one request per source; any other missing shard counts as `unreadable_shard`
+    when it is read. `pipe:` sources are not checked."""
+    for urls in sources:
+        if urls[0].startswith("pipe:"):
             continue
-        fs, path = fsspec.core.url_to_fs(url)
+        fs, path = fsspec.core.url_to_fs(urls[0])
         if not fs.exists(path):
-            missing.append(url)
-    if missing:
-        raise DataError(
-            f"{len(missing)} of {len(urls)} shards of data.train_shards={spec!r} do not exist, "
-            f"e.g. {missing[0]}"
-        )
+            raise DataError(f"shards of data.train_shards={spec!r} do not exist: the first shard of a `::` "
+                            f"source, {urls[0]}, is missing; check the path or URL")
 
 
 def read_sizes(urls: list[str]) -> dict[str, int] | None:
@@ -122,13 +124,18 @@ class TimedReader:
         self.chunks: queue.Queue = queue.Queue(maxsize=16)
         self.chunk, self.pos, self.eof, self.closed = b"", 0, False, False  # the chunk being read, and where
         self.failure: BaseException | None = None  # what reading the source raised, to tell it from bad data
-        threading.Thread(target=self._pump, args=(opener,), daemon=True).start()
+        self.source: Any = None  # the open source, once the pump has opened it
+        self.pump = threading.Thread(target=self._pump, args=(opener,), daemon=True, name=f"read {name}")
+        self.pump.start()
 
     def _pump(self, opener: Callable[[], Any]) -> None:
         try:
             with opener() as f:
+                self.source = f
                 while not self.closed and (chunk := f.read(CHUNK_BYTES)):
                     self._put(chunk)
+                if self.closed:
+                    _stop(f)
             self._put(b"")
         except Exception as e:  # noqa: BLE001 - handed to the reading thread
             self._put(e)
@@ -156,12 +163,6 @@ class TimedReader:
         self.chunk, self.pos, self.eof = item, 0, item == b""
         return not self.eof
 
-    def peek(self, n: int) -> bytes:
-        """Up to `n` bytes ahead without consuming them (those in the current chunk)."""
-        if self.pos == len(self.chunk):
-            self._next_chunk()
-        return self.chunk[self.pos:self.pos + n]
-
     def read(self, n: int = -1) -> bytes:
         """`n` bytes (fewer only at the end of the shard; all that is left for n < 0), copied once."""
         if 0 <= n <= len(self.chunk) - self.pos:  # the usual case: inside the current chunk
@@ -176,39 +177,73 @@ class TimedReader:
         return b"".join(parts)
 
     def close(self) -> None:
+        """Stop reading: end the reader thread, which closes the source (a stalled command is killed)."""
         self.closed = True
+        if self.source is not None:
+            _stop(self.source)
+        while True:  # free a put that waits on a full queue
+            try:
+                self.chunks.get_nowait()
+            except queue.Empty:
+                break
+        self.pump.join(JOIN_TIMEOUT_S)
+        if self.pump.is_alive():  # e.g. a network read with no timeout of its own
+            log.warning("%s: its reader thread is still blocked in the source after %g s", self.name, JOIN_TIMEOUT_S)
+
+
+def _stop(source: Any) -> None:
+    """Kill a `pipe:` source's command and all it started: closing the pipe would wait for a command
+    that stalls or still writes. (While the shell is not reaped, its group id cannot be reused.)"""
+    proc = getattr(source, "proc", None)
+    if proc is not None and proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def open_pipe(url: str) -> Pipe:
+    """`pipe:CMD` as webdataset's gopen opens it, but in a session of its own, so that a stalled
+    command can be killed together with everything it started."""
+    if wds_utils.enforce_security:
+        raise DataError(f"{url}: pipe: shards are refused while WDS_SECURE=1")
+    return Pipe(url[5:], mode="rb", shell=True, bufsize=8192, ignore_status=[141], start_new_session=True)
 
 
 def open_shard(url: str, *, timeout_s: float) -> TimedReader:
-    """`pipe:CMD` (recipes only, never from data) through webdataset's gopen; anything else via fsspec."""
-    opener = (lambda: gopen(url, "rb")) if url.startswith("pipe:") else (lambda: fsspec.open(url, "rb").open())
+    """`pipe:CMD` (recipes only, never from data) through webdataset's Pipe; anything else via fsspec."""
+    opener = (lambda: open_pipe(url)) if url.startswith("pipe:") else (lambda: fsspec.open(url, "rb").open())
     return TimedReader(opener, timeout_s=timeout_s, name=url)
 
 
 def shard_samples(url: str, *, caption: str, counters: collections.Counter, retries: int,
                   backoff_s: float, timeout_s: float) -> Iterator[dict[str, Any]]:
-    """Raw samples {"__key__", "image": bytes, "caption": bytes} of one shard, in tar order.
+    """Raw samples {"__key__", "image": bytes, "caption": bytes} of one shard, in tar order; its bad
+    samples are counted in `counters` by reason.
 
-    Failed or stalled reads are retried, skipping the samples already yielded; after `retries`
-    the shard is counted as `unreadable_shard` and skipped. Tar errors end it (`truncated_shard`).
+    A failed or stalled read is retried, resuming after the samples (good and bad) already handled,
+    so that each is yielded or counted once; after `retries` the shard counts as `unreadable_shard`.
+    A shard that does not exist counts at once (retrying cannot help). Corrupt or cut tar bytes
+    end the shard (`truncated_shard`).
     """
-    delivered = 0
+    handled = 0  # samples, good or bad, already yielded or counted
     for attempt in range(retries + 1):
         reader = open_shard(url, timeout_s=timeout_s)
         try:
-            for i, sample in enumerate(group_samples(decompressed(reader), caption=caption, counters=counters)):
-                if i >= delivered:
-                    delivered += 1
+            for i, sample in enumerate(group_samples(reader, caption=caption)):
+                if i < handled:
+                    continue
+                handled += 1
+                if isinstance(sample, BadSample):
+                    counters[sample.reason] += 1
+                else:
                     yield sample
             return
-        except (tarfile.TarError, OSError) as e:
-            if isinstance(e, tarfile.TarError) or e is not reader.failure:  # bad bytes, not a failing source
+        except (*BAD_BYTES, OSError) as e:
+            if e is not reader.failure:  # the bytes are bad, not the source
                 counters["truncated_shard"] += 1
                 log.warning("skipping the rest of %s: %s", url, e)
                 return
-            if attempt == retries:
+            if isinstance(e, FileNotFoundError) or attempt == retries:
                 counters["unreadable_shard"] += 1
-                log.warning("skipping %s after %d attempts: %s", url, retries + 1, e)
+                log.warning("skipping %s after %d attempts: %s", url, attempt + 1, e)
                 return
             log.warning("retrying %s in %.1f s: %s", url, backoff_s * 2**attempt, e)
             time.sleep(backoff_s * 2**attempt)
@@ -216,117 +251,49 @@ def shard_samples(url: str, *, caption: str, counters: collections.Counter, retr
             reader.close()
 
 
-def decompressed(reader: TimedReader) -> BinaryIO:
-    """The shard's tar stream: `reader` itself, or a gzip/bzip2/xz decompressor reading it (by magic bytes)."""
-    head = reader.peek(10)
-    for magic, opener in COMPRESSED.items():
-        if magic.match(head):
-            return opener(reader)
-    return reader
+class _CheckedInfo(tarfile.TarInfo):
+    """`tarfile`'s member header with clipscale's limits. A size over the cap raises before any of
+    it is read (`tarfile` would read a long name or pax header of any claimed size, and skip a
+    member by reading all it claims); a bad header, or a stream that ends before the end-of-archive
+    block, raises instead of ending the archive silently as `tarfile` does past the first member."""
+
+    @classmethod
+    def frombuf(cls, buf: bytes, encoding: str, errors: str) -> tarfile.TarInfo:
+        info = super().frombuf(buf, encoding, errors)
+        _check_size(info, MAX_META_BYTES if info.type in META_TYPES else MAX_MEMBER_BYTES)
+        return info
+
+    @classmethod
+    def fromtarfile(cls, tar: tarfile.TarFile) -> tarfile.TarInfo:
+        try:
+            info = super().fromtarfile(tar)
+        except tarfile.EOFHeaderError:  # the end-of-archive block: the normal end
+            raise
+        except tarfile.HeaderError as e:  # a cut or corrupt header (an empty one: no end-of-archive block)
+            raise tarfile.ReadError(f"bad tar header at byte {tar.offset}: {e}") from None
+        _check_size(info, MAX_MEMBER_BYTES)  # again: pax records and sparse maps set sizes too
+        return info
+
+
+def _check_size(info: tarfile.TarInfo, limit: int) -> None:
+    if not 0 <= info.size <= limit:
+        raise tarfile.ReadError(f"tar member {info.name!r} claims {info.size} bytes, outside 0..{limit}: "
+                                f"a corrupt header")
 
 
 def tar_members(stream: BinaryIO, select: Callable[[str], bool] = lambda name: True,
                 ) -> Iterator[tuple[str, bytes]]:
-    """(name, bytes) of the selected regular files of a ustar, GNU or pax tar stream, in archive order.
+    """(name, bytes) of the selected regular files of a tar stream, in archive order, read by `tarfile`.
 
-    A direct reader of the 512-byte headers instead of `tarfile`, whose per-member header parsing
-    costs ~25 us, a tenth of a sample's decode time. Only names and sizes are used (GNU long names,
-    pax `path`/`size` records, the ustar prefix); other members' bytes are skipped in bounded reads,
-    links, directories and devices are ignored, and nothing is ever written. Raises
-    `tarfile.ReadError` for a bad header, a cut header or member, or a stream that ends without the
-    end-of-archive block (a truncated shard).
+    Other members (unselected, links, directories, devices, sparse files, webdataset's `__meta__`)
+    are skipped unread. Raises `tarfile.ReadError` (or another of `BAD_BYTES`) for a corrupt or cut
+    stream or a size over the caps; never writes anything.
     """
-    pending: dict[str, Any] = {}  # name/size from a GNU long-name or pax header, for the next member
-    while True:
-        header = _read_exact(stream, BLOCK)
-        if header == ZERO_BLOCK:
-            return
-        _check_header(header)
-        kind = header[156:157]
-        meta = kind in (b"L", b"x", b"K", b"g")  # headers about the next member
-        size = pending.pop("size") if "size" in pending and not meta else _octal(header[124:136])
-        padding = -size % BLOCK
-        if kind in (b"L", b"x"):
-            data = _read_exact(stream, _checked_size(size, MAX_META_BYTES, kind="long-name or pax header"))
-            if kind == b"L":
-                pending["name"] = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-            else:
-                pending.update(_pax_records(data))
-        elif kind in REGULAR_FILE:
-            name = pending.pop("name", None) or _header_name(header)
-            pending.clear()
-            if select(name) and not META_NAME.match(name):
-                yield name, _read_exact(stream, _checked_size(size, MAX_MEMBER_BYTES, kind=name))
-            else:
-                padding += size
-        else:  # a link, directory or device (pending names are its own), a pax global, a GNU long link
-            padding += size
-            if not meta:
-                pending.clear()
-        while padding:  # skipped bytes, in bounded reads
-            padding -= len(_read_exact(stream, min(padding, CHUNK_BYTES)))
-
-
-def _checked_size(size: int, limit: int, *, kind: str) -> int:
-    if size > limit:
-        raise tarfile.ReadError(f"tar member {kind!r} claims {size} bytes, more than {limit}: a corrupt header")
-    return size
-
-
-def _read_exact(stream: BinaryIO, n: int) -> bytes:
-    try:
-        data = stream.read(n) if n else b""
-    except (EOFError, zlib.error, gzip.BadGzipFile, lzma.LZMAError) as e:  # cut or corrupt compression
-        raise tarfile.ReadError(f"corrupt compressed stream: {e}") from None
-    if len(data) < n:
-        raise tarfile.ReadError("the tar stream ends inside a member or before its end-of-archive block")
-    return data
-
-
-def _check_header(header: bytes) -> None:
-    stored = _octal(header[148:156])
-    unsigned = sum(header) - sum(header[148:156]) + 8 * 32  # the checksum field counts as spaces
-    if stored != unsigned and stored != unsigned - 256 * sum(b > 127 for b in header[:148] + header[156:]):
-        raise tarfile.ReadError(f"bad tar header checksum ({stored} != {unsigned})")  # (old tars: signed bytes)
-
-
-def _octal(field: bytes) -> int:
-    """A tar number field: octal digits, or GNU base-256 (first byte 0x80) for large sizes."""
-    if field[0] == 0x80:
-        return int.from_bytes(field[1:], "big")
-    digits = field.split(b"\0", 1)[0].strip() or b"0"
-    if digits.strip(b"01234567"):  # anything but octal digits, signs included
-        raise tarfile.ReadError(f"bad number {digits!r} in a tar header")
-    return int(digits, 8)
-
-
-def _header_name(header: bytes) -> str:
-    name = header[:100].split(b"\0", 1)[0]
-    if header[257:263] == b"ustar\x00":  # POSIX ustar: long paths are split into prefix / name
-        prefix = header[345:500].split(b"\0", 1)[0]
-        name = prefix + b"/" + name if prefix else name
-    return name.decode("utf-8", "surrogateescape")
-
-
-def _pax_records(data: bytes) -> dict[str, Any]:
-    """The `path` and `size` of a pax extended header ("LEN key=value\n" records, LEN counting all)."""
-    found: dict[str, Any] = {}
-    pos = 0
-    while pos < len(data) and data[pos:pos + 1] != b"\0":
-        space = data.find(b" ", pos)
-        length = data[pos:space]
-        end = pos + int(length) if length.isdigit() else -1
-        if space < 0 or end < space + 3 or end > len(data) or data[end - 1:end] != b"\n":
-            raise tarfile.ReadError(f"malformed pax record at byte {pos}")
-        key, _, value = data[space + 1:end - 1].partition(b"=")
-        if key == b"path":
-            found["name"] = value.decode("utf-8", "surrogateescape")
-        elif key == b"size":
-            if not value.isdigit():
-                raise tarfile.ReadError(f"bad pax size {value!r}")
-            found["size"] = int(value)
-        pos = end
-    return found
+    with tarfile.open(fileobj=stream, mode="r|*", tarinfo=_CheckedInfo) as tar:
+        while (info := tar.next()) is not None:
+            tar.members = []  # a stream's members are never revisited: keep memory flat (as webdataset does)
+            if info.type in FILE_TYPES and select(info.name) and not META_NAME.match(info.name):
+                yield info.name, tar.extractfile(info).read()
 
 
 def extension(name: str) -> str:
@@ -334,31 +301,30 @@ def extension(name: str) -> str:
     return name.rsplit(".", 1)[-1].lower()
 
 
-def group_samples(stream: BinaryIO, *, caption: str, counters: collections.Counter) -> Iterator[dict[str, Any]]:
-    """Group a tar stream's image and caption members into samples by key; incomplete, duplicate or
-    unsafe ones are counted."""
+def group_samples(stream: BinaryIO, *, caption: str) -> Iterator[dict[str, Any] | BadSample]:
+    """A tar stream's image and caption members grouped by key, in order: each group is a sample, or a
+    `BadSample` when it is incomplete, duplicate or unsafe."""
     caption_ext = "json" if caption.startswith("json:") else caption
     wanted = set(IMAGE_EXTENSIONS) | {caption_ext}
     seen: set[str] = set()
     current: dict[str, Any] = {}
     for name, data in tar_members(stream, select=lambda name: extension(name) in wanted):
-        ext = extension(name)
         key, _ = base_plus_ext(name)
         if key is None:
             continue
         if current and current["__key__"] != key:
-            yield from complete_sample(current, caption=caption, counters=counters, seen=seen)
+            yield complete_sample(current, seen=seen)
             current = {}
         current["__key__"] = key
-        field = "caption" if ext == caption_ext else "image"
+        field = "caption" if extension(name) == caption_ext else "image"
         current[f"_{field}_count"] = current.get(f"_{field}_count", 0) + 1
         current[field] = data
     if current:
-        yield from complete_sample(current, caption=caption, counters=counters, seen=seen)
+        yield complete_sample(current, seen=seen)
 
 
-def complete_sample(sample: dict[str, Any], *, caption: str, counters: collections.Counter,
-                    seen: set[str]) -> Iterator[dict[str, Any]]:
+def complete_sample(sample: dict[str, Any], *, seen: set[str]) -> dict[str, Any] | BadSample:
+    """The sample of one key's members, or why it cannot be used; records the key in `seen`."""
     key = sample["__key__"]
     reason = None
     if key.startswith("/") or ".." in key.split("/"):
@@ -371,9 +337,8 @@ def complete_sample(sample: dict[str, Any], *, caption: str, counters: collectio
         reason = "missing_caption"
     seen.add(key)
     if reason:
-        counters[reason] += 1
-        return
-    yield {"__key__": key, "image": sample["image"], "caption": sample["caption"]}
+        return BadSample(reason, key)
+    return {"__key__": key, "image": sample["image"], "caption": sample["caption"]}
 
 
 def caption_text(data: bytes, *, caption: str) -> str:

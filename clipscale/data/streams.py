@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import default_collate
 
 from clipscale.data.config import DataConfig
-from clipscale.data.decode import decode_crop
+from clipscale.data.decode import JpegCrop, decode_crop
 from clipscale.data.shards import BadSample, DataError, caption_text, shard_samples
 
 NOT_SAMPLE_COUNTS = {"samples", "epoch_overrun", "truncated_shard", "unreadable_shard"}
@@ -95,6 +95,12 @@ class SubBatch:
     texts: np.ndarray  # (b, L) int64: small, so it travels inside the message, not as a shared-memory file
     keys: list[str]
     slot: int = -1  # the worker's shared image buffer holding `images` (-1: not a pooled one)
+    jpegs: list[tuple[int, JpegCrop]] = dataclasses.field(default_factory=list)  # (row, JPEG) left to the device
+
+    def pin_memory(self) -> SubBatch:
+        """A copy with its images in pinned memory (the DataLoader's pin thread calls this). The slot's
+        shared buffer is then released once the pinned copy is, a little later than it could be."""
+        return dataclasses.replace(self, images=self.images.pin_memory())
 
 
 def shuffled(samples: Iterator[dict], *, buffer: int, rng: random.Random) -> Iterator[dict]:
@@ -170,7 +176,7 @@ class StreamReader:
             self.state.offset += 1
             return sample
 
-    def _take(self) -> tuple[np.ndarray, str, str]:
+    def _take(self) -> tuple[np.ndarray | JpegCrop, str, str]:
         """The next good sample (image, caption, key), counting bad ones and epoch boundaries."""
         st = self.state
         while True:
@@ -186,7 +192,8 @@ class StreamReader:
             try:
                 text = caption_text(sample["caption"], caption=self.cfg.caption_key)
                 image = decode_crop(sample["image"], size=self.image_size, rng=rng,
-                                    scale=(self.cfg.crop_scale_min, 1.0))
+                                    scale=(self.cfg.crop_scale_min, 1.0),
+                                    jpeg_to_device=self.cfg.decode_device == "cuda")
             except BadSample as e:
                 self.consumed[e.reason] += 1
                 self._check_bad_fraction()
@@ -211,12 +218,15 @@ class StreamReader:
         return self.consumed + self.read_base + self.read_live
 
     def next_sub_batch(self, size: int, *, out: torch.Tensor | None = None, slot: int = -1) -> SubBatch:
-        """The next `size` good samples; images stacked into `out` (pool `slot`) when given."""
+        """The next `size` good samples; images stacked into `out` (pool `slot`) when given. A JPEG left to
+        the device (`data.decode_device="cuda"`) is listed in `jpegs` and its row left blank."""
         images, captions, keys = zip(*(self._take() for _ in range(size)))
         state = dataclasses.replace(self.state, consumed=dict(self.consumed), read=dict(self.read_base))
-        tensors = [torch.from_numpy(image) for image in images]
+        jpegs = [(row, image) for row, image in enumerate(images) if isinstance(image, JpegCrop)]
+        blank = torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8) if jpegs else None
+        tensors = [blank if isinstance(image, JpegCrop) else torch.from_numpy(image) for image in images]
         # without `out`, default_collate still stacks straight into shared memory in a dataloader
         # worker, so handing the batch to the training process copies nothing more
         return SubBatch(stream=self.stream, state={**dataclasses.asdict(state), "totals": dict(self.totals())},
                         images=default_collate(tensors) if out is None else torch.stack(tensors, out=out),
-                        texts=self.tokenizer(list(captions)).numpy(), keys=list(keys), slot=slot)
+                        texts=self.tokenizer(list(captions)).numpy(), keys=list(keys), slot=slot, jpegs=jpegs)

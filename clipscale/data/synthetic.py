@@ -15,7 +15,7 @@ Layout written by `write_synthetic_dataset(OUT)`:
         classnames.txt                     one class name per line
         zeroshot_classification_templates.txt   one template per line with a {c} slot
 
-    python data_tools/make_synthetic.py data/synthetic --train-samples 64000 --processes 2
+    clipscale data synth data/synthetic --train-samples 64000 --processes 2
 """
 from __future__ import annotations
 

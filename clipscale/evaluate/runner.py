@@ -235,20 +235,18 @@ def evaluate_target(target: str, *, overrides: dict[str, Any], device: str, out:
 
 
 def maybe_eval(cfg: Config, *, model: torch.nn.Module, bundle: ModelBundle, step: int, samples_seen: int,
-               batch_size: int) -> None:
+               batch_size: int, checkpoint_due: bool) -> None:
     """During training: evaluate when the last step crossed a multiple of `eval.every_samples`.
 
     Collective: every rank calls it with the unwrapped model (full parameters: DDP or one process).
-    Rows name the checkpoint saved at this step, if any, so `clipscale eval` does not redo them.
+    When this step's checkpoint is due, the rows name it, so `clipscale eval` does not redo them.
     """
     every = cfg.eval.every_samples
     if every <= 0 or samples_seen // every == (samples_seen - batch_size) // every:
         return
-    name = checkpoint_name(step)
-    saved = (cfg.run_dir / "checkpoints" / name / META).is_file()  # the save ends with a barrier: all ranks agree
     bundle = dataclasses.replace(bundle, model=model)
-    info = ModelInfo(run=cfg.run.name, model=cfg.model.name, checkpoint=name if saved else None, step=step,
-                     samples_seen=samples_seen, params=count_params(model), gmacs_per_sample=gmacs_per_sample(bundle),
-                     dataset=cfg.data.train_shards)
+    checkpoint = checkpoint_name(step) if checkpoint_due else None
+    info = ModelInfo(run=cfg.run.name, model=cfg.model.name, checkpoint=checkpoint, step=step,
+                     samples_seen=samples_seen, params=count_params(model), gmacs_per_sample=gmacs_per_sample(bundle), dataset=cfg.data.train_shards)
     evaluate_weights(bundle, info, sets=open_sets(cfg.eval.datasets), cfg=cfg.eval,
                      device=next(model.parameters()).device, results=cfg.run_dir / RESULTS)

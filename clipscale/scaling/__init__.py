@@ -1,1 +1,11 @@
-"""Scaling laws: functional forms, fits with uncertainty, frontiers and plots of evaluation results."""
+"""Scaling laws: functional forms, frontiers, fits with bootstrap intervals, plots and planning.
+
+    from clipscale import scaling
+    df = scaling.load_results(["runs/*/", "published.csv"])
+    fits = scaling.fit(df, metric="acc1", eval_dataset="imagenet1k", form="power", by=["dataset"])
+"""
+from clipscale.scaling.fit import Fit, fit
+from clipscale.scaling.report import fit_results, format_fits, format_plan, read_fits
+from clipscale.scaling.results import FitError, load_results
+
+__all__ = ["Fit", "FitError", "fit", "fit_results", "format_fits", "format_plan", "load_results", "read_fits"]

@@ -66,14 +66,26 @@ def count_allreduces(state: dict, bucket: dist.GradBucket) -> torch.futures.Futu
     return default_hooks.allreduce_hook(None, bucket)
 
 
+def plain_backward(model: torch.nn.Module, images: torch.Tensor, texts: torch.Tensor) -> None:
+    out = model(images, texts)
+    sum(out[k].sum() for k in out if out[k] is not None).backward()
+    model.zero_grad(set_to_none=True)
+
+
 def syncs_per_backward(model: DistributedDataParallel, images: torch.Tensor, texts: torch.Tensor) -> int:
     """Bucket all-reduces in one plain forward/backward of this DDP model."""
     state = {"calls": 0}
     model.register_comm_hook(state, count_allreduces)
-    out = model(images, texts)
-    sum(out[k].sum() for k in out if out[k] is not None).backward()
-    model.zero_grad(set_to_none=True)
+    plain_backward(model, images, texts)
     return state["calls"]
+
+
+def reduce_scatters(run) -> tuple[object, int]:
+    """`run()`'s result and the reduce-scatter collectives it issued, counted by the profiler at the
+    c10d op FSDP2 calls (one per sharding unit per synchronised backward)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        result = run()
+    return result, sum(e.name.startswith("c10d::") and "reduce_scatter" in e.name for e in prof.events())
 
 
 def worker(rank: int, port: int, out_dir: str) -> None:
@@ -89,11 +101,14 @@ def worker(rank: int, port: int, out_dir: str) -> None:
         if wrapper == "ddp":
             expected_syncs = syncs_per_backward(wrap(build(cfg.kind), wrapper), images[mine], texts[mine])
             model.register_comm_hook(state, count_allreduces)
+        else:
+            _, expected_syncs = reduce_scatters(lambda: plain_backward(wrap(build(cfg.kind), wrapper),
+                                                                       images[mine], texts[mine]))
         torch.manual_seed(SEED + rank)
-        loss = gradcache_step(model, images[mine], texts[mine], chunk_size=CHUNK, loss_cfg=cfg)
-        results[name] = {"loss": loss, "grads": full_grads(model)}
-        if wrapper == "ddp":
-            results[name]["syncs"] = (state["calls"], expected_syncs)
+        loss, scatters = reduce_scatters(
+            lambda: gradcache_step(model, images[mine], texts[mine], chunk_size=CHUNK, loss_cfg=cfg))
+        results[name] = {"loss": loss, "grads": full_grads(model),
+                         "syncs": (state["calls"] if wrapper == "ddp" else scatters, expected_syncs)}
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
@@ -132,9 +147,10 @@ def test_two_rank_gradcache_equals_one_process(ranks, name):
             assert err <= 1e-8 * max(g.norm(), 1e-6 * scale), f"{param}: |diff|={err:.3e} |ref|={g.norm():.3e}"
 
 
-@pytest.mark.parametrize("name", [n for n, (wrapper, _) in CASES.items() if wrapper == "ddp"])
-def test_ddp_syncs_gradients_once_per_step(ranks, name):
-    """B_LOCAL / CHUNK = 3 chunks, yet only the last backward all-reduces (as many buckets as one plain step)."""
+@pytest.mark.parametrize("name", list(CASES))
+def test_gradients_sync_once_per_step(ranks, name):
+    """B_LOCAL / CHUNK = 3 chunks, yet only the last backward synchronises: DDP all-reduces as many
+    buckets, and FSDP2 reduce-scatters as many sharding units, as one plain forward/backward."""
     for rank in ranks:
         calls, per_backward = rank[name]["syncs"]
         assert calls == per_backward > 0

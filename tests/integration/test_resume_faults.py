@@ -1,4 +1,9 @@
-"""Exact resume, preemption and parallelism equivalence of the real trainer (2 gloo ranks)."""
+"""Exact resume, preemption and parallelism equivalence of the real trainer (2 gloo ranks).
+
+The resume tests train with patch dropout, so every step draws random numbers on every rank: a
+resume is bitwise only if each rank's RNG streams continue exactly where the checkpoint left them.
+"""
+import contextlib
 import json
 import os
 import shutil
@@ -9,10 +14,12 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.helpers import REPO, free_port, run_cli
 
 pytestmark = pytest.mark.slow
+STOCHASTIC = "model.patch_dropout=0.5"  # open_clip's towers draw a patch mask every step
 
 
 def args(data: dict, out: Path, name: str, *extra: str) -> list[str]:
@@ -30,12 +37,67 @@ def step_losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    """The model state of the run's last checkpoint, read back with DCP into a fresh model."""
+    from clipscale import checkpoint as ckpt
+    from clipscale.config import config_from_dict
+    from clipscale.models import build_model
+
+    path = ckpt.latest_checkpoint(run_dir / "checkpoints")
+    model = build_model(config_from_dict(ckpt.read_meta(path)["config"]).model).model
+    ckpt.load_model_weights(path, model)
+    return model.state_dict()
+
+
+def assert_same_run(run_dir: Path, reference_dir: Path) -> None:
+    """Every step's loss and every final weight are bitwise those of the uninterrupted run."""
+    assert step_losses(run_dir) == step_losses(reference_dir)
+    got, want = final_weights(run_dir), final_weights(reference_dir)
+    assert got.keys() == want.keys()
+    assert [k for k in want if not torch.equal(got[k], want[k])] == []
+
+
 def torchrun(argv: list[str]) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
            f"--master_port={free_port()}", "-m", "clipscale", *argv]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
+
+
+def children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"  # a zombie has exited; only its parent's wait is missing
+
+
+def kill_tree(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """SIGKILL torchrun and every descendant by pid: torchrun starts each rank in its own session,
+    so killing torchrun's process group would leave the ranks (and their loader workers) running.
+    The tree is frozen with SIGSTOP first so no process can start a child that escapes the kill."""
+    tree, todo = [], [proc.pid]
+    while todo:
+        pid = todo.pop()
+        if pid not in tree:
+            tree.append(pid)
+            with contextlib.suppress(ProcessLookupError):  # it may have exited since pgrep saw it
+                os.kill(pid, signal.SIGSTOP)
+            todo += children(pid)
+    for pid in tree:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + timeout
+    while any(alive(pid) for pid in tree):
+        assert time.time() < deadline, f"processes still alive: {[p for p in tree if alive(p)]}"
+        time.sleep(0.05)
 
 
 def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:
@@ -50,6 +112,7 @@ def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: flo
 
 @pytest.fixture(scope="module")
 def reference_run(synthetic_data, tmp_path_factory):
+    """Uninterrupted 2-rank run of a model without random draws (compared across world sizes)."""
     out = tmp_path_factory.mktemp("ref")
     run_cli(*args(synthetic_data, out, "ref"), nproc=2)
     return out / "ref"
@@ -60,37 +123,49 @@ def reference(reference_run):
     return step_losses(reference_run)
 
 
+@pytest.fixture(scope="module")
+def stochastic_run(synthetic_data, tmp_path_factory):
+    """Uninterrupted 2-rank run with patch dropout: what every resumed run must reproduce."""
+    out = tmp_path_factory.mktemp("stochastic")
+    run_cli(*args(synthetic_data, out, "ref", STOCHASTIC), nproc=2)
+    return out / "ref"
+
+
 def latest_step(run_dir: Path) -> int:
     from clipscale.checkpoint import latest_checkpoint
 
     return int(latest_checkpoint(run_dir / "checkpoints").name.split("_")[1])
 
 
+def test_patch_dropout_draws_random_numbers(stochastic_run, reference):
+    """Guards the premise of the resume tests: the stochastic run really differs from the plain one."""
+    assert step_losses(stochastic_run)[2] != reference[2]
+
+
 @pytest.mark.parametrize("kill_after_step", [5, 13])
-def test_sigkill_and_resume_is_bitwise_identical(reference, synthetic_data, tmp_path, kill_after_step):
-    proc = torchrun(args(synthetic_data, tmp_path, "killed"))
+def test_sigkill_and_resume_is_bitwise_identical(stochastic_run, synthetic_data, tmp_path, kill_after_step):
+    proc = torchrun(args(synthetic_data, tmp_path, "killed", STOCHASTIC))
     wait_for_step(tmp_path / "killed", kill_after_step, proc)
-    os.killpg(proc.pid, signal.SIGKILL)  # the whole job: agent and ranks, mid-step
-    proc.wait()
+    kill_tree(proc)  # the whole job: agent, ranks and loader workers, mid-step
     assert latest_step(tmp_path / "killed") < 20  # killed before the end: there is work to resume
-    resumed = run_cli(*args(synthetic_data, tmp_path, "killed"), nproc=2)
+    resumed = run_cli(*args(synthetic_data, tmp_path, "killed", STOCHASTIC), nproc=2)
     assert "resumed from" in resumed.stderr
-    assert step_losses(tmp_path / "killed") == reference  # every step, bitwise
+    assert_same_run(tmp_path / "killed", stochastic_run)
 
 
-def test_signal_on_one_rank_saves_and_stops_all(reference, synthetic_data, tmp_path):
-    proc = torchrun(args(synthetic_data, tmp_path, "preempted"))
+def test_signal_on_one_rank_saves_and_stops_all(stochastic_run, synthetic_data, tmp_path):
+    proc = torchrun(args(synthetic_data, tmp_path, "preempted", STOCHASTIC))
     run_dir = tmp_path / "preempted"
     wait_for_step(run_dir, 2, proc)
-    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    workers = children(proc.pid)
     assert len(workers) == 2
-    os.kill(int(max(workers)), signal.SIGUSR1)  # only one rank hears it; both must stop together
+    os.kill(max(workers), signal.SIGUSR1)  # only one rank hears it; both must stop together
     output = proc.communicate(timeout=300)[0].decode()
     assert proc.returncode != 0, output
     assert "stopped at step" in output
     assert 2 <= latest_step(run_dir) < 20
-    run_cli(*args(synthetic_data, tmp_path, "preempted"), nproc=2)
-    assert step_losses(run_dir) == reference
+    run_cli(*args(synthetic_data, tmp_path, "preempted", STOCHASTIC), nproc=2)
+    assert_same_run(run_dir, stochastic_run)
 
 
 def test_single_process_preemption_exit_code(synthetic_data, tmp_path):

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from tests.eval_kit import json_rows
-from tests.helpers import run_cli
+from tests.helpers import REPO, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -43,7 +43,7 @@ def test_run_directory_layout(two_rank_run):
     cfg = json.loads((two_rank_run / "config.json").read_text())
     assert cfg["train"]["global_batch_size"] == 32
     names = sorted(p.name for p in (two_rank_run / "checkpoints").iterdir())
-    assert names == ["latest", "step_000002", "step_000004", "step_000006"]
+    assert names == ["step_000002", "step_000004", "step_000006"]  # the scan of complete ones is the record
 
 
 def test_eval_then_fit(two_rank_run, synthetic_data, tmp_path):
@@ -65,13 +65,14 @@ def test_eval_then_fit(two_rank_run, synthetic_data, tmp_path):
     run_cli("eval", str(tmp_path / "learner"))
     final = [r for r in json_rows(tmp_path / "learner" / "results.jsonl") if r["step"] == 32 and r["metric"] == "acc1"]
     assert final[0]["value"] > 2 / 30  # twice chance on the held-out set of 30 classes
-    run_cli("fit", str(two_rank_run), str(tmp_path / "learner"), "--out", str(tmp_path / "fit"))
-    fits = json.loads((tmp_path / "fit" / "fits.json").read_text())
-    assert fits["metric"] == "zeroshot_top1" and len(fits["points"]) == 7
-    assert len(fits["frontier"]) >= 2 and fits["alpha"] < 0
-    assert (tmp_path / "fit" / "fit.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    run_cli("fit", str(two_rank_run), str(tmp_path / "learner"), "--metric", "acc1", "--task",
+            "zeroshot_classification", "--checkpoints", "all", "--frontier", "none", "--out", str(tmp_path / "fit"))
+    [fit] = json.loads((tmp_path / "fit" / "fits.json").read_text())["fits"]
+    assert fit["y"] == "1 - acc1" and fit["x"] == "compute_gmacs" and fit["n_points"] == 7
+    assert fit["params"]["alpha"] < 0
+    assert (tmp_path / "fit" / "fit_acc1.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    bad = run_cli("fit", str(tmp_path / "nothing"), "--out", str(tmp_path / "fit2"), check=False)
+    bad = run_cli("fit", str(tmp_path / "nothing"), "--metric", "acc1", "--out", str(tmp_path / "fit2"), check=False)
     assert bad.returncode == 2 and "no results at" in bad.stderr
 
 
@@ -82,6 +83,8 @@ def test_broken_recipes_fail_naming_the_problem(tmp_path, synthetic_data):
     recipe.write_text("[train]\nglobal_batch_size = 'big'\n")
     bad = run_cli("train", str(recipe), check=False)
     assert bad.returncode == 2 and "train.global_batch_size" in bad.stderr
+    bad = run_cli("train", str(REPO / "recipes" / "scaling_tiny.toml"), check=False)  # trains nothing
+    assert bad.returncode == 2 and "clipscale sweep" in bad.stderr and "scaling_tiny.toml" in bad.stderr
     missing = tmp_path / "nowhere" / "{000000..000003}.tar"
     bad = run_cli("train", f'data.train_shards="{missing}"', f'run.output_dir="{tmp_path}"', check=False)
     assert bad.returncode == 2 and "do not exist" in bad.stderr and "nowhere" in bad.stderr

@@ -1,13 +1,16 @@
 """Bad shards and samples are skipped and counted per reason; too many stop the run clearly."""
-import io
+import collections
+import os
 import pickle
 import struct
+import threading
+import time
 import zlib
 
 import pytest
 
-from clipscale.data.shards import DataError
-from tests.shard_kit import image_bytes, sample_members, write_shard
+from clipscale.data.shards import DataError, shard_samples
+from tests.shard_kit import FlakyFileSystem, image_bytes, sample_members, write_shard
 from tests.unit.test_pipeline import make_loader, take
 
 
@@ -107,3 +110,56 @@ def test_no_readable_shard_stops_the_run(tmp_path):
                          shard_retries=0, max_failed_shards=4)
     with pytest.raises(DataError, match="4 shards in a row gave no sample"):
         take(loader, 1)
+
+
+def read(url, **kw):
+    counters = collections.Counter()
+    keys = [s["__key__"] for s in shard_samples(url, caption="txt", counters=counters,
+                                                **{"retries": 1, "backoff_s": 0.0, "timeout_s": 5, **kw})]
+    return keys, counters
+
+
+def test_a_retried_shard_counts_its_bad_samples_once(tmp_path):
+    members = [("orphan.txt", b"no image")] + [m for i in range(30) for m in sample_members(f"k{i}", i)]
+    path = write_shard(tmp_path / "flaky.tar", members)
+    # tarfile reads 10 KiB at a time: this fails well after the orphan and several samples were handled
+    FlakyFileSystem.fail_after[str(path)] = path.stat().st_size * 3 // 4
+    keys, counters = read(f"flaky://{path}")
+    assert str(path) not in FlakyFileSystem.fail_after  # it did fail once
+    assert keys == [f"k{i}" for i in range(30)] and counters == {"missing_image": 1}
+
+
+def children_running(marker: str) -> list[str]:
+    """Command lines of running processes that contain `marker`."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if marker in cmdline:
+            found.append(cmdline)
+    return found
+
+
+def test_a_stalled_shard_leaves_no_thread_open_file_or_process_behind():
+    threads, fds = threading.active_count(), len(os.listdir("/proc/self/fd"))
+    start = time.monotonic()
+    # the command starts a child of its own: the whole group must go, or the pipe stays open
+    keys, counters = read("pipe:sleep 37.25 | cat", retries=1, timeout_s=0.3)
+    assert keys == [] and counters == {"unreadable_shard": 1}
+    assert time.monotonic() - start < 5
+    assert threading.active_count() == threads and len(os.listdir("/proc/self/fd")) == fds
+    deadline = time.monotonic() + 2  # SIGKILL was sent: the processes are gone once the kernel reaps them
+    while children_running("sleep 37.25") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert children_running("sleep 37.25") == []
+
+
+
+def test_a_shard_that_does_not_exist_counts_at_once_without_retries(tmp_path):
+    start = time.monotonic()
+    keys, counters = read(str(tmp_path / "missing.tar"), retries=3, backoff_s=30.0)
+    assert keys == [] and counters == {"unreadable_shard": 1}
+    assert time.monotonic() - start < 5  # retrying would sleep 30 s first

@@ -1,5 +1,8 @@
 import json
+import random
 
+import numpy as np
+import pytest
 import torch
 
 from clipscale import checkpoint as ckpt
@@ -31,7 +34,44 @@ def test_roundtrip_restores_model_optimizer_and_rng(tmp_path):
         assert torch.equal(a, b), n
     sa, sb = opt.state_dict()["state"], other_opt.state_dict()["state"]
     assert all(torch.equal(sa[k]["exp_avg"], sb[k]["exp_avg"]) for k in sa)
+    assert ckpt.restore_rng(path)
     assert torch.equal(torch.rand(3), expected_draw)  # RNG resumes where the save left it
+
+
+def draws() -> tuple:
+    return random.random(), np.random.rand(3).tolist(), torch.rand(3).tolist()
+
+
+def test_rng_round_trip_restores_every_stream_and_loads_without_unpickling_objects(tmp_path):
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    np.random.randn()  # numpy caches the second Gaussian of a pair: part of the state
+    (tmp_path / "step_000001").mkdir()
+    torch.save(ckpt.rng_state(), tmp_path / "step_000001" / "rng_rank0.pt")
+    expected = draws()
+    draws()
+    assert ckpt.restore_rng(tmp_path / "step_000001")
+    assert draws() == expected
+    torch.load(tmp_path / "step_000001" / "rng_rank0.pt", weights_only=True)  # plain data only
+    assert not ckpt.restore_rng(tmp_path / "missing")  # e.g. a rank that did not exist at save
+
+
+class CreatesAFile:
+    """Unpickling this object calls open(path, "w"): what a hostile file on a shared disk could do."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def test_an_rng_file_that_would_run_code_is_refused(tmp_path):
+    marker = tmp_path / "code_ran"
+    (tmp_path / "step_000001").mkdir()
+    torch.save({"python": CreatesAFile(marker)}, tmp_path / "step_000001" / "rng_rank0.pt")
+    with pytest.raises(RuntimeError, match="rng_rank0.pt is not a clipscale RNG state.*delete it"):
+        ckpt.restore_rng(tmp_path / "step_000001")
+    assert not marker.exists()
 
 
 def test_incomplete_checkpoints_are_never_loaded(tmp_path):
@@ -40,7 +80,7 @@ def test_incomplete_checkpoints_are_never_loaded(tmp_path):
     (tmp_path / "step_000002.tmp").mkdir()  # killed mid-save
     (tmp_path / "step_000003").mkdir()  # no meta.json
     assert ckpt.latest_checkpoint(tmp_path).name == "step_000001"
-    assert (tmp_path / "latest").read_text().strip() == "step_000001"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000001", "step_000002.tmp", "step_000003"]
 
 
 def test_retention_keeps_last_k(tmp_path):

@@ -87,6 +87,13 @@ samples = [ { name = "short", "train.total_samples" = 512 }, { name = "long", "t
     assert cfgs["grid-m-long"].run.name == "grid-m-long"
 
 
+def test_train_refuses_a_sweep_recipe_naming_the_sweep_command(tmp_path):
+    recipe = write(tmp_path, '[run]\nname = "grid"\n[sweep]\nm = [ { "model.vision_width" = 32 } ]\n')
+    with pytest.raises(ConfigError, match=f"{recipe} has a \\[sweep\\] table.*`clipscale sweep {recipe}`"):
+        load_config(recipe, ["train.global_batch_size=32"])
+    assert load_config(recipe, ["sweep={}"]).run.name == "grid"  # the base recipe, asked for explicitly
+
+
 def test_sweep_with_bad_key_fails_before_any_run(tmp_path):
     recipe = write(tmp_path, '[sweep]\nm = [ { "model.vision_widht" = 3 } ]\n')
     with pytest.raises(ConfigError, match="did you mean 'vision_width'"):

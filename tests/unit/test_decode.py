@@ -178,3 +178,65 @@ def test_jpeg_bomb_is_caught_from_the_frame_header():
     sof = jpeg.index(b"\xff\xc0")
     jpeg[sof + 5:sof + 9] = (60000).to_bytes(2, "big") * 2  # claims 60000 x 60000 pixels
     assert bad_reason(bytes(jpeg)) == "decompression_bomb"
+
+
+def smooth_jpeg(width: int, height: int, mode: str = "RGB") -> bytes:
+    """A JPEG of smooth gradients (where decoders and resamplers agree closely)."""
+    y, x = np.mgrid[0:height, 0:width]
+    pixels = np.stack([x * 255 // width, y * 255 // height, (x + y) * 127 // (width + height)], -1)
+    return encode(Image.fromarray(pixels.astype(np.uint8)).convert(mode), "JPEG", quality=95)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_a_jpeg_for_the_device_carries_the_box_the_cpu_path_draws(mode):
+    data = image_bytes(3, size=40, mode=mode)
+    jpeg = decode_crop(data, size=16, rng=random.Random(5), scale=(0.3, 1.0), jpeg_to_device=True)
+    assert jpeg == decode.JpegCrop(data, random_resized_crop_box(40, 40, random.Random(5), scale=(0.3, 1.0)))
+
+
+@pytest.mark.parametrize("data", [image_bytes(1, fmt="PNG"), image_bytes(2, mode="CMYK"), image_bytes(3)[:-40]],
+                         ids=["png", "cmyk-jpeg", "jpeg-cut-short"])
+def test_other_images_are_decoded_in_the_worker_even_for_the_device(data):
+    def crop(**kw):
+        try:
+            return decode_crop(data, size=16, rng=random.Random(2), scale=(0.5, 1.0), **kw)
+        except BadSample as e:
+            return e.reason
+    on_cpu = crop()
+    for_device = crop(jpeg_to_device=True)
+    assert not isinstance(for_device, decode.JpegCrop)
+    assert for_device == on_cpu if isinstance(on_cpu, str) else np.array_equal(for_device, on_cpu)
+
+
+def test_device_decode_equals_the_cpu_path_and_leaves_an_undecodable_jpeg_black(caplog):
+    datas = [image_bytes(i, size=28) for i in range(3)] + [smooth_jpeg(50, 30, "L")]
+    rng = random.Random(0)
+    jpegs = [decode_crop(d, size=16, rng=rng, scale=(0.5, 1.0), jpeg_to_device=True) for d in datas]
+    good = image_bytes(9, size=28)
+    header_only = good[:good.index(b"\xff\xda")] + decode.EOI  # a frame header, then no scan to decode
+    jpegs.append(decode.JpegCrop(header_only, (0, 0, 28, 28)))
+    out = decode.decode_jpegs_on(jpegs, size=16, device=torch.device("cpu"))
+    rng = random.Random(0)
+    for got, data in zip(out, datas):  # crops under 2x the output: the CPU path decodes in full too
+        np.testing.assert_array_equal(got.numpy(), decode_crop(data, size=16, rng=rng, scale=(0.5, 1.0)))
+    assert not out[-1].any() and "left black" in caplog.text
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU JPEG decoding needs a CUDA device")
+
+
+@CUDA
+def test_gpu_decode_matches_the_cpu_path():
+    cuda = torch.device("cuda")
+    datas = [smooth_jpeg(w, h, mode) for w, h, mode in [(64, 48, "RGB"), (640, 360, "RGB"), (300, 500, "L")]]
+    datas += [image_bytes(i, size=96) for i in range(4)]
+    jpegs = [decode_crop(d, size=32, rng=random.Random(i), scale=(0.3, 1.0), jpeg_to_device=True)
+             for i, d in enumerate(datas)]
+    on_gpu = decode.decode_jpegs_on(jpegs, size=32, device=cuda)
+    on_cpu = decode.decode_jpegs_on(jpegs, size=32, device=torch.device("cpu"))  # the same full decode
+    assert on_gpu.device.type == "cuda"
+    diff = (on_gpu.cpu().int() - on_cpu.int()).abs()
+    assert diff.float().mean() < 1.5 and diff.max() <= 40  # nvJPEG vs libjpeg IDCT and chroma upsampling
+    for i, data in enumerate(datas[:3]):  # and the worker's own path (reduced-size decode for big crops)
+        cpu = decode_crop(data, size=32, rng=random.Random(i), scale=(0.3, 1.0))
+        assert np.abs(on_gpu[i].cpu().numpy().astype(int) - cpu).mean() < 3

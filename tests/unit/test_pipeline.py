@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from clipscale.data.config import DataConfig
-from clipscale.data.pipeline import POOL_SLOTS, build_train_loader, merge_rank_states
+from clipscale.data.pipeline import POOL_SLOTS, TrainLoader, build_train_loader, merge_rank_states
 from clipscale.data.shards import DataError
 from clipscale.data.streams import StreamPlan
 from tests.shard_kit import write_dataset
@@ -16,10 +16,13 @@ UNEVEN = [5, 40, 13, 27, 60, 8, 33, 21]
 TOKENIZER = open_clip.get_tokenizer("ViT-B-32")
 
 
-def make_loader(spec, *, batch=8, rank=0, world=1, seed=0, **data):
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def make_loader(spec, *, batch=8, rank=0, world=1, seed=0, device=torch.device("cpu"), **data):
     cfg = DataConfig(train_shards=spec, **{"num_streams": 4, "workers": 0, "shuffle_buffer": 16, **data})
     return build_train_loader(cfg, tokenizer=TOKENIZER, image_size=16, batch_size=batch // world,
-                              rank=rank, world_size=world, seed=seed)
+                              rank=rank, world_size=world, seed=seed, device=device)
 
 
 def take(loader, steps):
@@ -155,3 +158,62 @@ def test_fsspec_urls_info_json_sizes_and_json_captions(tmp_path):
     assert loader.counters() == {"samples": 12}
     i = seen.index("k00")
     assert torch.equal(batches[i // 4].texts[i % 4], TOKENIZER(["cap 00"])[0])
+
+
+def test_a_wrong_spec_fails_at_once_and_a_missing_shard_counts_when_read(tmp_path):
+    spec = write_dataset(tmp_path / "d", [4] * 4)
+    with pytest.raises(DataError, match=r"do not exist: the first shard of a `::` source, .*/nowhere/000000.tar"):
+        make_loader(f"{spec}::{tmp_path}/nowhere/{{000000..000003}}.tar", train_weights=(1.0, 1.0), resampled=True)
+    (tmp_path / "d" / "000002.tar").unlink()  # not the first: found when a stream reads it
+    loader = make_loader(spec, shuffle_buffer=0)
+    seen = [k for batch in take(loader, 2) for k in batch.keys]
+    assert len(seen) == 16 and not any(k.startswith("s02_") for k in seen)
+    assert loader.counters()["unreadable_shard"] >= 1 and loader.counters()["samples"] == 16
+
+
+def test_batches_for_the_cpu_stay_in_ordinary_memory(uneven):
+    batch = take(make_loader(uneven, workers=2), 1)[0]
+    assert not batch.texts.is_pinned() and not any(part.is_pinned() for part in batch.image_parts)
+
+
+@CUDA
+@pytest.mark.parametrize("workers", [0, 2])
+def test_batches_for_a_cuda_device_arrive_pinned_and_unchanged(uneven, workers):
+    cuda = torch.device("cuda")
+    want = take(make_loader(uneven, workers=workers), 2 * POOL_SLOTS)
+    got = make_loader(uneven, workers=workers, device=cuda)
+    for ref, batch in zip(want, got):
+        assert batch.texts.is_pinned() and all(part.is_pinned() for part in batch.image_parts)
+        assert torch.equal(batch.images_on(cuda).cpu(), ref.images) and torch.equal(batch.texts, ref.texts)
+        assert batch.keys == ref.keys
+
+
+def test_gpu_decode_is_refused_without_a_cuda_training_device(uneven):
+    with pytest.raises(DataError, match=r"data.decode_device='cuda' decodes JPEGs on the training device, but "
+                                        r"this run trains on cpu .*; set data.decode_device='cpu'"):
+        make_loader(uneven, decode_device="cuda")
+    with pytest.raises(DataError, match=r"data.decode_device='gpu' must be 'cpu' or 'cuda'"):
+        make_loader(uneven, decode_device="gpu")
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_jpegs_handed_to_the_device_give_the_cpu_paths_batches(uneven, workers):
+    """The worker/trainer hand-off of data.decode_device="cuda", with the device decode run on the CPU."""
+    want = take(make_loader(uneven, workers=workers), 5)
+    plan = make_loader(uneven, workers=workers).plan
+    cfg = DataConfig(train_shards=uneven, num_streams=4, workers=workers, shuffle_buffer=16, decode_device="cuda")
+    handed = TrainLoader(plan, cfg, tokenizer=TOKENIZER, image_size=16, rank=0, world_size=1)
+    for ref, batch in zip(want, handed):
+        assert len(batch.jpegs) == 8 and not any(part.any() for part in batch.image_parts)  # all left to the device
+        assert batch.keys == ref.keys and torch.equal(batch.images, ref.images)
+
+
+@CUDA
+def test_gpu_decoded_batches_match_the_cpu_loader(uneven):
+    cuda = torch.device("cuda")
+    want = take(make_loader(uneven, workers=2), 4)
+    got = make_loader(uneven, workers=2, device=cuda, decode_device="cuda")
+    for ref, batch in zip(want, got):
+        images = batch.images_on(cuda)
+        assert images.device.type == "cuda" and batch.keys == ref.keys
+        assert (images.cpu().int() - ref.images.int()).abs().float().mean() < 2  # nvJPEG vs libjpeg-turbo

@@ -1,8 +1,10 @@
-"""The optimizer step's guards: non-finite steps are skipped, a streak of them stops the run."""
+"""The optimizer step's guards: non-finite steps are skipped on the device, a streak of them stops
+the run, and a step reads no value back from the device (the loop syncs on log steps only)."""
 import itertools
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from clipscale import checkpoint as ckpt
 from clipscale.config import load_config
@@ -11,7 +13,7 @@ from clipscale.dist import DistInfo
 from clipscale.metrics import MetricsLogger, StepTimer
 from clipscale.models import build_model
 from clipscale.optim import build_optimizer
-from clipscale.train import NonFiniteLoss, Progress, StopSignal, run_loop, train_step
+from clipscale.train import NonFiniteLoss, Preempted, Progress, SkipTally, StopSignal, run_loop, train_step
 
 
 class RandomBatches:
@@ -43,6 +45,13 @@ def setup(tmp_path, *overrides):
     return cfg, bundle, build_optimizer(bundle.model, cfg.optim)
 
 
+def assert_never_stepped(opt):
+    """AdamW's state is that of an optimizer that has not stepped: step 0, zero moments."""
+    for state in opt.state.values():
+        assert state["step"] == 0
+        assert not state["exp_avg"].any() and not state["exp_avg_sq"].any()
+
+
 def test_non_finite_step_is_skipped(tmp_path):
     cfg, bundle, opt = setup(tmp_path)
     before = {n: p.detach().clone() for n, p in bundle.model.named_parameters()}
@@ -50,9 +59,9 @@ def test_non_finite_step_is_skipped(tmp_path):
     texts = torch.randint(0, 1000, (8, 32))
     result = train_step(bundle.model, images, texts, optimizer=opt, cfg=cfg, device=torch.device("cpu"),
                         timer=StepTimer(torch.device("cpu")))
-    assert result.skipped and not result.stop
+    assert result.skipped
     assert all(torch.equal(p, before[n]) for n, p in bundle.model.named_parameters())
-    assert not opt.state  # AdamW never stepped: no moments were created
+    assert_never_stepped(opt)
 
     result = train_step(bundle.model, torch.randn(8, 3, 32, 32), texts, optimizer=opt, cfg=cfg,
                         device=torch.device("cpu"), timer=StepTimer(torch.device("cpu")))
@@ -61,7 +70,7 @@ def test_non_finite_step_is_skipped(tmp_path):
 
 
 def test_a_streak_of_non_finite_steps_saves_and_stops(tmp_path):
-    cfg, bundle, opt = setup(tmp_path)
+    cfg, bundle, opt = setup(tmp_path, "train.log_every_steps=3")  # the streak is checked on log steps
     with torch.no_grad():
         bundle.model.text_projection.fill_(float("inf"))  # every loss from now on is NaN
     (cfg.run_dir / "checkpoints").mkdir(parents=True)
@@ -94,7 +103,8 @@ def test_fp16_skipped_step_backs_off_the_loss_scale(tmp_path):
     step = dict(optimizer=opt, cfg=cfg, device=torch.device("cpu"), timer=StepTimer(torch.device("cpu")), scaler=scaler)
     result = train_step(bundle.model, torch.full((8, 3, 32, 32), float("nan")), texts, **step)
     assert result.skipped and scaler.get_scale() == 2.0**9
-    assert torch.equal(bundle.model.visual.conv1.weight, before) and not opt.state
+    assert torch.equal(bundle.model.visual.conv1.weight, before)
+    assert_never_stepped(opt)
 
     result = train_step(bundle.model, torch.randn(8, 3, 32, 32), texts, **step)
     assert not result.skipped and torch.isfinite(result.loss) and scaler.get_scale() == 2.0**9
@@ -113,3 +123,53 @@ def test_fp16_skipped_step_restarts_the_growth_interval(tmp_path):
         scales.append(scaler.get_scale())
     # good (1 of 2), skipped (back off, count restarts), good (1 of 2), good (2 of 2: grow)
     assert scales == [2.0**10, 2.0**9, 2.0**9, 2.0**10]
+
+
+class CountDeviceReads(TorchDispatchMode):
+    """Counts reads of tensor values into Python (`.item()`, `.tolist()`, `bool(t)`, ...): each is a
+    host-device sync on a GPU."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.reads += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("overrides", [(), ("train.chunk_size=3",), ("train.precision=fp16",)])
+def test_a_step_reads_no_device_value(tmp_path, overrides):
+    """Skipping included: the non-finite check gates the update on the device."""
+    cfg, bundle, opt = setup(tmp_path, *overrides)
+    scaler = torch.amp.GradScaler("cpu", enabled=cfg.train.precision == "fp16")
+    texts = torch.randint(0, 1000, (8, 32))
+    for images in (torch.randn(8, 3, 32, 32), torch.full((8, 3, 32, 32), float("nan"))):
+        with CountDeviceReads() as counter:
+            result = train_step(bundle.model, images, texts, optimizer=opt, cfg=cfg, device=torch.device("cpu"),
+                                timer=StepTimer(torch.device("cpu")), scaler=scaler)
+        assert counter.reads == 0
+    assert result.skipped  # the last (NaN) step was skipped, decided without reading it
+
+
+def test_a_stop_signal_is_acted_on_at_the_next_log_step(tmp_path):
+    cfg, bundle, opt = setup(tmp_path, "train.log_every_steps=4")
+    (cfg.run_dir / "checkpoints").mkdir(parents=True)
+    metrics = MetricsLogger(cfg.run_dir, cfg.log, enabled=False, total_steps=10, config={})
+    stop_signal = StopSignal()
+    stop_signal.requested = True  # as if SIGUSR1 arrived during step 1
+    with pytest.raises(Preempted):
+        run_loop(cfg, DistInfo(), model=bundle.model, optimizer=opt, loader=RandomBatches(8, 32, 32),
+                 bundle=bundle, progress=Progress(), total_steps=10, metrics=metrics,
+                 stop_signal=stop_signal, flops_per_sample=1.0)
+    assert ckpt.read_meta(ckpt.latest_checkpoint(cfg.run_dir / "checkpoints"))["step"] == 4
+
+
+def test_skip_tally_counts_skips_and_the_longest_streak_on_the_device():
+    tally = SkipTally(torch.device("cpu"))
+    for skipped in (True, True, False, True):
+        tally.add(torch.tensor(skipped))
+    assert (tally.skipped.item(), tally.streak.item(), tally.max_streak.item()) == (3, 1, 2)
+    tally.reset()  # a sync point: counts restart, the running streak carries on
+    tally.add(torch.tensor(True))
+    assert (tally.skipped.item(), tally.streak.item(), tally.max_streak.item()) == (1, 2, 2)

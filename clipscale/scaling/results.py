@@ -1,0 +1,150 @@
+"""The long results table: `RUN/results.jsonl` files and CSV tables with the same columns.
+
+One row per (checkpoint, task, eval dataset, metric): run, model, checkpoint, step, samples_seen,
+params (image + text towers), gmacs_per_sample (forward GMACs of both towers for one image-text
+pair), compute_gmacs (= gmacs_per_sample * samples_seen, the convention of Cherti et al. 2023),
+dataset (upstream training data), task, eval_dataset, metric, value, eval_hash. Published results
+converted to these columns load and fit exactly like clipscale's own runs.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import re
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+REQUIRED = ("model", "dataset", "task", "eval_dataset", "metric", "value")
+X_COLUMNS = ("compute_gmacs", "samples_seen", "params")
+# Accuracies and recalls (CLIP_benchmark names): error = 1 - value.
+ERROR_IS_ONE_MINUS = re.compile(r"^(acc\d+|mean_per_class_recall|(image|text)_retrieval_recall@\d+)$")
+
+
+class FitError(ValueError):
+    """Results cannot be loaded or fitted as asked; the message names the file, column or value."""
+
+
+def _files(paths: str | Path | Sequence[str | Path]) -> list[Path]:
+    files = []
+    for spec in [paths] if isinstance(paths, (str, Path)) else paths:
+        matches = sorted(glob.glob(str(spec))) if glob.has_magic(str(spec)) else [str(spec)]
+        if not matches:
+            raise FitError(f"no results match {spec}: check the glob or run `clipscale eval` first")
+        for match in map(Path, matches):
+            file = match / "results.jsonl" if match.is_dir() else match
+            if not file.is_file():
+                raise FitError(f"no results at {file}: run `clipscale eval` on the run directory first")
+            files.append(file)
+    return files
+
+
+def _read(file: Path) -> pd.DataFrame:
+    if file.suffix == ".csv":
+        table = pd.read_csv(file)
+        table["source"] = [f"{file}:{i + 2}" for i in range(len(table))]  # line 1 is the header
+        return table
+    rows = []
+    for i, line in enumerate(file.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append({**json.loads(line), "source": f"{file}:{i}"})
+            except json.JSONDecodeError as e:
+                raise FitError(f"{file}:{i} is not JSON ({e}): fix or delete that line") from e
+    return pd.DataFrame(rows)
+
+
+def load_results(paths: str | Path | Sequence[str | Path]) -> pd.DataFrame:
+    """All rows of results.jsonl files, run directories (their results.jsonl), CSV files and globs.
+
+    Adds `source` (file:line of each row) and fills `compute_gmacs` from gmacs_per_sample *
+    samples_seen where it is missing.
+    """
+    tables = []
+    for file in _files(paths):
+        table = _read(file)
+        missing = [c for c in REQUIRED if c not in table.columns]
+        if missing:
+            raise FitError(f"{file} lacks the columns {missing} of the results table (has {sorted(table.columns)})")
+        tables.append(table)
+    return with_compute(pd.concat(tables, ignore_index=True))
+
+
+def with_compute(df: pd.DataFrame) -> pd.DataFrame:
+    """df with compute_gmacs filled from gmacs_per_sample * samples_seen where it is missing."""
+    if not {"gmacs_per_sample", "samples_seen"} <= set(df):
+        return df
+    derived = df["gmacs_per_sample"] * df["samples_seen"]
+    return df.assign(compute_gmacs=df["compute_gmacs"].fillna(derived) if "compute_gmacs" in df else derived)
+
+
+def error_name(metric: str) -> str:
+    """Name of the error fitted for a metric, e.g. '1 - acc1'."""
+    if not ERROR_IS_ONE_MINUS.match(metric):
+        raise FitError(f"metric {metric!r} is not an accuracy or recall (acc1, acc5, mean_per_class_recall, "
+                       f"image_retrieval_recall@K, text_retrieval_recall@K): its error is not defined")
+    return f"1 - {metric}"
+
+
+def final_checkpoints(df: pd.DataFrame) -> pd.DataFrame:
+    """Each run's last evaluated step per task and eval dataset; rows without a run or step (published
+    tables) are all kept.
+
+    An intermediate checkpoint of a cosine run has not annealed its learning rate and understates what
+    its compute buys.
+    """
+    if not {"run", "step"} <= set(df):
+        return df
+    known = df["run"].notna() & df["step"].notna()
+    last = df[known].groupby(["run", "task", "eval_dataset"])["step"].transform("max")
+    return df[~known | (df["step"] == last.reindex(df.index))]
+
+
+def select(df: pd.DataFrame, *, metric: str, x: str, eval_dataset: str | None = None, task: str | None = None,
+           by: Sequence[str] = (), checkpoints: str = "final", need: Sequence[str] = ()) -> pd.DataFrame:
+    """Rows of one metric with an `error` column, checked for what a fit needs.
+
+    x: the axis column; need: further columns that must be positive (the nd form's params and
+    samples_seen). Raises FitError naming the row's source and the fix.
+    """
+    if metric not in set(df["metric"]):
+        raise FitError(f"metric {metric!r} is not in the results (metrics: {sorted(set(df['metric']))})")
+    error_name(metric)
+    rows = with_compute(df[df["metric"] == metric])
+    for column, value in (("eval_dataset", eval_dataset), ("task", task)):
+        if value is not None:
+            if value not in set(rows[column]):
+                raise FitError(f"no {metric} rows with {column}={value!r} ({column}s: {sorted(set(rows[column]))})")
+            rows = rows[rows[column] == value]
+        elif rows[column].nunique() > 1 and column not in by:
+            raise FitError(f"{metric} rows span several {column}s {sorted(set(rows[column]))}: "
+                           f"choose one (--{column.replace('_', '-')}) or add {column} to --by")
+    for column in (x, *need, *by):
+        if column not in rows:
+            raise FitError(f"the results have no column {column!r} (columns: {sorted(rows.columns)}; compute_gmacs "
+                           f"can also come from gmacs_per_sample and samples_seen)")
+    if checkpoints not in ("final", "all"):
+        raise FitError(f"checkpoints={checkpoints!r} must be 'final' or 'all'")
+    rows = final_checkpoints(rows) if checkpoints == "final" else rows
+    for column in ("value", x, *need):
+        values = pd.to_numeric(rows[column], errors="coerce").astype(np.float64)
+        bad = rows[~np.isfinite(values)] if column == "value" else rows[~(values > 0)]
+        if len(bad):
+            first = bad[column].iloc[0]
+            first = first.item() if isinstance(first, np.generic) else first
+            raise FitError(f"{_where(bad)}: {column}={first!r} ({len(bad)} such rows); a fit needs a "
+                           f"finite {'value' if column == 'value' else 'positive ' + column}: fix or drop those rows")
+        rows = rows.assign(**{column: values})
+    out_of_range = rows[(rows["value"] < 0) | (rows["value"] >= 1)]
+    if len(out_of_range):
+        value = out_of_range["value"].iloc[0]
+        raise FitError(f"{_where(out_of_range)}: {metric}={value} gives error {1 - value:g}; errors must be "
+                       f"in (0, 1] to fit in log space (values in percent? divide them by 100)")
+    return rows.assign(error=1.0 - rows["value"])
+
+
+def _where(bad: pd.DataFrame) -> str:
+    """file:line of the first bad row, or its index in a DataFrame built by hand."""
+    return str(bad["source"].iloc[0]) if "source" in bad else f"row {bad.index[0]}"
