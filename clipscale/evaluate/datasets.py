@@ -22,7 +22,6 @@ import hashlib
 import json
 import posixpath
 import re
-import tarfile
 from typing import Any, Iterator
 
 import fsspec
@@ -31,8 +30,8 @@ from PIL import Image
 from webdataset.tariterators import base_plus_ext
 
 from clipscale.data.decode import open_image, to_rgb
-from clipscale.data.shards import IMAGE_EXTENSIONS, BadSample, DataError, decompressed, extension, \
-    open_shard, tar_members
+from clipscale.data.shards import BAD_BYTES, IMAGE_EXTENSIONS, BadSample, DataError, extension, open_shard, \
+    tar_members
 
 CLASSNAMES = "classnames.txt"
 TEMPLATES = "zeroshot_classification_templates.txt"
@@ -178,7 +177,7 @@ def unit_samples(unit: Any) -> Iterator[tuple[str, dict[str, bytes]]]:
     reader = open_shard(unit, timeout_s=READ_TIMEOUT_S)
     key, members = None, {}
     try:
-        for name, data in tar_members(decompressed(reader), select=lambda n: extension(n) in wanted):
+        for name, data in tar_members(reader, select=lambda n: extension(n) in wanted):
             prefix, _ = base_plus_ext(name)
             if prefix != key and members:
                 yield f"{unit}:{key}", members
@@ -186,7 +185,7 @@ def unit_samples(unit: Any) -> Iterator[tuple[str, dict[str, bytes]]]:
             key, members[extension(name)] = prefix, data
         if members:
             yield f"{unit}:{key}", members
-    except (tarfile.TarError, OSError) as e:
+    except (*BAD_BYTES, OSError) as e:
         raise EvalDataError(f"{unit} cannot be read ({e}); the shard is truncated or corrupt: rewrite it") from None
     finally:
         reader.close()
