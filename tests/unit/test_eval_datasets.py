@@ -123,3 +123,18 @@ def test_tasks_that_do_not_fit_the_set_say_what_to_write(tmp_path):
     (root / "classnames.txt").unlink()
     with pytest.raises(EvalDataError, match="classnames.txt is missing, so s is read as a retrieval set"):
         tasks_for(open_eval_set("s", str(root)), ("zeroshot_classification",))
+
+
+def test_sets_at_fsspec_urls_read_like_local_ones(tmp_path):
+    import fsspec
+
+    root = write_classification_set(tmp_path, [[(k, k) for k in range(4)], [(5, 6)]])
+    fs = fsspec.filesystem("memory")
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            fs.pipe(f"/evalset/{path.relative_to(root)}", path.read_bytes())
+    try:
+        [(_, _, metrics)] = evaluate("memory://evalset")
+    finally:
+        fs.rm("/evalset", recursive=True)
+    assert metrics["acc1"] == 4 / 5
