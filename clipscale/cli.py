@@ -81,10 +81,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from clipscale.checkpoint import export_open_clip
+    from clipscale.export import export_open_clip, export_timm
 
-    weights = export_open_clip(args.checkpoint, args.out)
-    print(f"weights: {weights}\nload with: open_clip.create_model('local-dir:{weights.parent}')")
+    if args.format == "open_clip":
+        out = export_open_clip(args.checkpoint, args.out)
+        print(f"open_clip directory: {out}\nload with: open_clip.create_model('local-dir:{out}') "
+              f"(or upload it and use 'hf-hub:ORG/NAME')")
+    else:
+        out = export_timm(args.checkpoint, args.out)
+        print(f"timm image tower: {out}\nload with: timm.create_model('local-dir:{out}', pretrained=True) "
+              f"(num_classes=0 for the pooled embedding)")
     return 0
 
 
@@ -130,9 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc", type=int, default=2, help="processes per run (torchrun)")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("export", help="export a checkpoint as an open_clip model directory")
+    p = sub.add_parser("export", help="export a checkpoint to open_clip (hf-hub layout) or its image tower to timm")
     p.add_argument("checkpoint", help="checkpoint directory, or a run directory (its latest checkpoint)")
     p.add_argument("--out", required=True)
+    p.add_argument("--format", choices=("open_clip", "timm"), default="open_clip")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("bench", help=f"benchmarks writing JSON: {', '.join(BENCHMARKS)}")
