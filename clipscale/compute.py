@@ -106,17 +106,25 @@ def gradcache_chunks(train: TrainConfig, *, world_size: int) -> int:
     return math.ceil(train.global_batch_size // world_size / train.chunk_size)
 
 
-def train_flops_per_sample(model: ModelConfig, train: TrainConfig, *, world_size: int) -> float:
-    """Hardware FLOPs of one training step per image-text pair, for MFU (attention included).
+def model_flops_per_sample(model: ModelConfig) -> float:
+    """Model FLOPs of one training step per image-text pair: the numerator of MFU (PaLM, App. B).
 
-    Backward costs ~2x the forward (Kaplan et al. 2020, sec. 2.1), so a plain step is 3 forwards.
-    Activation checkpointing recomputes each trained tower's forward once more in backward; the
-    gradient cache forwards (K-1)/K of the batch once more without autograd (K chunks, see
-    gradcache.py); a locked image tower (LiT) runs forward only.
+    Backward costs ~2x the forward (Kaplan et al. 2020, sec. 2.1), so a trained tower costs 3
+    forwards; a locked image tower (LiT) runs forward only. Recomputation is not model work.
+    Attention is included (2 FLOPs per MAC of `ModelCompute.gmacs`).
     """
     gmacs = model_compute(model).gmacs
-    trained_passes = 3 + int(train.grad_checkpointing)  # forward, backward (2x), recompute
-    image_passes = 1 if model.lock_image else trained_passes
+    return 2e9 * (gmacs.image * (1 if model.lock_image else 3) + gmacs.text * 3)
+
+
+def hardware_flops_per_sample(model: ModelConfig, train: TrainConfig, *, world_size: int) -> float:
+    """FLOPs the devices execute per image-text pair: model FLOPs plus recomputation (HFU's numerator).
+
+    Activation checkpointing recomputes each trained tower's forward once more in backward; the
+    gradient cache forwards (K-1)/K of the batch once more without autograd (K chunks per rank,
+    see gradcache.py).
+    """
+    gmacs = model_compute(model).gmacs
+    recompute = (gmacs.text + (0 if model.lock_image else gmacs.image)) * int(train.grad_checkpointing)
     k = gradcache_chunks(train, world_size=world_size)
-    macs = gmacs.image * image_passes + gmacs.text * trained_passes + gmacs.total * (k - 1) / k
-    return 2e9 * macs
+    return model_flops_per_sample(model) + 2e9 * (recompute + gmacs.total * (k - 1) / k)

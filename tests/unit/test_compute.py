@@ -3,7 +3,7 @@ import dataclasses
 
 import pytest
 
-from clipscale.compute import model_compute, train_flops_per_sample
+from clipscale.compute import hardware_flops_per_sample, model_compute, model_flops_per_sample
 from clipscale.config import ModelConfig, TrainConfig
 from clipscale.models import build_model, gmacs_per_sample, gmacs_per_sample_no_attn
 
@@ -68,15 +68,17 @@ def test_bundle_shortcuts_count_the_built_model():
     assert c.params.total == sum(p.numel() for p in bundle.model.parameters())
 
 
-def test_train_flops_name_every_extra_pass():
+def test_training_flops_name_every_extra_pass():
     model = ModelConfig(name="ViT-B-16")
     g = model_compute(model).gmacs
     plain = TrainConfig(global_batch_size=1024)
-    assert train_flops_per_sample(model, plain, world_size=8) == pytest.approx(3 * 2e9 * g.total)
+    assert model_flops_per_sample(model) == pytest.approx(3 * 2e9 * g.total)
+    assert hardware_flops_per_sample(model, plain, world_size=8) == pytest.approx(3 * 2e9 * g.total)
     ckpt = dataclasses.replace(plain, grad_checkpointing=True)
-    assert train_flops_per_sample(model, ckpt, world_size=8) == pytest.approx(4 * 2e9 * g.total)
+    assert hardware_flops_per_sample(model, ckpt, world_size=8) == pytest.approx(4 * 2e9 * g.total)
     # 128 per rank in 4 chunks: the cache forwards 3 of the 4 chunks once more.
     cached = dataclasses.replace(plain, chunk_size=32)
-    assert train_flops_per_sample(model, cached, world_size=8) == pytest.approx((3 + 0.75) * 2e9 * g.total)
+    assert hardware_flops_per_sample(model, cached, world_size=8) == pytest.approx((3 + 0.75) * 2e9 * g.total)
     locked = dataclasses.replace(model, lock_image=True)
-    assert train_flops_per_sample(locked, plain, world_size=8) == pytest.approx(2e9 * (g.image + 3 * g.text))
+    assert model_flops_per_sample(locked) == pytest.approx(2e9 * (g.image + 3 * g.text))
+    assert hardware_flops_per_sample(locked, ckpt, world_size=8) == pytest.approx(2e9 * (g.image + 4 * g.text))
