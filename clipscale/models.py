@@ -85,6 +85,9 @@ def timm_data_config(arch: str) -> dict[str, Any]:
     if not timm.is_model(arch):
         raise ConfigError(f"model.timm_image_tower='{arch}' is not a timm model; see timm.list_models()")
     pretrained_cfg = timm.models.get_pretrained_cfg(arch) or timm.models.get_pretrained_cfg(arch.split(".")[0])
+    if pretrained_cfg is None:
+        raise ConfigError(f"model.timm_image_tower='{arch}' has no timm data config; "
+                          f"choose one of timm.list_pretrained('{arch.split('.')[0]}*')")
     return timm.data.resolve_data_config(pretrained_cfg=pretrained_cfg.to_dict())
 
 
@@ -164,11 +167,11 @@ def create_model(cfg: ModelConfig, *, device: torch.device | str = "cpu") -> tor
 
 def image_preprocess_config(cfg: ModelConfig) -> dict[str, Any]:
     """Evaluation preprocessing of `cfg`'s image tower: open_clip's ViT defaults, or the timm tower's own."""
-    arch = resolve_architecture(cfg)
-    vision = arch["vision_cfg"]
+    vision = resolve_architecture(cfg)["vision_cfg"]
+    size = vision["image_size"]
     if "timm_model_name" in vision:
-        return timm_data_config(vision["timm_model_name"])
-    size = vision["image_size"]  # open_clip's defaults: OpenAI CLIP statistics, bicubic, no crop margin
+        return {**timm_data_config(vision["timm_model_name"]), "input_size": (3, size, size)}
+    # open_clip's defaults: OpenAI CLIP statistics, bicubic, no crop margin
     return {"input_size": (3, size, size), "mean": open_clip.OPENAI_DATASET_MEAN,
             "std": open_clip.OPENAI_DATASET_STD, "interpolation": "bicubic", "crop_pct": 1.0, "crop_mode": "center"}
 

@@ -93,6 +93,8 @@ def test_timm_towers_bring_their_own_data_config():
     assert half["mean"] == half["std"] == (0.5, 0.5, 0.5)
     imagenet = image_preprocess_config(ModelConfig(name="ViT-B-16", timm_image_tower="deit_tiny_patch16_224"))
     assert imagenet["mean"] == timm.data.IMAGENET_DEFAULT_MEAN
+    siglip = image_preprocess_config(ModelConfig(name="ViT-B-16-SigLIP"))  # open_clip's own timm tower
+    assert siglip["mean"] == (0.5, 0.5, 0.5) and siglip["input_size"] == (3, 224, 224)
 
     cfg = ModelConfig(name="ViT-B-16", timm_image_tower="vit_medium_patch16_reg4_gap_256", text_width=64,
                       text_layers=1, embed_dim=32)
