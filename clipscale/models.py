@@ -130,6 +130,10 @@ def resolve_architecture(cfg: ModelConfig) -> dict[str, Any]:
 
 
 def _check_divisible(vision: dict, text: dict) -> None:
+    if text["width"] % text["heads"]:
+        raise ConfigError(f"model.text_width={text['width']} must be a multiple of {text['heads']} heads")
+    if isinstance(vision["layers"], (list, tuple)):  # a ResNet image tower: no patches or heads
+        return
     if vision["image_size"] % vision["patch_size"]:
         raise ConfigError(
             f"model.image_size={vision['image_size']} is not a multiple of "
@@ -138,8 +142,6 @@ def _check_divisible(vision: dict, text: dict) -> None:
     head_width = vision.get("head_width", 64)
     if vision["width"] % head_width:
         raise ConfigError(f"model.vision_width={vision['width']} must be a multiple of {head_width}")
-    if text["width"] % text["heads"]:
-        raise ConfigError(f"model.text_width={text['width']} must be a multiple of {text['heads']} heads")
 
 
 def create_model(cfg: ModelConfig, *, device: torch.device | str = "cpu") -> torch.nn.Module:

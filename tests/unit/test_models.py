@@ -64,7 +64,7 @@ def test_lit_locks_the_image_tower_of_local_pretrained_weights(tmp_path):
 
 # Published sizes in millions of parameters (open_clip's docs/model_profile.csv), built at full size
 # on the meta device, which allocates nothing.
-PUBLISHED_PARAMS_M = {"ViT-B-32": 151.28, "ViT-B-16": 149.62, "ViT-L-14": 427.62, "ViT-H-14": 986.11,
+PUBLISHED_PARAMS_M = {"RN50": 102.01, "ViT-B-32": 151.28, "ViT-B-16": 149.62, "ViT-L-14": 427.62, "ViT-H-14": 986.11,
                       "ViT-g-14": 1366.68, "ViT-bigG-14": 2539.57, "ViT-B-16-SigLIP": 203.16}
 
 
