@@ -218,6 +218,7 @@ def plan(cfg: Config, *, gpus: int, gpu_mem_gib: float, peak_tflops: float, mfu:
         "model_flops_per_sample": model_flops,
         "hardware_flops_per_sample": hardware_flops_per_sample(cfg.model, t, world_size=gpus),
         "global_batch_size": t.global_batch_size, "per_gpu_batch": t.global_batch_size // gpus,
+        "forward_batch_per_gpu": min(t.chunk_size or t.global_batch_size, t.global_batch_size // gpus),
         "steps": steps, "samples_seen": samples,
         "total_model_flops": model_flops * samples,
         "memory_gib": memory, "loss_memory_gib": {"dense": dense, "tiled": tiled},
@@ -237,7 +238,8 @@ def format_plan(p: dict[str, Any]) -> str:
         f"params (M)                 {split(p['params'], lambda v: f'{v / 1e6:.2f}')}",
         f"GMACs/pair with attention  {split(p['gmacs'], lambda v: f'{v:.2f}')}",
         f"GMACs/pair linear only     {split(p['gmacs_no_attn'], lambda v: f'{v:.2f}')}",
-        f"batch                      {p['global_batch_size']:,} global, {p['per_gpu_batch']:,} per GPU",
+        f"batch                      {p['global_batch_size']:,} global, {p['per_gpu_batch']:,} per GPU, "
+        f"{p['forward_batch_per_gpu']:,} per forward",
         f"steps                      {p['steps']:,} ({p['samples_seen']:.4g} samples)",
         f"total compute              {p['total_model_flops']:.3g} model FLOPs "
         f"(hardware {p['hardware_flops_per_sample'] / p['model_flops_per_sample']:.2f}x with recomputation)",
