@@ -1,13 +1,15 @@
 """Parameters and forward compute per image-text pair, in two named conventions, and training FLOPs.
 
-- `gmacs` counts every multiply-accumulate of the forward pass, attention score (QK^T) and value
-  (AV) matmuls included: the convention of the CLIP scaling-law literature (Cherti et al. 2023).
-- `gmacs_no_attn` counts linear layers and the patch embedding only: the convention of timm's
-  model cards, whose counter does not see fused attention.
+- `gmacs_per_sample` counts every multiply-accumulate of the forward pass, attention score (QK^T)
+  and value (AV) matmuls included: the convention of the CLIP scaling-law literature (Cherti et
+  al. 2023) and of clipscale.scaling.
+- `gmacs_per_sample_no_attn` counts linear layers and the patch embedding only: the convention of
+  timm's model cards, whose counter does not see fused attention.
 
 Counts come from torch's FLOP counter running the model itself on the meta device (nothing is
 allocated, so ViT-bigG counts as fast as a tiny model), split by operator: linear layers and
-projections run as mm/addmm, the patch embedding as a convolution, attention as bmm/baddbmm. They are cached per model config.
+projections run as mm/addmm, the patch embedding as a convolution, attention as bmm/baddbmm.
+They are cached per model config.
 """
 from __future__ import annotations
 
@@ -43,9 +45,9 @@ class ModelCompute:
     """Size and forward cost of one image-text pair (total params include logit scale and bias)."""
 
     params: TowerSplit
-    gmacs: TowerSplit
+    gmacs_per_sample: TowerSplit
     """Forward GMACs including attention score and value matmuls (scaling-law convention)."""
-    gmacs_no_attn: TowerSplit
+    gmacs_per_sample_no_attn: TowerSplit
     """Forward GMACs of linear layers and the patch embedding only (timm model-card convention)."""
 
     def to_dict(self) -> dict[str, dict[str, float]]:
@@ -75,9 +77,10 @@ def _count(key: str) -> ModelCompute:
     return ModelCompute(
         params=TowerSplit(image=params_image, text=params_total - params_image - params_scalars,
                           total=params_total),
-        gmacs=TowerSplit(image=image_all / 1e9, text=text_all / 1e9, total=(image_all + text_all) / 1e9),
-        gmacs_no_attn=TowerSplit(image=image_linear / 1e9, text=text_linear / 1e9,
-                                 total=(image_linear + text_linear) / 1e9),
+        gmacs_per_sample=TowerSplit(image=image_all / 1e9, text=text_all / 1e9,
+                                    total=(image_all + text_all) / 1e9),
+        gmacs_per_sample_no_attn=TowerSplit(image=image_linear / 1e9, text=text_linear / 1e9,
+                                            total=(image_linear + text_linear) / 1e9),
     )
 
 
@@ -111,9 +114,9 @@ def model_flops_per_sample(model: ModelConfig) -> float:
 
     Backward costs ~2x the forward (Kaplan et al. 2020, sec. 2.1), so a trained tower costs 3
     forwards; a locked image tower (LiT) runs forward only. Recomputation is not model work.
-    Attention is included (2 FLOPs per MAC of `ModelCompute.gmacs`).
+    Attention is included (2 FLOPs per MAC of `ModelCompute.gmacs_per_sample`).
     """
-    gmacs = model_compute(model).gmacs
+    gmacs = model_compute(model).gmacs_per_sample
     return 2e9 * (gmacs.image * (1 if model.lock_image else 3) + gmacs.text * 3)
 
 
@@ -124,7 +127,7 @@ def hardware_flops_per_sample(model: ModelConfig, train: TrainConfig, *, world_s
     gradient cache forwards (K-1)/K of the batch once more without autograd (K chunks per rank,
     see gradcache.py).
     """
-    gmacs = model_compute(model).gmacs
+    gmacs = model_compute(model).gmacs_per_sample
     recompute = (gmacs.text + (0 if model.lock_image else gmacs.image)) * int(train.grad_checkpointing)
     k = gradcache_chunks(train, world_size=world_size)
     return model_flops_per_sample(model) + 2e9 * (recompute + gmacs.total * (k - 1) / k)

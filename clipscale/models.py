@@ -212,11 +212,11 @@ def gmacs_per_sample(bundle: ModelBundle) -> float:
     """Forward GMACs for one image-text pair including attention (the scaling-law convention)."""
     from clipscale.compute import model_compute
 
-    return model_compute(bundle.config).gmacs.total
+    return model_compute(bundle.config).gmacs_per_sample.total
 
 
 def gmacs_per_sample_no_attn(bundle: ModelBundle) -> float:
     """Forward GMACs for one image-text pair of linear layers and patch embedding (timm's convention)."""
     from clipscale.compute import model_compute
 
-    return model_compute(bundle.config).gmacs_no_attn.total
+    return model_compute(bundle.config).gmacs_per_sample_no_attn.total

@@ -236,8 +236,8 @@ def format_plan(p: dict[str, Any]) -> str:
         f"model {p['model']} on {p['gpus']} GPUs x {p['gpu_mem_gib']:g} GiB, "
         f"{p['peak_tflops']:g} TFLOP/s peak at MFU {p['mfu']:g}",
         f"params (M)                 {split(p['params'], lambda v: f'{v / 1e6:.2f}')}",
-        f"GMACs/pair with attention  {split(p['gmacs'], lambda v: f'{v:.2f}')}",
-        f"GMACs/pair linear only     {split(p['gmacs_no_attn'], lambda v: f'{v:.2f}')}",
+        f"GMACs/pair with attention  {split(p['gmacs_per_sample'], lambda v: f'{v:.2f}')}",
+        f"GMACs/pair linear only     {split(p['gmacs_per_sample_no_attn'], lambda v: f'{v:.2f}')}",
         f"batch                      {p['global_batch_size']:,} global, {p['per_gpu_batch']:,} per GPU, "
         f"{p['forward_batch_per_gpu']:,} per forward",
         f"steps                      {p['steps']:,} ({p['samples_seen']:.4g} samples)",

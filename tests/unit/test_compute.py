@@ -35,11 +35,11 @@ def test_both_conventions_match_hand_counts_at_full_size(name, size, patch, vw, 
     text_linear = linear_macs(tokens=77, width=tw, layers=tl) + tw * dim
     image_attn = attention_macs(tokens=patches + 1, width=vw, layers=vl)
     text_attn = attention_macs(tokens=77, width=tw, layers=tl)
-    assert c.gmacs_no_attn.image * 1e9 == pytest.approx(image_linear, rel=1e-12)
-    assert c.gmacs_no_attn.text * 1e9 == pytest.approx(text_linear, rel=1e-12)
-    assert c.gmacs.image * 1e9 == pytest.approx(image_linear + image_attn, rel=1e-12)
-    assert c.gmacs.text * 1e9 == pytest.approx(text_linear + text_attn, rel=1e-12)
-    assert c.gmacs.total == pytest.approx(c.gmacs.image + c.gmacs.text)
+    assert c.gmacs_per_sample_no_attn.image * 1e9 == pytest.approx(image_linear, rel=1e-12)
+    assert c.gmacs_per_sample_no_attn.text * 1e9 == pytest.approx(text_linear, rel=1e-12)
+    assert c.gmacs_per_sample.image * 1e9 == pytest.approx(image_linear + image_attn, rel=1e-12)
+    assert c.gmacs_per_sample.text * 1e9 == pytest.approx(text_linear + text_attn, rel=1e-12)
+    assert c.gmacs_per_sample.total == pytest.approx(c.gmacs_per_sample.image + c.gmacs_per_sample.text)
     assert c.params.total == c.params.image + c.params.text + 1  # + logit scale
 
 
@@ -55,22 +55,22 @@ TIMM_CARDS = [
 def test_timm_towers_agree_with_model_cards(arch, params_m, gmacs):
     c = model_compute(ModelConfig(name="ViT-B-16", timm_image_tower=arch))
     assert c.params.image / 1e6 == pytest.approx(params_m, rel=0.02)
-    assert c.gmacs_no_attn.image == pytest.approx(gmacs, rel=0.02)
-    assert c.gmacs.image > c.gmacs_no_attn.image * 1.05  # the attention the cards leave out
+    assert c.gmacs_per_sample_no_attn.image == pytest.approx(gmacs, rel=0.02)
+    assert c.gmacs_per_sample.image > c.gmacs_per_sample_no_attn.image * 1.05  # the attention the cards leave out
 
 
 def test_bundle_shortcuts_count_the_built_model():
     cfg = ModelConfig(vision_width=32, text_width=32, embed_dim=16)
     bundle = build_model(cfg)
     c = model_compute(cfg)
-    assert gmacs_per_sample(bundle) == c.gmacs.total
-    assert gmacs_per_sample_no_attn(bundle) == c.gmacs_no_attn.total
+    assert gmacs_per_sample(bundle) == c.gmacs_per_sample.total
+    assert gmacs_per_sample_no_attn(bundle) == c.gmacs_per_sample_no_attn.total
     assert c.params.total == sum(p.numel() for p in bundle.model.parameters())
 
 
 def test_training_flops_name_every_extra_pass():
     model = ModelConfig(name="ViT-B-16")
-    g = model_compute(model).gmacs
+    g = model_compute(model).gmacs_per_sample
     plain = TrainConfig(global_batch_size=1024)
     assert model_flops_per_sample(model) == pytest.approx(3 * 2e9 * g.total)
     assert hardware_flops_per_sample(model, plain, world_size=8) == pytest.approx(3 * 2e9 * g.total)

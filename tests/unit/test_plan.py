@@ -89,7 +89,7 @@ def test_plan_prints_the_vit_g14_budget_and_writes_json(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "ViT-g-14 on 1480 GPUs" in printed and "GPU-hours" in printed
     plan = json.loads(out.read_text())
-    for key in ("params", "gmacs", "gmacs_no_attn"):
+    for key in ("params", "gmacs_per_sample", "gmacs_per_sample_no_attn"):
         assert set(plan[key]) == {"image", "text", "total"}
     assert plan["launch_check"] == "ok" and plan["per_gpu_batch"] == 60
     assert plan["steps"] == 34_560_000_000 // 88_800
