@@ -213,7 +213,8 @@ def plan(cfg: Config, *, gpus: int, gpu_mem_gib: float, peak_tflops: float, mfu:
     dense, tiled = (memory_per_gpu(cfg, world_size=gpus, tiled=x)["loss"] / GIB for x in (False, True))
     as_configured = memory_per_gpu(cfg, world_size=gpus)["total"] / GIB
     return {
-        "model": cfg.model.name, "launch_check": launch_check, "gpus": gpus, "gpu_mem_gib": gpu_mem_gib, "peak_tflops": peak_tflops, "mfu": mfu,
+        "model": cfg.model.name, "launch_check": launch_check, "gpus": gpus, "gpu_mem_gib": gpu_mem_gib,
+        "peak_tflops": peak_tflops, "mfu": mfu,
         **c.to_dict(),
         "model_flops_per_sample": model_flops,
         "hardware_flops_per_sample": hardware_flops_per_sample(cfg.model, t, world_size=gpus),
@@ -250,7 +251,8 @@ def format_plan(p: dict[str, Any]) -> str:
                      f"{m['gathered_blocks']:>9.2f} {m['activations']:>7.2f} {m['loss']:>6.2f} {m['total']:>7.2f}")
     lines += [
         f"launch check               {p['launch_check']}",
-        f"loss memory (GiB)          dense {p['loss_memory_gib']['dense']:.2f}, tiled {p['loss_memory_gib']['tiled']:.3f}",
+        f"loss memory (GiB)          dense {p['loss_memory_gib']['dense']:.2f}, "
+        f"tiled {p['loss_memory_gib']['tiled']:.3f}",
         f"as configured              {p['memory_as_configured_gib']:.2f} GiB: "
         f"{'fits' if p['fits'] else 'does NOT fit'} in {p['gpu_mem_gib']:g} GiB",
         f"largest gradient-cache chunk that fits: {p['largest_gradcache_chunk']} samples",

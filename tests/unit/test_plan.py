@@ -12,7 +12,7 @@ from clipscale.config import load_config
 from clipscale.loss import contrastive_loss
 from clipscale.models import build_model
 from clipscale.optim import build_optimizer
-from clipscale.plan import GIB, largest_chunk, memory_per_gpu
+from clipscale.plan import largest_chunk, memory_per_gpu
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 # Small vocabularies keep the text embedding from dwarfing the activations being checked.
@@ -79,7 +79,8 @@ def test_largest_gradcache_chunk_is_the_last_that_fits():
     budget = memory_per_gpu(cfg, world_size=1, samples=100)["total"]
     chunk = largest_chunk(cfg, world_size=1, gpu_mem_bytes=budget)
     assert chunk == 100
-    assert largest_chunk(cfg, world_size=1, gpu_mem_bytes=memory_per_gpu(cfg, world_size=1, samples=1)["total"] - 1) == 0
+    too_small = memory_per_gpu(cfg, world_size=1, samples=1)["total"] - 1
+    assert largest_chunk(cfg, world_size=1, gpu_mem_bytes=too_small) == 0
 
 
 def test_plan_prints_the_vit_g14_budget_and_writes_json(tmp_path, capsys):
