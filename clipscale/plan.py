@@ -107,8 +107,9 @@ def _profile(key: str) -> ActivationProfile:
     cfg = ModelConfig(**json.loads(key))
     arch = resolve_architecture(cfg)
     model = create_model(cfg, device="meta").train()
+    # Meta storages have no data pointer; _cdata identifies the storage, so views count once.
     params = {p.untyped_storage()._cdata for p in model.parameters()}
-    saved: dict[int, tuple[str, int]] = {}  # storage -> (block or "", bytes): views count once
+    saved: dict[int, tuple[str, int]] = {}  # storage -> (block or "", bytes)
     inputs: dict[str, int] = {}
     current = [""]
 
@@ -119,7 +120,7 @@ def _profile(key: str) -> ActivationProfile:
         return hook
 
     blocks = [(f"{n}.{i}", b) for n, m in model.named_modules() if n.endswith(BLOCK_LISTS)
-              and isinstance(m, torch.nn.ModuleList) for i, b in enumerate(m)]
+              and isinstance(m, (torch.nn.ModuleList, torch.nn.Sequential)) for i, b in enumerate(m)]
     for name, block in blocks:
         block.register_forward_pre_hook(enter(name))
         block.register_forward_hook(lambda *_: current.__setitem__(0, ""))

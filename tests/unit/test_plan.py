@@ -23,6 +23,9 @@ DEEPER = ["model.name=plan-deeper", "model.architecture={embed_dim=64, vision_cf
           "width=128, layers=4, head_width=32}, text_cfg={context_length=32, vocab_size=1000, width=128, "
           "heads=4, layers=4}}"]
 
+TIMM = ["model.name=ViT-B-16", "model.timm_image_tower=vit_tiny_patch16_224", "model.text_width=64",
+        "model.text_layers=1", "model.context_length=16", "model.embed_dim=32"]
+
 
 def measured_bytes(cfg) -> float:
     """Weights and AdamW state (as allocated) plus the peak of live tensors during forward and backward."""
@@ -55,7 +58,9 @@ def measured_bytes(cfg) -> float:
     SMALL + ["train.global_batch_size=256", "loss.tiled=true", "loss.tile_size=64"],
     DEEPER + ["train.global_batch_size=16"],
     DEEPER + ["train.global_batch_size=32", "train.grad_checkpointing=true"],
-], ids=["small", "checkpointed", "siglip", "tiled", "deeper", "deeper-checkpointed"])
+    TIMM + ["train.global_batch_size=8"],
+    TIMM + ["train.global_batch_size=8", "train.grad_checkpointing=true"],
+], ids=["small", "checkpointed", "siglip", "tiled", "deeper", "deeper-checkpointed", "timm", "timm-checkpointed"])
 def test_memory_estimate_is_within_a_quarter_of_the_measured_peak(overrides):
     cfg = load_config(None, overrides + ["train.total_samples=100000"])
     estimate = memory_per_gpu(cfg, world_size=1)
