@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 
 from clipscale import checkpoint as ckpt
+from clipscale.compute import model_flops_per_sample
 from clipscale.config import Config, config_to_dict, save_config
 from clipscale.data.pipeline import build_train_loader, merge_rank_states, normalize_images, sum_counters
 from clipscale.dist import DistInfo, destroy_distributed, gather_rows, init_distributed
-from clipscale.compute import model_flops_per_sample
 from clipscale.gradcache import gradcache_step
 from clipscale.loss import contrastive_loss
 from clipscale.metrics import MetricsLogger, StepTimer, mfu, peak_flops
