@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from clipscale.config import load_config, load_sweep
+from clipscale.config import SWEEP_POINT, load_config, load_sweep
 from clipscale.plan import GIB, memory_per_gpu, stated_gpus, validate_launch
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
@@ -49,7 +49,7 @@ def test_published_recipe_resolves_to_its_stated_numbers(name):
     text = recipe.read_text()
     assert "Source" in text or "et al." in text, f"{recipe} cites no source"
     assert want["gpus"] in stated_gpus(recipe)
-    cfg = load_config(recipe)
+    cfg = load_config(recipe, [SWEEP_POINT])  # a grid recipe's base run
     t = cfg.train
     assert cfg.model.name == want["model"]
     assert t.global_batch_size == want["gpus"] * want["per_gpu"]
