@@ -29,7 +29,7 @@ from clipscale.loss import LossConfig, contrastive_loss
 from tests.models import tiny_clip
 
 log = logging.getLogger(__name__)
-MODEL_KEYS = ("width", "layers", "embed_dim", "image_size", "patch_size", "context_length")
+MODEL_KEYS = ("width", "layers", "head_width", "embed_dim", "image_size", "patch_size", "context_length")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -41,6 +41,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=5, help="timed steps per mode (median)")
     p.add_argument("--width", type=int, default=384)
     p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--head-width", type=int, default=16, help="attention head width (ViT-B: 64)")
     p.add_argument("--embed-dim", type=int, default=256)
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--patch-size", type=int, default=8)

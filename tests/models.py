@@ -4,7 +4,7 @@ import torch
 
 
 def tiny_clip(*, width: int = 32, layers: int = 2, embed_dim: int = 16, image_size: int = 16,
-              patch_size: int = 4, context_length: int = 8, vocab_size: int = 100,
+              patch_size: int = 4, context_length: int = 8, vocab_size: int = 100, head_width: int = 16,
               dropout: float = 0.0, patch_dropout: float = 0.0, logit_bias: float | None = None,
               ) -> torch.nn.Module:
     """A small open_clip `CLIP` (ViT + text transformer) built offline, `output_dict=True`.
@@ -16,9 +16,9 @@ def tiny_clip(*, width: int = 32, layers: int = 2, embed_dim: int = 16, image_si
     model = open_clip.create_model(
         "ViT-B-32", pretrained=None, output_dict=True, embed_dim=embed_dim, init_logit_bias=logit_bias,
         vision_cfg={"image_size": image_size, "patch_size": patch_size, "width": width, "layers": layers,
-                    "head_width": 16, "patch_dropout": patch_dropout},
+                    "head_width": head_width, "patch_dropout": patch_dropout},
         text_cfg={"context_length": context_length, "vocab_size": vocab_size, "width": width,
-                  "heads": max(1, width // 16), "layers": layers},
+                  "heads": max(1, width // head_width), "layers": layers},
     )
     if dropout > 0:
         for tower in (model.visual.transformer, model.transformer):
