@@ -123,14 +123,18 @@ def open_clip_train_env(cache_dir: Path) -> dict[str, Any]:
 def _pip_target(target: Path, packages: list[str]) -> str | None:
     proc = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target),
                            *packages], capture_output=True, text=True)
-    return None if proc.returncode == 0 else f"pip install --target {target} {' '.join(packages)}: {proc.stderr[-1500:]}"
+    if proc.returncode != 0:
+        return f"pip install --target {target} {' '.join(packages)}: {proc.stderr[-1500:]}"
+    return None
 
 
 def _probe(target: Path) -> str | None:
     code = "import open_clip_train.data, webdataset, sys; sys.exit(webdataset.__version__ != sys.argv[1])"
     proc = subprocess.run([sys.executable, "-c", code, OPEN_CLIP_TRAIN_WEBDATASET], capture_output=True, text=True,
                           env=dict(os.environ, PYTHONPATH=str(target)), cwd=REPO)
-    return None if proc.returncode == 0 else f"open_clip_train.data with {target}: {proc.stderr.strip()[-1500:] or 'wrong webdataset version'}"
+    if proc.returncode != 0:
+        return f"open_clip_train.data with {target}: {proc.stderr.strip()[-1500:] or 'wrong webdataset version'}"
+    return None
 
 
 def measure_set(args: argparse.Namespace, *, spec: str, env: dict[str, Any]) -> dict[str, Any]:

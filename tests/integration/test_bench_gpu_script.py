@@ -36,8 +36,8 @@ def test_gpu_profile_measures_what_the_script_promises(tmp_path):
     assert [int(b) for b in option(loss, "--batches")] == [32768, 65536]
     assert int(option(loss, "--dense-max-batch")[0]) >= 65536  # dense runs at 64k too: the comparison
     assert "data.decode_device=cuda" in cases["loader_gpu_decode"]
-    script = (REPO / "benchmarks" / "gpu.sh").read_text()
-    assert "-m benchmarks.gpu --profile gpu --device cuda" in script and os.access(REPO / "benchmarks" / "gpu.sh", os.X_OK)
+    script = REPO / "benchmarks" / "gpu.sh"
+    assert "-m benchmarks.gpu --profile gpu --device cuda" in script.read_text() and os.access(script, os.X_OK)
 
 
 def test_spent_budget_skips_cases_and_still_writes_the_summary(tmp_path):

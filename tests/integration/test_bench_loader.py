@@ -79,7 +79,8 @@ def test_comparison_on_both_shard_sets(tmp_path):
             per_core["clipscale"] / per_core["open_clip_train"])
         assert r["ratios"]["clipscale_over_wds_decode_crop_per_core"] == pytest.approx(
             per_core["clipscale"] / per_core["wds_decode_crop"])
-        assert r["ratios"]["wds_decode_crop_per_core_over_raw_limit"] == pytest.approx(per_core["wds_decode_crop"] / raw)
+        assert r["ratios"]["wds_decode_crop_per_core_over_raw_limit"] == pytest.approx(
+            per_core["wds_decode_crop"] / raw)
         target = s["summary"]["targets"]["clipscale_over_open_clip_train_per_core"]
         assert target["met"] == (target["value"] >= 2.0)
         assert s["images"]["samples_in_shards"] == 16 and s["images"]["images_read"] == 16
