@@ -66,6 +66,8 @@ def test_comparison_on_both_shard_sets(tmp_path):
     result = json.loads(out.read_text())
     env = result["open_clip_train_env"]
     assert "error" not in env and (cache / env["pythonpath"].rsplit("/", 1)[-1] / "webdataset").is_dir()
+    assert env["installed"] == ["webdataset==0.2.86"]
+    assert "installed" not in comparison.open_clip_train_env(cache)  # the cached directory is reused
     assert set(result["sets"]) == {"uniform", "realistic"}
     for s in result["sets"].values():
         r = s["rounds"][0]
