@@ -12,7 +12,7 @@ from clipscale.config import ConfigError
 from clipscale.data.shards import DataError
 from clipscale.scaling import FitError
 
-BENCHMARKS = ("loader", "loss", "gradcache", "step")
+BENCHMARKS = ("loader", "step")
 
 
 def _setup_logging() -> None:
@@ -187,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("open_clip", "timm"), default="open_clip")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("bench", help=f"benchmarks writing JSON: {', '.join(BENCHMARKS)}")
+    p = sub.add_parser("bench", help=f"benchmarks on your storage and GPUs, writing JSON: {', '.join(BENCHMARKS)}")
     p.add_argument("name", choices=BENCHMARKS)
     p.add_argument("bench_args", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_bench)
