@@ -176,27 +176,3 @@ def resolve_checkpoint(path: str | Path) -> Path:
         raise FileNotFoundError(f"{path} is neither a complete checkpoint nor a run directory with one")
     return latest
 
-
-def export_open_clip(path: str | Path, out_dir: str | Path) -> Path:
-    """Write a checkpoint's model as an open_clip model directory; returns the weights file.
-
-    `out_dir/open_clip_pytorch_model.bin` is a plain state dict for
-    `open_clip.create_model(name, pretrained=FILE, **architecture)`, and with
-    `open_clip_config.json` beside it the directory loads as `open_clip.create_model("local-dir:DIR")`.
-    """
-    from clipscale.config import config_from_dict
-    from clipscale.models import SCALAR_PARAMETERS, build_model, resolve_architecture
-
-    path = resolve_checkpoint(path)
-    cfg = config_from_dict(read_meta(path)["config"])
-    model = build_model(cfg.model).model
-    load_model_weights(path, model)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    weights = out_dir / "open_clip_pytorch_model.bin"
-    state = {k: v.reshape(()) if k in SCALAR_PARAMETERS else v for k, v in model.state_dict().items()}
-    torch.save(state, weights.with_suffix(".tmp"))
-    os.replace(weights.with_suffix(".tmp"), weights)
-    config = {"model_cfg": resolve_architecture(cfg.model), "preprocess_cfg": model.visual.preprocess_cfg}
-    (out_dir / "open_clip_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    return weights

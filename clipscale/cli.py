@@ -1,4 +1,4 @@
-"""The `clipscale` command: train, eval, results, fit, predict, data, demo, export, bench."""
+"""The `clipscale` command: train, eval, results, fit, predict, data, demo, plan, export, bench."""
 from __future__ import annotations
 
 import argparse
@@ -12,7 +12,7 @@ from clipscale.config import ConfigError
 from clipscale.data.shards import DataError
 from clipscale.scaling import FitError
 
-BENCHMARKS = ("loader", "loss", "gradcache", "step")
+BENCHMARKS = ("loader", "step")
 
 
 def _setup_logging() -> None:
@@ -28,14 +28,18 @@ def _setup_logging() -> None:
         lambda record: not record.getMessage().startswith("No pretrained weights loaded"))
 
 
+def _recipe_and_overrides(args: argparse.Namespace) -> tuple[str | None, list[str]]:
+    recipe, overrides = args.recipe, list(args.overrides)
+    if recipe is not None and "=" in recipe and not recipe.endswith(".toml"):
+        recipe, overrides = None, [recipe, *overrides]  # no recipe: the first word is an override
+    return recipe, overrides
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from clipscale.config import load_config, validate_for_world
     from clipscale.train import train
 
-    recipe, overrides = args.recipe, list(args.overrides)
-    if recipe is not None and "=" in recipe and not recipe.endswith(".toml"):
-        recipe, overrides = None, [recipe, *overrides]  # no recipe: the first word is an override
-    cfg = load_config(recipe, overrides)
+    cfg = load_config(*_recipe_and_overrides(args))
     validate_for_world(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # before any process group
     run_dir = train(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
@@ -120,11 +124,31 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_export(args: argparse.Namespace) -> int:
-    from clipscale.checkpoint import export_open_clip
+def cmd_plan(args: argparse.Namespace) -> int:
+    import json
 
-    weights = export_open_clip(args.checkpoint, args.out)
-    print(f"weights: {weights}\nload with: open_clip.create_model('local-dir:{weights.parent}')")
+    from clipscale.config import load_config
+    from clipscale.plan import format_plan, plan
+
+    cfg = load_config(*_recipe_and_overrides(args))
+    budget = plan(cfg, gpus=args.gpus, gpu_mem_gib=args.gpu_mem, peak_tflops=args.peak_tflops, mfu=args.mfu)
+    print(format_plan(budget))
+    Path(args.out).write_text(json.dumps(budget, indent=2) + "\n")
+    print(f"plan: {args.out}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from clipscale.export import export_open_clip, export_timm
+
+    if args.format == "open_clip":
+        out = export_open_clip(args.checkpoint, args.out)
+        print(f"open_clip directory: {out}\nload with: open_clip.create_model('local-dir:{out}') "
+              f"(or upload it and use 'hf-hub:ORG/NAME')")
+    else:
+        out = export_timm(args.checkpoint, args.out)
+        print(f"timm image tower: {out}\nload with: timm.create_model('local-dir:{out}', pretrained=True) "
+              f"(num_classes=0 for the pooled embedding)")
     return 0
 
 
@@ -198,12 +222,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc", type=int, default=2, help="processes per run (torchrun)")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("export", help="export a checkpoint as an open_clip model directory")
+    p = sub.add_parser("plan", help="compute, memory per GPU and time of a run, before running it")
+    p.add_argument("recipe", nargs="?", help="recipe TOML (default: the embedded tiny CPU run)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.name=ViT-L-14")
+    p.add_argument("--gpus", type=int, required=True, help="number of GPUs (world size)")
+    p.add_argument("--gpu-mem", type=float, required=True, help="memory per GPU in GiB")
+    p.add_argument("--peak-tflops", type=float, default=989.0,
+                   help="peak dense 16-bit TFLOP/s per GPU (default: H100 SXM, 989)")
+    p.add_argument("--mfu", type=float, default=0.4, help="expected model FLOPs utilisation")
+    p.add_argument("--out", default="plan.json", help="JSON output file")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("export", help="export a checkpoint to open_clip (hf-hub layout) or its image tower to timm")
     p.add_argument("checkpoint", help="checkpoint directory, or a run directory (its latest checkpoint)")
     p.add_argument("--out", required=True)
+    p.add_argument("--format", choices=("open_clip", "timm"), default="open_clip")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("bench", help=f"benchmarks writing JSON: {', '.join(BENCHMARKS)}")
+    p = sub.add_parser("bench", help=f"benchmarks on your storage and GPUs, writing JSON: {', '.join(BENCHMARKS)}")
     p.add_argument("name", choices=BENCHMARKS)
     p.add_argument("bench_args", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_bench)

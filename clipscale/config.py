@@ -44,7 +44,14 @@ class RunConfig:
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     name: str = "clipscale-tiny"
-    """open_clip architecture (`ViT-B-32`, ...) or one shipped in clipscale/model_configs."""
+    """open_clip architecture (`ViT-B-32`, ...), one shipped in clipscale/model_configs, or the label
+    of the recipe's own `architecture`."""
+    architecture: dict | None = None
+    """open_clip config table (`embed_dim`, `vision_cfg`, `text_cfg`, ...) written over `name`'s
+    config; for a name open_clip does not know it must be complete."""
+    timm_image_tower: str | None = None
+    """timm architecture replacing the image tower (`vit_base_patch16_clip_384`, optionally `.tag`);
+    its input size, mean/std, interpolation and crop come from timm."""
     embed_dim: int | None = None
     """Override: joint embedding width."""
     image_size: int | None = None
@@ -202,6 +209,10 @@ def _check_type(path: str, value: Any, tp: Any) -> Any:
         return None
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: got {value!r}, expected a table")
+        return value
     if tp in (int, float, str, bool):
         if isinstance(value, bool) and tp is not bool or not isinstance(value, tp):
             raise ConfigError(f"{path}: got {value!r} ({type(value).__name__}), expected {tp.__name__}")

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from clipscale import checkpoint as ckpt
+from clipscale.compute import model_flops_per_sample
 from clipscale.config import Config, config_to_dict, save_config
 from clipscale.data.pipeline import build_train_loader, merge_rank_states, normalize_images, sum_counters
 from clipscale.dist import DistInfo, destroy_distributed, gather_rows, init_distributed
@@ -151,7 +152,7 @@ def _train(cfg: Config, info: DistInfo) -> Path:
     try:
         run_loop(cfg, info, model=model, optimizer=optimizer, loader=loader, bundle=bundle, scaler=scaler,
                  progress=progress, total_steps=total_steps, metrics=metrics, stop_signal=stop_signal,
-                 flops_per_sample=3 * 2e9 * gmacs)
+                 flops_per_sample=model_flops_per_sample(cfg.model))
     finally:
         metrics.close()
     log.info("done: run=%s steps=%d samples_seen=%d skipped_steps=%d samples_per_s=%.1f minutes=%.2f",

@@ -17,10 +17,11 @@ from pathlib import Path
 
 import torch
 
+from clipscale.compute import model_flops_per_sample
 from clipscale.config import load_config, validate_for_world
 from clipscale.dist import destroy_distributed, init_distributed
 from clipscale.metrics import StepTimer, mfu, peak_flops
-from clipscale.models import build_model, gmacs_per_sample
+from clipscale.models import build_model
 from clipscale.optim import build_optimizer
 from clipscale.parallel import parallelize
 from clipscale.train import configure_threads, train_step
@@ -32,7 +33,7 @@ def measure(cfg, *, steps: int, warmup: int) -> dict:
         configure_threads(cfg, info)
         torch.manual_seed(cfg.run.seed)
         bundle = build_model(cfg.model, device=info.device)
-        flops_per_sample = 3 * 2e9 * gmacs_per_sample(bundle)  # forward + backward, no recompute
+        flops_per_sample = model_flops_per_sample(cfg.model)  # MFU's numerator: no recomputation
         model = parallelize(bundle.model, cfg.train, info)
         optimizer = build_optimizer(model, cfg.optim)
         batch = cfg.train.global_batch_size // info.world_size

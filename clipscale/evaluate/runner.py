@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -19,7 +20,7 @@ import torch
 
 from clipscale import dist
 from clipscale.checkpoint import META, checkpoint_name, complete_checkpoints, load_model_weights, read_meta
-from clipscale.config import Config, ConfigError, EvalConfig, config_from_dict
+from clipscale.config import Config, ConfigError, EvalConfig, ModelConfig, config_from_dict
 from clipscale.evaluate.datasets import EvalDataError, EvalSet, open_eval_set
 from clipscale.evaluate.features import encode_split
 from clipscale.evaluate.linear_probe import linear_probe
@@ -187,27 +188,26 @@ def watch_run(run_dir: str | Path, *, overrides: dict[str, Any] | None = None, d
         time.sleep(poll_s)
 
 
-def open_clip_bundle(name: str, *, pretrained: str | None, device: torch.device) -> ModelBundle:
-    """An open_clip architecture (or `local-dir:DIR`) with local weights, as a ModelBundle."""
+def open_clip_bundle(name: str, *, pretrained: str | None, device: torch.device) -> tuple[str, ModelBundle]:
+    """(architecture label, bundle) of an open_clip architecture with a local weights file, or of an
+    exported directory `local-dir:DIR` (its architecture registered with open_clip under DIR's name)."""
+    if name.startswith("local-dir:"):
+        directory = Path(name.removeprefix("local-dir:"))
+        name, pretrained = directory.resolve().name, str(directory / "open_clip_pytorch_model.bin")
+        with tempfile.TemporaryDirectory() as tmp:  # open_clip names a config file's architecture by its stem
+            arch = Path(tmp) / f"{name}.json"
+            arch.write_text(json.dumps(json.loads((directory / "open_clip_config.json").read_text())["model_cfg"]))
+            open_clip.add_model_config(arch)
     if pretrained is not None and not Path(pretrained).is_file():
         raise ConfigError(f"--pretrained {pretrained} is not a file (weights are never downloaded)")
-    try:
-        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=device)
-    except RuntimeError as e:
-        raise ConfigError(f"open_clip cannot build {name!r} ({e}); name one of open_clip.list_models()") from None
-    size = model.visual.image_size
-    pp = model.visual.preprocess_cfg
-    return ModelBundle(model=model, tokenizer=open_clip.get_tokenizer(name), preprocess_val=preprocess,
-                       image_size=size if isinstance(size, int) else size[0], mean=tuple(pp["mean"]),
-                       std=tuple(pp["std"]), context_length=model.context_length)
+    return name, build_model(ModelConfig(name=name, pretrained=pretrained), device=device)
 
 
 def evaluate_open_clip(name: str, *, pretrained: str | None, out: str | Path, cfg: EvalConfig,
                        device: str = "auto", run: str | None = None, dataset: str = "unknown") -> list[dict[str, Any]]:
     """Evaluate open_clip weights outside a run (a published model, an exported directory) into `out`."""
     dev = pick_device(device)
-    bundle = open_clip_bundle(name, pretrained=pretrained, device=dev)
-    label = name.removeprefix("local-dir:").rstrip("/").rsplit("/", 1)[-1]
+    label, bundle = open_clip_bundle(name, pretrained=pretrained, device=dev)
     info = ModelInfo(run=run or (Path(pretrained).stem if pretrained else label), model=label, checkpoint=None,
                      step=None, samples_seen=None, params=count_params(bundle.model),
                      gmacs_per_sample=gmacs_per_sample(bundle), dataset=dataset)

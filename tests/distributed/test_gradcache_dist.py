@@ -13,7 +13,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
-from clipscale.bench import tiny_clip
+from tests.models import tiny_clip
 from clipscale.gradcache import gradcache_step
 from clipscale.loss import LossConfig, contrastive_loss
 from tests.helpers import spawn_ranks

@@ -1,7 +1,7 @@
 """The CPU live-tensor peak used by the memory benchmarks."""
 import torch
 
-from clipscale.bench import peak_tensor_bytes
+from benchmarks.memory import peak_tensor_bytes
 
 MIB = 2**20
 

@@ -99,31 +99,6 @@ def test_model_weights_load_into_a_fresh_model(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))
 
 
-def test_export_loads_in_open_clip(tmp_path):
-    import open_clip
-
-    from clipscale.config import Config, ModelConfig, config_to_dict
-    from clipscale.models import resolve_architecture
-
-    mcfg = ModelConfig(vision_width=32, text_width=32, embed_dim=16)
-    model, opt = trained_pair(0)
-    cfg = Config(model=mcfg)
-    path = ckpt.save_checkpoint(tmp_path / "c", model=model, optimizer=opt, step=3,
-                                meta={"samples_seen": 3, "config": config_to_dict(cfg)})
-    weights = ckpt.export_open_clip(path, tmp_path / "export")
-
-    arch = resolve_architecture(mcfg)
-    by_file = open_clip.create_model(mcfg.name, pretrained=str(weights), embed_dim=arch.pop("embed_dim"), **arch)
-    by_dir = open_clip.create_model(f"local-dir:{weights.parent}")
-    image, text = torch.randn(2, 3, 32, 32), torch.randint(0, 1000, (2, 32))
-    model.eval()
-    expected = model.encode_image(image)
-    for loaded in (by_file, by_dir):
-        loaded.eval()
-        assert torch.equal(loaded.encode_image(image), expected)
-        assert torch.equal(loaded.encode_text(text), model.encode_text(text))
-
-
 def test_retention_also_keeps_every_nth_sample_count(tmp_path):
     model, opt = trained_pair(0)
     for step in range(1, 7):

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from clipscale.config import EvalConfig
+from clipscale.config import EvalConfig, ModelConfig
 from clipscale.evaluate import results
 from clipscale.evaluate.datasets import EvalDataError, open_eval_set
 from clipscale.evaluate.results import COLUMNS, ModelInfo, append_rows, make_rows, read_results, write_csv
@@ -49,7 +49,7 @@ def test_a_torn_last_line_is_dropped_and_cut_on_append(tmp_path):
 
 def bundle(model):
     return ModelBundle(model=model, tokenizer=tokenizer(), preprocess_val=to_tensor, image_size=24,
-                       mean=(0, 0, 0), std=(1, 1, 1), context_length=16)
+                       mean=(0, 0, 0), std=(1, 1, 1), context_length=16, config=ModelConfig())
 
 
 def test_rerun_skips_finished_rows_and_a_crash_keeps_them(tmp_path, monkeypatch):

@@ -3,7 +3,7 @@ import pytest
 import torch
 from open_clip.loss import ClipLoss, SigLipLoss
 
-from clipscale.bench import tiny_clip
+from tests.models import tiny_clip
 from clipscale.gradcache import gradcache_step
 from clipscale.loss import LossConfig
 

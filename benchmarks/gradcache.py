@@ -1,12 +1,11 @@
 """Gradient-cache benchmark: step-time overhead vs a plain step, and peak memory vs global batch.
 
-    python -m clipscale.bench.gradcache --out gradcache.json --time-batch 128 --batches 64 128 256 512 \\
+    python -m benchmarks.gradcache --out gradcache.json --time-batch 128 --batches 64 128 256 512 \\
         --chunk-size 32
-    clipscale bench gradcache --out gradcache.json ...
 
 Time: plain, chunk-accumulated and gradient-cached steps alternate in one process on the same
 batch (median of `--steps` each), so their ratios are measured under the same machine load. Memory: each (mode,
-batch) runs in a fresh subprocess (see `clipscale.bench`); "extra" is the peak above the steady
+batch) runs in a fresh subprocess (see `benchmarks.memory`); "extra" is the peak above the steady
 state after a warm-up step (model, gradients, inputs allocated), "total" the process peak; on CPU
 also "extra_tensor" (live tensor bytes, which malloc's fragmentation does not inflate).
 Model: a small open_clip ViT CLIP with dropout and patch dropout (`--width`, `--layers`, ...).
@@ -22,17 +21,19 @@ from typing import Any
 
 import torch
 
-from clipscale.bench import (METHOD_CPU, METHOD_CUDA, environment, peak_rss_bytes, peak_tensor_bytes,
-                             reset_peak_rss, rss_bytes, run_isolated, tiny_clip, write_json)
+from benchmarks.memory import (METHOD_CPU, METHOD_CUDA, peak_rss_bytes, peak_tensor_bytes, reset_peak_rss,
+                               rss_bytes, run_isolated)
+from clipscale.bench import environment, write_json
 from clipscale.gradcache import gradcache_step
 from clipscale.loss import LossConfig, contrastive_loss
+from tests.models import tiny_clip
 
 log = logging.getLogger(__name__)
-MODEL_KEYS = ("width", "layers", "embed_dim", "image_size", "patch_size", "context_length")
+MODEL_KEYS = ("width", "layers", "head_width", "embed_dim", "image_size", "patch_size", "context_length")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="clipscale bench gradcache", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.gradcache", description=__doc__.splitlines()[0])
     p.add_argument("--out", help="JSON file to write")
     p.add_argument("--time-batch", type=int, default=128, help="batch of the plain-vs-gradcache timing")
     p.add_argument("--batches", type=int, nargs="+", default=[64, 128, 256, 512], help="memory sweep")
@@ -40,6 +41,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=5, help="timed steps per mode (median)")
     p.add_argument("--width", type=int, default=384)
     p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--head-width", type=int, default=16, help="attention head width (ViT-B: 64)")
     p.add_argument("--embed-dim", type=int, default=256)
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--patch-size", type=int, default=8)
@@ -64,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     for mode in ("gradcache", "plain"):
         for batch in args.batches:
             case = {"mode": mode, "batch": batch, "chunk_size": args.chunk_size, "device": args.device, **model_cfg}
-            memory.append(run_isolated("clipscale.bench.gradcache", case))
+            memory.append(run_isolated("benchmarks.gradcache", case))
             log.info("memory %s", memory[-1])
     write_json(args.out, {"benchmark": "gradcache", "model": model_cfg, "environment": environment(),
                           "memory_method": METHOD_CUDA if args.device == "cuda" else METHOD_CPU,

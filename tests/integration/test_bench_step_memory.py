@@ -1,8 +1,11 @@
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
-from tests.helpers import run_cli
+from tests.helpers import REPO, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -16,9 +19,16 @@ def test_bench_step_writes_json(tmp_path):
     assert result["mfu"] is None  # no known peak on CPU: MFU is not invented
 
 
+def run_benchmark(module: str, *args: str) -> None:
+    """`python -m benchmarks.MODULE ARGS` from the repository root, as documented."""
+    proc = subprocess.run([sys.executable, "-m", f"benchmarks.{module}", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-6000:]
+
+
 def test_bench_loss_writes_json(tmp_path):
     out = tmp_path / "loss.json"
-    run_cli("bench", "loss", "--batches", "64", "128", "--dim", "16", "--tile-size", "32", "--repeats", "1",
+    run_benchmark("loss", "--batches", "64", "128", "--dim", "16", "--tile-size", "32", "--repeats", "1",
             "--out", str(out))
     result = json.loads(out.read_text())
     assert {(r["batch"], r["tiled"]) for r in result["results"]} == {(64, True), (64, False), (128, True), (128, False)}
@@ -28,7 +38,7 @@ def test_bench_loss_writes_json(tmp_path):
 
 def test_bench_gradcache_writes_json(tmp_path):
     out = tmp_path / "gradcache.json"
-    run_cli("bench", "gradcache", "--time-batch", "8", "--batches", "8", "16", "--chunk-size", "4", "--steps", "1",
+    run_benchmark("gradcache", "--time-batch", "8", "--batches", "8", "16", "--chunk-size", "4", "--steps", "1",
             "--width", "32", "--layers", "1", "--embed-dim", "16", "--image-size", "16", "--patch-size", "8",
             "--context-length", "8", "--out", str(out))
     result = json.loads(out.read_text())

@@ -1,10 +1,9 @@
 """Loss benchmark: peak extra memory and time of forward+backward, dense vs tiled, vs batch size.
 
-    python -m clipscale.bench.loss --out loss.json --batches 1024 4096 16384 32768 --dim 512
-    clipscale bench loss --out loss.json ...
+    python -m benchmarks.loss --out loss.json --batches 1024 4096 16384 32768 --dim 512
 
 Every (batch, form) runs in its own subprocess so its peak memory is its own (see
-`clipscale.bench`); dense and tiled at the same batch run back to back, so their time ratio is
+`benchmarks.memory`); dense and tiled at the same batch run back to back, so their time ratio is
 measured under the same machine load. Features are random unit vectors (float32), one process.
 """
 from __future__ import annotations
@@ -19,15 +18,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from clipscale.bench import (METHOD_CPU, METHOD_CUDA, environment, peak_rss_bytes, reset_peak_rss, rss_bytes,
-                             run_isolated, write_json)
+from benchmarks.memory import METHOD_CPU, METHOD_CUDA, peak_rss_bytes, reset_peak_rss, rss_bytes, run_isolated
+from clipscale.bench import environment, write_json
 from clipscale.loss import LossConfig, contrastive_loss
 
 log = logging.getLogger(__name__)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="clipscale bench loss", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.loss", description=__doc__.splitlines()[0])
     p.add_argument("--out", help="JSON file to write")
     p.add_argument("--batches", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768])
     p.add_argument("--dense-max-batch", type=int, default=32768,
@@ -55,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
             for tiled in forms:
                 case = {"kind": kind, "batch": batch, "dim": args.dim, "tiled": tiled, "tile_size": args.tile_size,
                         "repeats": args.repeats, "device": args.device}
-                results.append(run_isolated("clipscale.bench.loss", case))
+                results.append(run_isolated("benchmarks.loss", case))
                 log.info("%s", results[-1])
     write_json(args.out, {"benchmark": "loss", "memory_method": METHOD_CUDA if args.device == "cuda" else METHOD_CPU,
                           "environment": environment(), "results": results, "summary": summarize(results)})
