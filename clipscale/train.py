@@ -25,7 +25,8 @@ import torch
 from clipscale import checkpoint as ckpt
 from clipscale.config import Config, config_to_dict, save_config
 from clipscale.data.pipeline import build_train_loader, merge_rank_states, normalize_images, sum_counters
-from clipscale.dist import DistInfo, all_reduce_mean, destroy_distributed, init_distributed
+from clipscale.dist import (STOP_SIGNALS, DistInfo, all_reduce_mean, destroy_distributed, init_distributed,
+                            stop_when_launcher_dies)
 from clipscale.gradcache import gradcache_step
 from clipscale.loss import contrastive_loss
 from clipscale.metrics import MetricsLogger, StepTimer, mfu, peak_flops
@@ -36,6 +37,7 @@ from clipscale.parallel import autocast, full_tensor, global_grad_norm, grad_sca
 log = logging.getLogger(__name__)
 MAX_LOGIT_SCALE = math.log(100)  # temperature floor of 0.01 (Radford et al. 2021)
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: saved on a signal, resume by starting again
+PREEMPTED_MARKER = "preempted"  # file in the run directory: the last launch saved and exited on a signal
 
 
 class Preempted(SystemExit):
@@ -63,12 +65,18 @@ class StepResult:
 
 
 class StopSignal:
-    """Remembers SIGUSR1/SIGTERM; the loop acts on it at a step boundary, agreed across ranks."""
+    """Remembers SIGUSR1/SIGTERM; the loop acts on it at a step boundary, agreed across ranks.
+
+    Under torchrun a dying agent also sends this rank SIGTERM (`stop_when_launcher_dies`), and the
+    DataLoader workers ignore these signals (`ignore_stop_signals`), so whichever process a
+    scheduler signals first, every rank saves and exits with `EXIT_PREEMPTED`.
+    """
 
     def __init__(self) -> None:
         self.requested = False
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
+        for sig in STOP_SIGNALS:
             signal.signal(sig, self._handle)
+        stop_when_launcher_dies()
 
     def _handle(self, signum, frame) -> None:
         log.warning("received %s: stopping after this step", signal.Signals(signum).name)
