@@ -16,7 +16,7 @@ from pathlib import Path
 
 PACKAGES = ("slurmd", "slurmctld", "slurm-client", "munge")
 NODES = ("n1", "n2")
-CPUS_PER_NODE = 2
+CPUS_PER_NODE = 4  # virtual: lets the tests' 1-CPU jobs run side by side
 
 
 class Unavailable(RuntimeError):
@@ -88,6 +88,7 @@ SlurmdSpoolDir={root}/spool/%n
 SlurmdLogFile={root}/slurmd.%n.log
 SlurmdPidFile={root}/slurmd.%n.pid
 KillWait=30
+SlurmdParameters=config_overrides
 MinJobAge=600
 {nodes}PartitionName=debug Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE State=UP
 """

@@ -62,35 +62,26 @@ def runs(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def two_node_jobs(slurm_cluster, synthetic_data, runs):
-    """Both launch styles, submitted together so that they run while the reference trains."""
-    return {launch: submit_train(slurm_cluster, synthetic_data, runs, launch, launch=launch)
-            for launch in ("torchrun", "srun")}
+def jobs(slurm_cluster, synthetic_data, runs):
+    """The training jobs, submitted together so that they run side by side and with the reference."""
+    missing = {**synthetic_data, "train": str(runs / "missing-{000000..000007}.tar")}
+    return {"torchrun": submit_train(slurm_cluster, synthetic_data, runs, "torchrun"),
+            "srun": submit_train(slurm_cluster, synthetic_data, runs, "srun", launch="srun"),
+            "preempted": submit_train(slurm_cluster, synthetic_data, runs, "preempted"),
+            "failed": submit_train(slurm_cluster, missing, runs, "failed")}
 
 
 @pytest.fixture(scope="module")
-def reference(two_node_jobs, synthetic_data, runs):
+def reference(jobs, synthetic_data, runs):
     run_cli("train", *train_args(synthetic_data, runs, "reference"), nproc=2)
     return final_weights(runs / "reference")
 
 
-@pytest.mark.parametrize("launch", ["torchrun", "srun"])
-def test_two_nodes_train_like_one(slurm_cluster, two_node_jobs, reference, runs, launch):
-    job = two_node_jobs[launch]
-    info = slurm_cluster.wait(job)
-    log = job_log(runs / launch, job)
-    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "0", log[-4000:]
-    assert "on n[1-2]" in log and "world_size=2" in log  # one process group over both nodes
-    if launch == "srun":
-        assert "torch.distributed.run" not in log
-    assert_bitwise_equal(final_weights(runs / launch), reference)
-
-
-def test_preempted_twice_requeues_resumes_and_matches(slurm_cluster, synthetic_data, reference, runs):
+def test_preempted_twice_requeues_resumes_and_matches(slurm_cluster, jobs, runs, request):
+    # First: its job is already running. The reference trains only once both stops are done.
     from clipscale.checkpoint import complete_checkpoints
 
-    run_dir = runs / "preempted"
-    job = submit_train(slurm_cluster, synthetic_data, runs, "preempted")
+    run_dir, job = runs / "preempted", jobs["preempted"]
     steps = lambda: [int(p.name.split("_")[1]) for p in complete_checkpoints(run_dir / "checkpoints")]  # noqa: E731
     for restarts in (1, 2):
         seen = max(steps(), default=0)
@@ -112,7 +103,26 @@ def test_preempted_twice_requeues_resumes_and_matches(slurm_cluster, synthetic_d
     assert log.count("exited 75 on a signal: requeueing") == 2, log[-4000:]
     assert log.count("resumed from") == 2, log[-4000:]
     assert not (run_dir / "preempted").exists()
-    assert_bitwise_equal(final_weights(run_dir), reference)
+    assert_bitwise_equal(final_weights(run_dir), request.getfixturevalue("reference"))
+
+
+@pytest.mark.parametrize("launch", ["torchrun", "srun"])
+def test_two_nodes_train_like_one(slurm_cluster, jobs, reference, runs, launch):
+    job = jobs[launch]
+    info = slurm_cluster.wait(job)
+    log = job_log(runs / launch, job)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "0", log[-4000:]
+    assert "on n[1-2]" in log and "world_size=2" in log  # one process group over both nodes
+    if launch == "srun":
+        assert "torch.distributed.run" not in log
+    assert_bitwise_equal(final_weights(runs / launch), reference)
+
+
+def test_failed_run_is_not_requeued(slurm_cluster, jobs, runs):
+    info = slurm_cluster.wait(jobs["failed"])
+    log = job_log(runs / "failed", jobs["failed"])
+    assert info["JobState"] == "FAILED" and info["Restarts"] == "0", log[-4000:]
+    assert "missing-" in log and "requeueing" not in log
 
 
 def test_sweep_array_with_chained_eval(slurm_cluster, synthetic_data, tmp_path):
@@ -124,15 +134,17 @@ def test_sweep_array_with_chained_eval(slurm_cluster, synthetic_data, tmp_path):
                  f'run.output_dir="{tmp_path / "runs"}"', "train.global_batch_size=32", "train.num_threads=1",
                  "train.checkpoint_every_samples=32", "log.progress_bar=false", "optim.warmup_samples=32"]
 
-    def sweep(*options: str) -> str:
+    def sweep(*options: str, sbatch: str = "", code: int = 0) -> str:
         cmd = [sys.executable, "-m", "clipscale", "sweep", str(recipe), *overrides,
-               f"--sbatch-args=--nodes=1 --cpus-per-task=1 --output={tmp_path}/train-%A_%a.out",
+               f"--sbatch-args=--nodes=1 --cpus-per-task=1 --output={tmp_path}/train-%A_%a.out {sbatch}",
                f"--eval-sbatch-args=--cpus-per-task=1 --output={tmp_path}/eval-%j.out", *options]
         env = {**slurm_cluster.env, "CLIPSCALE_PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-4000:]
-        return proc.stdout
+        assert proc.returncode == code, proc.stderr[-4000:]
+        return proc.stdout + proc.stderr
 
+    refused = sweep(sbatch="--partition=nosuch", code=2)  # sbatch says why; nothing is queued
+    assert "clipscale: error: sbatch --parsable --array=0,1" in refused and "invalid partition" in refused
     dry = sweep("--dry-run")
     assert "array_job=$(sbatch --parsable --array=0,1 " in dry and '--dependency=afterok:"$array_job"' in dry
     submitted = sweep()
