@@ -136,11 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("sweep", help="submit a recipe's [sweep] grid as a SLURM job array with a chained eval job")
+    p = sub.add_parser("sweep", help="submit a recipe's [sweep] grid as a SLURM job array, eval chained")
     p.add_argument("recipe", help="recipe TOML with a [sweep] table")
     p.add_argument("overrides", nargs="*", help="dotted overrides for every point, e.g. data.train_shards=...")
     p.add_argument("--dry-run", action="store_true", help="print the sbatch commands instead of submitting them")
-    p.add_argument("--sbatch-args", default="", help='sbatch options of the training array, e.g. "--nodes=2 --gpus-per-node=8"')
+    p.add_argument("--sbatch-args", default="",
+                   help='sbatch options of the training array, e.g. "--nodes=2 --gpus-per-node=8"')
     p.add_argument("--eval-sbatch-args", default="", help="sbatch options of the eval job")
     p.add_argument("--eval-args", default="", help="options slurm/eval.sbatch passes to `clipscale eval`")
     p.add_argument("--scripts", help="folder holding train.sbatch and eval.sbatch (default: clipscale's slurm/)")

@@ -22,7 +22,7 @@ SCRIPTS = Path(__file__).resolve().parents[1] / "slurm"
 
 
 class SweepError(RuntimeError):
-    """sbatch refused a job; the message has the command and SLURM's reason."""
+    """The sweep cannot be submitted (no scripts, no sbatch, a refused job); the message says why."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,7 +106,10 @@ def run_sweep(recipe: str | Path, overrides: list[str], *, dry_run: bool = False
 
 
 def _sbatch(cmd: list[str]) -> str:
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+    except FileNotFoundError:
+        raise SweepError("sbatch not found: submit from a SLURM login node, or print the commands with --dry-run")
     if proc.returncode != 0:
         raise SweepError(f"{shlex.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip()}")
     return proc.stdout.strip().split(";")[0]  # --parsable: JOBID[;CLUSTER]

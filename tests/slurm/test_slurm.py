@@ -4,7 +4,6 @@ Every training run here has world size 2 and the same global batch, so its final
 equal, bit for bit, those of one uninterrupted 2-process torchrun run on this machine.
 """
 import json
-import os
 import subprocess
 import sys
 import time

@@ -1,8 +1,8 @@
 """`clipscale sweep --dry-run`: the grid shared with the demo, as sbatch commands (no SLURM needed)."""
+import os
 import shlex
 import subprocess
 import sys
-from pathlib import Path
 
 from clipscale.config import load_sweep
 from tests.helpers import REPO
@@ -10,9 +10,9 @@ from tests.helpers import REPO
 RECIPE = REPO / "recipes" / "scaling_tiny.toml"
 
 
-def sweep(*args: str) -> subprocess.CompletedProcess:
+def sweep(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "clipscale", "sweep", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=300, env=env)
 
 
 def test_dry_run_prints_one_array_task_per_point_and_a_chained_eval(tmp_path):
@@ -44,3 +44,8 @@ def test_missing_scripts_folder_is_named(tmp_path):
 def test_recipe_without_a_grid_is_named(tmp_path):
     proc = sweep(str(REPO / "recipes" / "tiny_cpu.toml"), "--dry-run")
     assert proc.returncode == 2 and "no [sweep] table" in proc.stderr
+
+
+def test_submitting_without_sbatch_is_named(tmp_path):
+    proc = sweep(str(RECIPE), f'run.output_dir="{tmp_path}"', env={**os.environ, "PATH": str(tmp_path)})
+    assert proc.returncode == 2 and "sbatch not found" in proc.stderr and "--dry-run" in proc.stderr
