@@ -16,6 +16,7 @@ from pathlib import Path
 
 PACKAGES = ("slurmd", "slurmctld", "slurm-client", "munge")
 NODES = ("n1", "n2")
+FINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
 CPUS_PER_NODE = 4  # virtual: lets the tests' 1-CPU jobs run side by side
 
 
@@ -139,18 +140,26 @@ class Cluster:
         out = _run("scontrol", "-o", "show", "job", str(job_id), env=self.env, check=False).stdout
         return dict(f.split("=", 1) for f in out.split() if "=" in f)
 
-    def wait(self, job_id: int | str, *, states: tuple[str, ...] = ("COMPLETED", "FAILED", "CANCELLED",
-             "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"), timeout_s: float = 300) -> dict[str, str]:
-        """Poll until the job reaches one of `states`; a requeued job is started at once."""
+    def settled(self, job_id: int | str) -> dict[str, str]:
+        """The job's state, read again a few seconds later when it looks final: a job requeueing
+        itself passes through its exit state (FAILED after exit 75) before it is pending again."""
+        info = self.job(job_id)
+        if info.get("JobState") in FINAL_STATES:
+            time.sleep(3)
+            info = self.job(job_id)
+        return info
+
+    def wait(self, job_id: int | str, *, timeout_s: float = 300) -> dict[str, str]:
+        """Poll until the job has ended for good; a requeued job is started at once."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            info = self.job(job_id)
-            if info.get("JobState") in states:
+            info = self.settled(job_id)
+            if info.get("JobState") in FINAL_STATES:
                 return info
             if info.get("JobState") == "PENDING" and info.get("Reason") == "BeginTime":
                 self.scontrol("update", f"JobId={job_id}", "StartTime=now")  # skip the requeue delay
             time.sleep(1)
-        raise AssertionError(f"job {job_id} not in {states} after {timeout_s}s: {self.job(job_id)}")
+        raise AssertionError(f"job {job_id} not ended after {timeout_s}s: {self.job(job_id)}")
 
     def scontrol(self, *args: str) -> str:
         return _run("scontrol", *args, env=self.env).stdout

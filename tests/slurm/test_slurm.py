@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from tests.helpers import REPO, run_cli
+from tests.slurm.cluster import FINAL_STATES
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 TRAIN = str(REPO / "slurm" / "train.sbatch")
@@ -52,7 +53,8 @@ def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
 
 
 def job_log(run_dir: Path, job_id: int) -> str:
-    return (run_dir / "logs" / f"job-{job_id}.log").read_text()
+    log = run_dir / "logs" / f"job-{job_id}.log"
+    return log.read_text() if log.exists() else f"(no {log})"
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +88,9 @@ def test_preempted_twice_requeues_resumes_and_matches(slurm_cluster, jobs, runs,
         seen = max(steps(), default=0)
         deadline = time.monotonic() + 300
         while max(steps(), default=0) <= seen:  # a new checkpoint of this start: it is training
-            info = slurm_cluster.job(job)
-            assert info["JobState"] in ("PENDING", "RUNNING") and time.monotonic() < deadline, info
+            info = slurm_cluster.settled(job)
+            assert info["JobState"] not in FINAL_STATES and time.monotonic() < deadline, \
+                f"{info}\n{job_log(run_dir, job)[-6000:]}"
             if info.get("Reason") == "BeginTime":
                 slurm_cluster.scontrol("update", f"JobId={job}", "StartTime=now")
             time.sleep(0.5)
