@@ -124,6 +124,13 @@ class Cluster:
         raise RuntimeError(f"SLURM nodes not idle after {timeout_s}s: {states}; logs in {self.root}")
 
     def stop(self) -> None:
+        """Cancel what is still queued or running (a failed test's jobs), then stop the daemons."""
+        jobs = _run("squeue", "-h", "-o", "%A", env=self.env, check=False).stdout.split()
+        if jobs:
+            _run("scancel", *jobs, env=self.env, check=False)
+            deadline = time.monotonic() + 90  # KillWait=30 s, then SIGKILL
+            while _run("squeue", "-h", env=self.env, check=False).stdout.strip() and time.monotonic() < deadline:
+                time.sleep(1)
         _run("scontrol", "shutdown", env=self.env, check=False)  # slurmctld and every slurmd
         for pid_file in self.root.glob("slurm*.pid"):
             _wait_gone(pid_file)
