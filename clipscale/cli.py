@@ -1,22 +1,26 @@
-"""The `clipscale` command: train, eval, results, fit, predict, data, demo, plan, export, bench."""
+"""The `clipscale` command: train, eval, results, sweep, fit, predict, data, demo, plan, export, bench."""
 from __future__ import annotations
 
 import argparse
 import importlib
 import logging
 import os
+import shlex
 import sys
 from pathlib import Path
 
 from clipscale.config import ConfigError
 from clipscale.data.shards import DataError
 from clipscale.scaling import FitError
+from clipscale.sweep import SweepError
 
 BENCHMARKS = ("loader", "step")
 
 
 def _setup_logging() -> None:
-    rank = int(os.environ.get("RANK", "0"))
+    from clipscale.dist import launch_env
+
+    rank = launch_env().rank
     logging.basicConfig(
         level=logging.WARNING,  # libraries' info chatter (open_clip logs to the root logger) stays quiet
         format=f"%(asctime)s %(levelname)s [rank{rank}] %(name)s: %(message)s",
@@ -37,12 +41,25 @@ def _recipe_and_overrides(args: argparse.Namespace) -> tuple[str | None, list[st
 
 def cmd_train(args: argparse.Namespace) -> int:
     from clipscale.config import load_config, validate_for_world
-    from clipscale.train import train
+    from clipscale.dist import launch_env
+    from clipscale.train import EXIT_PREEMPTED, PREEMPTED_MARKER, Preempted, train
 
     cfg = load_config(*_recipe_and_overrides(args))
-    validate_for_world(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # before any process group
-    run_dir = train(cfg)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if args.print_run_dir:
+        print(cfg.run_dir.resolve())
+        return 0
+    launch = launch_env()
+    validate_for_world(cfg, launch.world_size)  # before any process group
+    marker = cfg.run_dir / PREEMPTED_MARKER
+    if launch.rank == 0:
+        marker.unlink(missing_ok=True)
+    try:
+        run_dir = train(cfg)
+    except Preempted:
+        if launch.rank == 0:  # tells slurm/train.sbatch to requeue: torchrun's exit code would not
+            marker.write_text(f"{EXIT_PREEMPTED}\n")
+        raise
+    if launch.rank == 0:
         print(f"run directory: {run_dir}")
     return 0
 
@@ -90,6 +107,15 @@ def cmd_results(args: argparse.Namespace) -> int:
         with open(args.csv, "w", newline="") as f:
             count = write_csv(args.sources, f)
         print(f"{count} rows -> {args.csv}")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from clipscale.sweep import run_sweep
+
+    run_sweep(args.recipe, list(args.overrides), dry_run=args.dry_run, scripts=args.scripts,
+              sbatch_args=shlex.split(args.sbatch_args), eval_sbatch_args=shlex.split(args.eval_sbatch_args),
+              eval_args=shlex.split(args.eval_args))
     return 0
 
 
@@ -164,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model (under torchrun for several processes)")
     p.add_argument("recipe", nargs="?", help="recipe TOML (default: the embedded tiny CPU run)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.global_batch_size=512")
+    p.add_argument("--print-run-dir", action="store_true",
+                   help="print the run directory the recipe and overrides resolve to, and exit")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="zero-shot classification, retrieval, linear probe -> results.jsonl")
@@ -188,6 +216,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("sources", nargs="+", help="run directories or results.jsonl files")
     p.add_argument("--csv", nargs="?", const="-", default="-", help="CSV file to write (default: stdout)")
     p.set_defaults(func=cmd_results)
+
+    p = sub.add_parser("sweep", help="submit a recipe's [sweep] grid as a SLURM job array, eval chained")
+    p.add_argument("recipe", help="recipe TOML with a [sweep] table")
+    p.add_argument("overrides", nargs="*", help="dotted overrides for every point, e.g. data.train_shards=...")
+    p.add_argument("--dry-run", action="store_true", help="print the sbatch commands instead of submitting them")
+    p.add_argument("--sbatch-args", default="",
+                   help='sbatch options of the training array, e.g. "--nodes=2 --gpus-per-node=8"')
+    p.add_argument("--eval-sbatch-args", default="", help="sbatch options of the eval job")
+    p.add_argument("--eval-args", default="", help="options slurm/eval.sbatch passes to `clipscale eval`")
+    p.add_argument("--scripts", help="folder holding train.sbatch and eval.sbatch (default: clipscale's slurm/)")
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("fit", help="fit scaling laws to evaluation results, with bootstrap intervals")
     p.add_argument("results", nargs="+", help="results.jsonl / CSV files, run directories or globs")
@@ -256,6 +295,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return args.func(args)
-    except (ConfigError, DataError, FitError) as e:
+    except (ConfigError, DataError, FitError, SweepError) as e:
         print(f"clipscale: error: {e}", file=sys.stderr)
         return 2

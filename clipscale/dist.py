@@ -1,24 +1,31 @@
-"""Process-group setup and the collectives used by the rest of clipscale.
+"""Process-group setup, launcher signals and the collectives used by the rest of clipscale.
 
 All torch.distributed calls live here (and in parallel.py for model wrapping), so model, loss and
 data code stay free of process-group logic. Launchers set the environment:
 
     torchrun --nproc_per_node=2 -m clipscale train recipes/tiny_cpu.toml
-    srun torchrun ... (SLURM; see slurm/)
+    srun torchrun ...                         (SLURM, one task per node; see slurm/)
+    srun python -m clipscale train ...        (SLURM, one task per GPU: SLURM_PROCID, ... are read)
 
 and plain `python -m clipscale train` runs as world size 1 without a process group.
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import datetime
 import logging
 import os
+import re
+import signal
 
 import torch
 import torch.distributed as dist
 
 log = logging.getLogger(__name__)
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)  # what schedulers and torchrun send before a kill
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+_LAUNCHER_PID = os.getppid()  # at import, early in the rank's life: torchrun's agent under torchrun
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,14 +42,59 @@ class DistInfo:
         return self.rank == 0
 
 
+@dataclasses.dataclass(frozen=True)
+class LaunchEnv:
+    """This process's place as its launcher describes it, before any process group exists."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    init_method: str = "env://"
+    """Where ranks meet: torchrun's env:// variables, or tcp://HOST:PORT under a bare srun."""
+
+
+def launch_env(env: dict[str, str] | None = None) -> LaunchEnv:
+    """Read torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK), else those of an srun job step.
+
+    Under `srun` without torchrun every task is a rank: SLURM_PROCID, SLURM_NTASKS and
+    SLURM_LOCALID; the ranks meet at MASTER_ADDR:MASTER_PORT when set, else at the first host of
+    SLURM_STEP_NODELIST on `slurm_port(SLURM_JOB_ID)`. A batch script's own shell has no
+    SLURM_STEP_ID, so a `python -m clipscale` run there (not under srun) stays world size 1.
+    """
+    env = os.environ if env is None else env
+    if "WORLD_SIZE" in env or "SLURM_STEP_ID" not in env or "SLURM_PROCID" not in env:
+        return LaunchEnv(rank=int(env.get("RANK", "0")), world_size=int(env.get("WORLD_SIZE", "1")),
+                         local_rank=int(env.get("LOCAL_RANK", "0")))
+    nodelist = env.get("SLURM_STEP_NODELIST") or env["SLURM_NODELIST"]
+    addr = env.get("MASTER_ADDR") or first_host(nodelist)
+    port = env.get("MASTER_PORT") or slurm_port(int(env["SLURM_JOB_ID"]))
+    return LaunchEnv(rank=int(env["SLURM_PROCID"]), world_size=int(env["SLURM_NTASKS"]),
+                     local_rank=int(env.get("SLURM_LOCALID", "0")), init_method=f"tcp://{addr}:{port}")
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM hostlist: 'gpu-[007-009,12],login1' -> 'gpu-007'.
+
+    The same host `scontrol show hostnames NODELIST | head -n1` prints, without needing scontrol.
+    """
+    m = re.match(r"([^,\[]*)(?:\[([^\]\-,]+))?", nodelist.strip())
+    if not m or not (m.group(1) or m.group(2)):
+        raise ValueError(f"cannot read a host from SLURM nodelist {nodelist!r}; set MASTER_ADDR")
+    return m.group(1) + (m.group(2) or "")
+
+
+def slurm_port(job_id: int) -> int:
+    """Rendezvous port of a job: distinct for concurrent jobs, in 20000-29999 (slurm/train.sbatch agrees)."""
+    return 20000 + job_id % 10000
+
+
 def init_distributed(*, device: str = "auto", timeout_s: float = 1800.0) -> DistInfo:
-    """Start the default process group when launched by torchrun (WORLD_SIZE > 1).
+    """Start the default process group when launched with several ranks (see `launch_env`).
 
     `device="auto"` picks CUDA (NCCL) when available, else CPU (gloo).
     """
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    launch = launch_env()
+    rank, world_size, local_rank = launch.rank, launch.world_size, launch.local_rank
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
@@ -53,12 +105,40 @@ def init_distributed(*, device: str = "auto", timeout_s: float = 1800.0) -> Dist
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
         dist.init_process_group(
-            backend=backend,
+            backend=backend, init_method=launch.init_method, rank=rank, world_size=world_size,
             timeout=datetime.timedelta(seconds=timeout_s),
             device_id=dev if dev.type == "cuda" else None,
         )
         log.info("process group up: backend=%s rank=%d world_size=%d", backend, rank, world_size)
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """DataLoader `worker_init_fn`: only the training process acts on a stop signal.
+
+    torchrun forwards signals to each rank's whole process group, which includes its DataLoader
+    workers; one dying of SIGTERM would crash the rank before it can save. SIGINT too, so that
+    Ctrl-C stops training through the rank rather than killing its workers first.
+    """
+    for sig in (*STOP_SIGNALS, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def stop_when_launcher_dies() -> None:
+    """Under torchrun, have the kernel send SIGTERM to this rank if its agent process dies.
+
+    torchrun starts ranks in sessions of their own, so an agent killed by a signal it does not
+    handle (SIGUSR1 by default, SIGKILL) would leave them running unsupervised; with this they
+    save and exit like on any other stop signal. Linux only; elsewhere a no-op.
+    """
+    if "TORCHELASTIC_RUN_ID" not in os.environ or os.uname().sysname != "Linux":
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        log.warning("prctl(PR_SET_PDEATHSIG) failed (errno %d): a dead torchrun will not stop this rank",
+                    ctypes.get_errno())
+    elif os.getppid() != _LAUNCHER_PID:  # the agent died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def destroy_distributed() -> None:

@@ -27,7 +27,8 @@ from clipscale import checkpoint as ckpt
 from clipscale.compute import model_flops_per_sample
 from clipscale.config import Config, config_to_dict, save_config
 from clipscale.data.pipeline import build_train_loader, merge_rank_states, normalize_images, sum_counters
-from clipscale.dist import DistInfo, destroy_distributed, gather_rows, init_distributed
+from clipscale.dist import (STOP_SIGNALS, DistInfo, destroy_distributed, gather_rows, init_distributed,
+                            stop_when_launcher_dies)
 from clipscale.evaluate.runner import maybe_eval
 from clipscale.gradcache import gradcache_step
 from clipscale.loss import contrastive_loss
@@ -39,6 +40,7 @@ from clipscale.parallel import autocast, full_tensor, global_grad_norm, grad_sca
 log = logging.getLogger(__name__)
 MAX_LOGIT_SCALE = math.log(100)  # temperature floor of 0.01 (Radford et al. 2021)
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: saved on a signal, resume by starting again
+PREEMPTED_MARKER = "preempted"  # file in the run directory: the last launch saved and exited on a signal
 
 
 class Preempted(SystemExit):
@@ -99,15 +101,22 @@ class StepStats:
 
 
 class StopSignal:
-    """Remembers SIGUSR1/SIGTERM; the loop acts on it at a step boundary, agreed across ranks."""
+    """Remembers SIGUSR1/SIGTERM; the loop acts on it at the next sync point (log or checkpoint step),
+    agreed across ranks.
+
+    Under torchrun a dying agent also sends this rank SIGTERM (`stop_when_launcher_dies`), and the
+    DataLoader workers ignore these signals (`ignore_stop_signals`), so whichever process a
+    scheduler signals first, every rank saves and exits with `EXIT_PREEMPTED`.
+    """
 
     def __init__(self) -> None:
         self.requested = False
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
+        for sig in STOP_SIGNALS:
             signal.signal(sig, self._handle)
+        stop_when_launcher_dies()
 
     def _handle(self, signum, frame) -> None:
-        log.warning("received %s: stopping after this step", signal.Signals(signum).name)
+        log.warning("received %s: saving and stopping at the next log step", signal.Signals(signum).name)
         self.requested = True
 
 

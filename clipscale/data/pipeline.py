@@ -25,6 +25,7 @@ from clipscale.data.config import DataConfig
 from clipscale.data.decode import JpegCrop, decode_jpegs_on
 from clipscale.data.shards import DataError, check_first_shards, expand_sources, read_sizes, shard_weights
 from clipscale.data.streams import StreamPlan, StreamReader, StreamState, SubBatch
+from clipscale.dist import ignore_stop_signals
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 2
@@ -138,6 +139,7 @@ class TrainLoader:
         dataset = _WorkerStreams(self.plan, self.cfg, states={s: self.states[s] for s in self.streams},
                                  image_size=self.image_size, tokenizer=self.tokenizer, free=free)
         loader = DataLoader(dataset, batch_size=None, num_workers=self.cfg.workers, pin_memory=self.pin_memory,
+                            worker_init_fn=ignore_stop_signals,  # the training process saves and stops
                             persistent_workers=False, prefetch_factor=2 if self.cfg.workers else None)
         parts = iter(loader)
         lent: list[tuple[int, int, StorageWeakRef]] = []  # (row of `free`, slot, the slot's storage)

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from clipscale.bench import peak_tensor_bytes
+from benchmarks.memory import peak_tensor_bytes
 from clipscale.cli import main
 from clipscale.compute import model_compute
 from clipscale.config import load_config
