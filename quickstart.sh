@@ -13,6 +13,9 @@ setup() {
     "$PYTHON" -m venv .venv
     .venv/bin/python -m pip install --quiet --upgrade pip
     .venv/bin/python -m pip install --quiet -e '.[test]'
+    # CLIP_benchmark's metric code for the agreement test; its declared dependencies (transformers,
+    # pycocoevalcap) are for captioning metrics the test does not use
+    .venv/bin/python -m pip install --quiet --no-deps clip-benchmark==1.6.2
     touch "$stamp"
   fi
 }
