@@ -9,10 +9,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from clipscale.config import ConfigError
-from clipscale.data.shards import DataError
-from clipscale.scaling import FitError
-from clipscale.sweep import SweepError
+from clipscale.errors import InputError
 
 BENCHMARKS = ("loader", "step")
 
@@ -295,6 +292,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return args.func(args)
-    except (ConfigError, DataError, FitError, SweepError) as e:
+    except InputError as e:
         print(f"clipscale: error: {e}", file=sys.stderr)
         return 2

@@ -22,10 +22,11 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from clipscale.data.config import DataConfig
+from clipscale.errors import InputError
 from clipscale.loss import LossConfig
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A recipe or override is wrong; the message names the key and what to do."""
 
 

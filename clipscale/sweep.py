@@ -17,11 +17,12 @@ import subprocess
 from pathlib import Path
 
 from clipscale.config import SWEEP_POINT, Config, load_config, load_sweep
+from clipscale.errors import InputError
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "slurm"
 
 
-class SweepError(RuntimeError):
+class SweepError(InputError):
     """The sweep cannot be submitted (no scripts, no sbatch, a refused job); the message says why."""
 
 

@@ -30,6 +30,8 @@ from webdataset.gopen import Pipe
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import base_plus_ext
 
+from clipscale.errors import InputError
+
 log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 CHUNK_BYTES = 1 << 20
@@ -45,7 +47,7 @@ BAD_BYTES = (tarfile.TarError, EOFError, ValueError, RecursionError, zlib.error,
 JOIN_TIMEOUT_S = 5.0  # how long closing a shard waits for its reader thread to end
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """Shards cannot be used as configured; the message names the spec or file."""
 
 

@@ -17,13 +17,15 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from clipscale.errors import InputError
+
 REQUIRED = ("model", "dataset", "task", "eval_dataset", "metric", "value")
 X_COLUMNS = ("compute_gmacs", "samples_seen", "params")
 # Accuracies and recalls (CLIP_benchmark names): error = 1 - value.
 ERROR_IS_ONE_MINUS = re.compile(r"^(acc\d+|mean_per_class_recall|(image|text)_retrieval_recall@\d+)$")
 
 
-class FitError(ValueError):
+class FitError(InputError):
     """Results cannot be loaded or fitted as asked; the message names the file, column or value."""
 
 
