@@ -147,12 +147,14 @@ class Cluster:
         out = _run("scontrol", "-o", "show", "job", str(job_id), env=self.env, check=False).stdout
         return dict(f.split("=", 1) for f in out.split() if "=" in f)
 
-    def settled(self, job_id: int | str) -> dict[str, str]:
-        """The job's state, read again a few seconds later when it looks final: a job requeueing
-        itself passes through its exit state (FAILED after exit 75) before it is pending again."""
+    def settled(self, job_id: int | str, *, for_s: float = 20) -> dict[str, str]:
+        """The job's state; a final-looking one only once it has held for `for_s` seconds: a job
+        requeueing itself passes through its exit state (FAILED after exit 75) before it is pending
+        again, for several seconds on a loaded host."""
         info = self.job(job_id)
-        if info.get("JobState") in FINAL_STATES:
-            time.sleep(3)
+        deadline = time.monotonic() + for_s
+        while info.get("JobState") in FINAL_STATES and time.monotonic() < deadline:
+            time.sleep(1)
             info = self.job(job_id)
         return info
 
@@ -164,9 +166,16 @@ class Cluster:
             if info.get("JobState") in FINAL_STATES:
                 return info
             if info.get("JobState") == "PENDING" and info.get("Reason") == "BeginTime":
-                self.scontrol("update", f"JobId={job_id}", "StartTime=now")  # skip the requeue delay
+                self.start_requeued(job_id)
             time.sleep(1)
         raise AssertionError(f"job {job_id} not ended after {timeout_s}s: {self.job(job_id)}")
+
+    def start_requeued(self, job_id: int | str) -> None:
+        """Start a requeued job now instead of after SLURM's requeue delay (~2 min), but not at once:
+        started within a second of its requeue, the job is killed ("Job credential revoked") while
+        the nodes still clean up its previous start."""
+        time.sleep(5)
+        self.scontrol("update", f"JobId={job_id}", "StartTime=now")
 
     def scontrol(self, *args: str) -> str:
         return _run("scontrol", *args, env=self.env).stdout

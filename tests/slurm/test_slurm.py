@@ -92,7 +92,7 @@ def test_preempted_twice_requeues_resumes_and_matches(slurm_cluster, jobs, runs,
             assert info["JobState"] not in FINAL_STATES and time.monotonic() < deadline, \
                 f"{info}\n{job_log(run_dir, job)[-6000:]}"
             if info.get("Reason") == "BeginTime":
-                slurm_cluster.scontrol("update", f"JobId={job}", "StartTime=now")
+                slurm_cluster.start_requeued(job)
             time.sleep(0.5)
         slurm_cluster.scancel("--signal=USR1", "--batch", str(job))  # what --signal=B:USR1@N does
         deadline = time.monotonic() + 300
