@@ -54,14 +54,14 @@ def print_summary(run_dirs: list[Path], *, fits: list, chance: float, out: Path,
     from clipscale.scaling import format_fits
 
     print(f"\n[demo] zero-shot classification of each run's final checkpoint (chance {chance:.3f})")
-    print(f"{'run':28s} {'params':>9s} {'samples':>8s} {'GMACs':>9s} {'acc1':>6s} {'acc5':>6s}")
+    print(f"{'run':28s} {'params':>9s} {'samples':>8s} {'compute_gmacs':>13s} {'acc1':>6s} {'acc5':>6s}")
     for run_dir in run_dirs:
         rows = [r for r in read_results(run_dir) if r["task"] == "zeroshot_classification"]
         final = max(r["step"] for r in rows)
         value = {r["metric"]: r["value"] for r in rows if r["step"] == final}
         last = next(r for r in rows if r["step"] == final)
         print(f"{last['run']:28s} {last['params']:>9d} {last['samples_seen']:>8d} "
-              f"{last['compute_gmacs']:>9.3g} {value['acc1']:>6.3f} {value['acc5']:>6.3f}")
+              f"{last['compute_gmacs']:>13.3g} {value['acc1']:>6.3f} {value['acc5']:>6.3f}")
     print("\n[demo] power law in compute (forward GMACs x samples seen) on the binned frontier, 95% bootstrap "
           "intervals over runs:")
     print(format_fits(fits))

@@ -12,5 +12,5 @@ def test_summary_shows_the_final_checkpoint_of_each_run(tmp_path, capsys):
             metrics={"acc1": acc1, "acc5": acc1 + 0.2, "mean_per_class_recall": acc1}))
     print_summary([tmp_path], fits=[], chance=1 / 30, out=tmp_path, seconds=60)
     lines = capsys.readouterr().out.splitlines()
-    assert lines[2].split() == ["run", "params", "samples", "GMACs", "acc1", "acc5"]
+    assert lines[2].split() == ["run", "params", "samples", "compute_gmacs", "acc1", "acc5"]
     assert lines[3].split() == ["tiny-w32", "1234", "128", "64", "0.300", "0.500"]
