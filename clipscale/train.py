@@ -27,8 +27,8 @@ from clipscale import checkpoint as ckpt
 from clipscale.compute import model_flops_per_sample
 from clipscale.config import Config, config_to_dict, save_config
 from clipscale.data.pipeline import build_train_loader, merge_rank_states, normalize_images, sum_counters
-from clipscale.dist import (STOP_SIGNALS, DistInfo, destroy_distributed, gather_rows, init_distributed,
-                            stop_when_launcher_dies)
+from clipscale.dist import (STOP_SIGNALS, DistInfo, destroy_distributed, gather_objects, gather_rows,
+                            init_distributed, stop_when_launcher_dies)
 from clipscale.evaluate.runner import maybe_eval
 from clipscale.gradcache import gradcache_step
 from clipscale.loss import contrastive_loss
@@ -294,7 +294,6 @@ def gather_step_stats(result: StepResult, tally: SkipTally, *, model, loader, st
                      data=data_counters(loader))
 
 
-
 def crossed(samples_seen: int, batch: int, every: int) -> bool:
     """True when the last step crossed a multiple of `every` samples."""
     return every > 0 and samples_seen // every > (samples_seen - batch) // every
@@ -302,12 +301,8 @@ def crossed(samples_seen: int, batch: int, every: int) -> bool:
 
 def global_loader_state(loader) -> dict:
     """The loader state of the whole job, each stream's entry taken from the rank that owns it."""
-    state = loader.state_dict()
-    if not torch.distributed.is_initialized():
-        return state
-    states = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(states, state)
-    return merge_rank_states(states)
+    states = gather_objects(loader.state_dict())
+    return states[0] if len(states) == 1 else merge_rank_states(states)
 
 
 def data_counters(loader) -> dict[str, float]:
