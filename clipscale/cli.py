@@ -135,7 +135,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from data_tools.cli import main as data_main
+    from clipscale.data_tools.cli import main as data_main
 
     return data_main(args.data_args)
 

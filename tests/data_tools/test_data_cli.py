@@ -1,4 +1,4 @@
-"""The entry points: `clipscale data <verb>` and `python -m data_tools <verb>`."""
+"""The entry points: `clipscale data <verb>` and `python -m clipscale.data_tools <verb>`."""
 import json
 import subprocess
 import sys
@@ -41,7 +41,7 @@ def test_validate_exit_status_and_bad_input_messages(tmp_path, capsys):
 @pytest.mark.slow
 def test_python_m_data_tools_sizes(tmp_path):
     write_dataset(tmp_path, [3, 5], with_sizes=False)
-    done = subprocess.run([sys.executable, "-m", "data_tools", "sizes", str(tmp_path), "--processes", "1"],
+    done = subprocess.run([sys.executable, "-m", "clipscale.data_tools", "sizes", str(tmp_path), "--processes", "1"],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "2 shards, 8 samples" in done.stdout

@@ -4,7 +4,7 @@ import pytest
 from clipscale.cli import main
 
 from clipscale.data.shards import DataError
-from data_tools.evalset import classification_items, retrieval_items, write_eval_set
+from clipscale.data_tools.evalset import classification_items, retrieval_items, write_eval_set
 from tests.data_tools.kit import wds_samples
 from tests.shard_kit import image_bytes, sample_members, write_shard
 

@@ -3,7 +3,7 @@ import json
 
 from PIL import Image
 
-from data_tools.inspect_shards import inspect_shards, summary_table
+from clipscale.data_tools.inspect_shards import inspect_shards, summary_table
 from tests.shard_kit import image_bytes, write_shard
 
 

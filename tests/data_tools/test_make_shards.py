@@ -7,8 +7,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from clipscale.data.shards import DataError, read_sizes
-from data_tools.make import ShardTarget, make_shards
-from data_tools.validate import validate_shards
+from clipscale.data_tools.make import ShardTarget, make_shards
+from clipscale.data_tools.validate import validate_shards
 from tests.data_tools.kit import image_folder, tar_members, wds_samples
 from tests.shard_kit import image_bytes
 from tests.unit.test_pipeline import make_loader, take

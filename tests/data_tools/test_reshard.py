@@ -4,8 +4,8 @@ import json
 import pytest
 
 from clipscale.data.shards import DataError, read_sizes
-import data_tools.reshard as reshard_module
-from data_tools.reshard import reshard, val_split
+import clipscale.data_tools.reshard as reshard_module
+from clipscale.data_tools.reshard import reshard, val_split
 from tests.data_tools.kit import sample_multiset, wds_samples
 from tests.shard_kit import image_bytes, sample_members, write_dataset, write_shard
 from tests.unit.test_pipeline import make_loader, take

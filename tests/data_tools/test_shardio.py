@@ -2,8 +2,8 @@
 import pytest
 
 from clipscale.data.shards import DataError
-from data_tools.inputs import read_table
-from data_tools.shardio import ShardWriter, image_extension, list_shards, member_key
+from clipscale.data_tools.inputs import read_table
+from clipscale.data_tools.shardio import ShardWriter, image_extension, list_shards, member_key
 from tests.data_tools.kit import tar_members
 from tests.shard_kit import image_bytes, write_dataset
 

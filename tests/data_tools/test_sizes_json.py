@@ -2,7 +2,7 @@
 import json
 
 from clipscale.data.shards import read_sizes
-from data_tools.sizes import write_sizes
+from clipscale.data_tools.sizes import write_sizes
 from tests.shard_kit import sample_members, write_dataset, write_shard
 
 UNEVEN = [4, 0, 11, 7]

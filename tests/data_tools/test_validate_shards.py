@@ -6,7 +6,7 @@ import fsspec
 import pytest
 
 from clipscale.data.shards import DataError
-from data_tools.validate import validate_shards
+from clipscale.data_tools.validate import validate_shards
 from tests.data_tools.kit import tar_members, wds_samples
 from tests.shard_kit import image_bytes, sample_members, write_shard
 from tests.unit.test_bad_data import EXPECTED_BAD, GOOD, mixed_shard

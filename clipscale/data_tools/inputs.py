@@ -17,7 +17,7 @@ from PIL import Image
 
 from clipscale.data.decode import open_image, to_rgb
 from clipscale.data.shards import BadSample, DataError
-from data_tools.shardio import IMAGE_FORMATS
+from clipscale.data_tools.shardio import IMAGE_FORMATS
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 

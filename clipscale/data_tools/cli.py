@@ -24,8 +24,8 @@ log = logging.getLogger(__name__)
 
 
 def cmd_sizes(args: argparse.Namespace) -> int:
-    from data_tools.shardio import list_shards
-    from data_tools.sizes import write_sizes
+    from clipscale.data_tools.shardio import list_shards
+    from clipscale.data_tools.sizes import write_sizes
 
     sizes = write_sizes(list_shards(args.shards), caption=args.caption, count=args.count, processes=args.processes)
     print(f"{len(sizes)} shards, {sum(sizes.values()):,} samples; sizes.json written next to them")
@@ -33,7 +33,7 @@ def cmd_sizes(args: argparse.Namespace) -> int:
 
 
 def cmd_make(args: argparse.Namespace) -> int:
-    from data_tools.make import ShardTarget, make_shards
+    from clipscale.data_tools.make import ShardTarget, make_shards
 
     target = ShardTarget(samples_per_shard=args.samples_per_shard, shard_mb=args.shard_mb,
                          max_side=args.max_side, quality=args.quality)
@@ -45,8 +45,8 @@ def cmd_make(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from data_tools.shardio import list_shards, write_json
-    from data_tools.validate import summary_table, validate_shards
+    from clipscale.data_tools.shardio import list_shards, write_json
+    from clipscale.data_tools.validate import summary_table, validate_shards
 
     report = validate_shards(list_shards(args.shards), caption=args.caption, fix_dir=args.fix,
                              processes=args.processes)
@@ -60,8 +60,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from data_tools.inspect_shards import inspect_shards, summary_table
-    from data_tools.shardio import list_shards
+    from clipscale.data_tools.inspect_shards import inspect_shards, summary_table
+    from clipscale.data_tools.shardio import list_shards
 
     summary = inspect_shards(list_shards(args.shards), args.out, caption=args.caption, n=args.n,
                              max_samples=args.max_samples)
@@ -71,8 +71,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_reshard(args: argparse.Namespace) -> int:
-    from data_tools.reshard import reshard
-    from data_tools.shardio import list_shards
+    from clipscale.data_tools.reshard import reshard
+    from clipscale.data_tools.shardio import list_shards
 
     result = reshard(list_shards(args.shards), args.out, shards=args.shards_out, val_fraction=args.val_fraction,
                      seed=args.seed, caption=args.caption, drop_duplicate_images=not args.keep_duplicate_images,
@@ -95,8 +95,8 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_set(args: argparse.Namespace) -> int:
-    from data_tools.evalset import classification_items, read_templates, retrieval_items, shard_items, write_eval_set
-    from data_tools.shardio import is_shards, list_shards
+    from clipscale.data_tools.evalset import classification_items, read_templates, retrieval_items, shard_items, write_eval_set
+    from clipscale.data_tools.shardio import is_shards, list_shards
 
     templates = read_templates(args.templates) if args.templates else None
     write = {"out": args.out, "split": args.split, "samples_per_shard": args.samples_per_shard,
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run one data verb; bad input exits with status 2 and a message naming the file or value."""
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("data_tools").setLevel(logging.INFO)
+    logging.getLogger("clipscale.data_tools").setLevel(logging.INFO)
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -22,7 +22,7 @@ from tqdm import tqdm  # noqa: E402
 
 from clipscale.data.decode import open_image, to_rgb  # noqa: E402
 from clipscale.data.shards import BadSample, caption_text  # noqa: E402
-from data_tools.shardio import read_shard, write_json  # noqa: E402
+from clipscale.data_tools.shardio import read_shard, write_json  # noqa: E402
 
 log = logging.getLogger(__name__)
 THUMB_PX = 160

@@ -22,8 +22,8 @@ import fsspec
 from open_clip.zero_shot_metadata import SIMPLE_IMAGENET_TEMPLATES
 
 from clipscale.data.shards import BadSample, DataError, caption_text
-from data_tools.inputs import encode_image, list_images, read_bytes, read_table, resolve
-from data_tools.shardio import ShardWriter, parallel_map, read_shard, write_json, write_text
+from clipscale.data_tools.inputs import encode_image, list_images, read_bytes, read_table, resolve
+from clipscale.data_tools.shardio import ShardWriter, parallel_map, read_shard, write_json, write_text
 
 log = logging.getLogger(__name__)
 DEFAULT_TEMPLATES = tuple(t("{c}") for t in SIMPLE_IMAGENET_TEMPLATES)  # open_clip's 7 ImageNet prompts

@@ -27,7 +27,7 @@ import fsspec
 from tqdm import tqdm
 
 from clipscale.data.shards import DataError
-from data_tools.shardio import (ShardWriter, caption_extension, image_extension, member_key, parallel_map, read_json,
+from clipscale.data_tools.shardio import (ShardWriter, caption_extension, image_extension, member_key, parallel_map, read_json,
                                 read_shard, remove_temporary, write_json)
 
 log = logging.getLogger(__name__)

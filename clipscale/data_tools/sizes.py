@@ -11,7 +11,7 @@ import functools
 import logging
 import posixpath
 
-from data_tools.shardio import parallel_map, read_json, read_shard, write_json
+from clipscale.data_tools.shardio import parallel_map, read_json, read_shard, write_json
 
 log = logging.getLogger(__name__)
 

@@ -25,8 +25,8 @@ from typing import Any
 import fsspec
 
 from clipscale.data.shards import BadSample, DataError
-from data_tools.inputs import encode_image, read_bytes, sidecar_pairs, table_pairs
-from data_tools.shardio import ShardWriter, parallel_map, read_json, remove_temporary, write_json
+from clipscale.data_tools.inputs import encode_image, read_bytes, sidecar_pairs, table_pairs
+from clipscale.data_tools.shardio import ShardWriter, parallel_map, read_json, remove_temporary, write_json
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from clipscale.data.decode import decode_crop
 from clipscale.data.shards import BadSample, DataError, caption_text
-from data_tools.shardio import (ShardWriter, caption_extension, image_extension, parallel_map, read_shard,
+from clipscale.data_tools.shardio import (ShardWriter, caption_extension, image_extension, parallel_map, read_shard,
                                 remove_temporary, write_json)
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,5 @@
+import sys
+
+from clipscale.data_tools.cli import main
+
+sys.exit(main())
