@@ -390,8 +390,8 @@ def test_the_scaling_package_has_no_import_cycle():
 
 
 @pytest.mark.parametrize(("metric", "kind"), [
-    ("acc1", "1-value"), ("acc5", "1-value"), ("mean_per_class_recall", "1-value"), ("mean_average_precision", "1-value"),
-    ("image_retrieval_recall@5", "1-value"), ("text_retrieval_recall@10", "1-value"), ("loss", "value"),
+    ("acc1", "1-value"), ("acc5", "1-value"), ("mean_per_class_recall", "1-value"),
+    ("mean_average_precision", "1-value"), ("image_retrieval_recall@5", "1-value"), ("text_retrieval_recall@10", "1-value"), ("loss", "value"),
     ("contrastive_loss", "value"), ("val-loss", "value"), ("error", "value"), ("top1_error", "value"),
     ("err1", "value"), ("perplexity", "value"),
 ])
