@@ -121,7 +121,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
     fits = fit_results(args.results, out_dir=args.out, metric=args.metric, eval_dataset=args.eval_dataset,
                        task=args.task, x=args.x, form=args.form, frontier=args.frontier, by=args.by,
-                       holdout=args.holdout, checkpoints=args.checkpoints, n_bootstrap=args.bootstrap)
+                       holdout=args.holdout, checkpoints=args.checkpoints, error=args.error,
+                       n_bootstrap=args.bootstrap)
     print(format_fits(fits))
     print(f"fits: {Path(args.out) / 'fits.json'}  plots: {Path(args.out)}/fit_*.png, .pdf")
     return 0
@@ -227,7 +228,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("fit", help="fit scaling laws to evaluation results, with bootstrap intervals")
     p.add_argument("results", nargs="+", help="results.jsonl / CSV files, run directories or globs")
-    p.add_argument("--metric", required=True, help="e.g. acc1, mean_per_class_recall, image_retrieval_recall@5")
+    p.add_argument("--metric", required=True, help="e.g. acc1, image_retrieval_recall@5, loss")
+    p.add_argument("--error", choices=("value", "1-value"),
+                   help="what to fit: the metric as it is (value) or 1 - metric (default: 1-value for accuracies "
+                        "and recalls, value for loss/*_loss/error/*_error; required for any other metric)")
     p.add_argument("--eval-dataset", help="e.g. imagenet1k (needed when the metric spans several)")
     p.add_argument("--task", help="zeroshot_classification | zeroshot_retrieval | linear_probe")
     p.add_argument("--x", default="compute_gmacs", choices=("compute_gmacs", "samples_seen", "params"),

@@ -21,8 +21,12 @@ from clipscale.errors import InputError
 
 REQUIRED = ("model", "dataset", "task", "eval_dataset", "metric", "value")
 X_COLUMNS = ("compute_gmacs", "samples_seen", "params")
-# Accuracies and recalls (CLIP_benchmark names): error = 1 - value.
-ERROR_IS_ONE_MINUS = re.compile(r"^(acc\d+|mean_per_class_recall|(image|text)_retrieval_recall@\d+)$")
+# How a metric becomes the error that is fitted (`--error`): "1-value" for scores in [0, 1], "value" for
+# errors as they are. Accuracies, recalls and mAP (CLIP_benchmark names) are scores; names saying loss or
+# error are errors; any other metric needs the choice stated.
+ERRORS = ("value", "1-value")
+SCORE = re.compile(r"^(acc\d+|mean_per_class_recall|mean_average_precision|(image|text)_retrieval_recall@\d+)$")
+NAMED_ERROR = re.compile(r"^(.*[_-])?(loss|error|err\d*|perplexity)$")
 
 
 class FitError(InputError):
@@ -82,12 +86,26 @@ def with_compute(df: pd.DataFrame) -> pd.DataFrame:
     return df.assign(compute_gmacs=df["compute_gmacs"].fillna(derived) if "compute_gmacs" in df else derived)
 
 
-def error_name(metric: str) -> str:
-    """Name of the error fitted for a metric, e.g. '1 - acc1'."""
-    if not ERROR_IS_ONE_MINUS.match(metric):
-        raise FitError(f"metric {metric!r} is not an accuracy or recall (acc1, acc5, mean_per_class_recall, "
-                       f"image_retrieval_recall@K, text_retrieval_recall@K): its error is not defined")
-    return f"1 - {metric}"
+def error_kind(metric: str, error: str | None = None) -> str:
+    """'1-value' or 'value': `error` when given, else what the metric's name says (a score or an error)."""
+    if error is not None:
+        if error not in ERRORS:
+            raise FitError(f"error={error!r} must be one of {list(ERRORS)}: 'value' fits the metric as it is "
+                           f"(a loss, an error rate), '1-value' fits 1 - metric (a score in [0, 1])")
+        return error
+    if SCORE.match(metric):
+        return "1-value"
+    if NAMED_ERROR.match(metric):
+        return "value"
+    raise FitError(f"metric {metric!r} is neither an accuracy or recall (acc1, acc5, mean_per_class_recall, "
+                   f"mean_average_precision, image/text_retrieval_recall@K: fitted as 1 - value) nor named as an "
+                   f"error (loss, *_loss, error, *_error: fitted as it is); say which: --error value (fit "
+                   f"{metric} as it is, lower is better) or --error 1-value (fit 1 - {metric}, a score in [0, 1])")
+
+
+def error_name(metric: str, error: str | None = None) -> str:
+    """Name of what is fitted for a metric, e.g. '1 - acc1' or 'loss'."""
+    return f"1 - {metric}" if error_kind(metric, error) == "1-value" else metric
 
 
 def final_checkpoints(df: pd.DataFrame) -> pd.DataFrame:
@@ -105,15 +123,16 @@ def final_checkpoints(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def select(df: pd.DataFrame, *, metric: str, x: str, eval_dataset: str | None = None, task: str | None = None,
-           by: Sequence[str] = (), checkpoints: str = "final", need: Sequence[str] = ()) -> pd.DataFrame:
-    """Rows of one metric with an `error` column, checked for what a fit needs.
+           by: Sequence[str] = (), checkpoints: str = "final", need: Sequence[str] = (),
+           error: str | None = None) -> pd.DataFrame:
+    """Rows of one metric with an `error` column (as `error_kind`), checked for what a fit needs.
 
     x: the axis column; need: further columns that must be positive (the nd form's params and
     samples_seen). Raises FitError naming the row's source and the fix.
     """
     if metric not in set(df["metric"]):
         raise FitError(f"metric {metric!r} is not in the results (metrics: {sorted(set(df['metric']))})")
-    error_name(metric)
+    kind = error_kind(metric, error)
     rows = with_compute(df[df["metric"] == metric])
     for column, value in (("eval_dataset", eval_dataset), ("task", task)):
         if value is not None:
@@ -139,10 +158,17 @@ def select(df: pd.DataFrame, *, metric: str, x: str, eval_dataset: str | None = 
             raise FitError(f"{_where(bad)}: {column}={first!r} ({len(bad)} such rows); a fit needs a "
                            f"finite {'value' if column == 'value' else 'positive ' + column}: fix or drop those rows")
         rows = rows.assign(**{column: values})
+    if kind == "value":
+        bad = rows[rows["value"] <= 0]
+        if len(bad):
+            raise FitError(f"{_where(bad)}: {metric}={bad['value'].iloc[0]} ({len(bad)} such rows); an error fitted "
+                           f"as it is must be positive to fit in log space: fix or drop those rows, or use "
+                           f"--error 1-value if {metric} is a score in [0, 1]")
+        return rows.assign(error=rows["value"])
     out_of_range = rows[(rows["value"] < 0) | (rows["value"] >= 1)]
     if len(out_of_range):
         value = out_of_range["value"].iloc[0]
-        raise FitError(f"{_where(out_of_range)}: {metric}={value} gives error {1 - value:g}; errors must be "
+        raise FitError(f"{_where(out_of_range)}: {metric}={value} gives error {1 - value:g}; 1 - {metric} must be "
                        f"in (0, 1] to fit in log space (values in percent? divide them by 100)")
     return rows.assign(error=1.0 - rows["value"])
 
