@@ -23,11 +23,11 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         super().__init__(prog, **{"max_help_position": 44, **kwargs})
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        help, default = action.help or "", action.default
-        if default is None or default is False or default in ("", [], argparse.SUPPRESS) or "default" in help \
+        text, default = action.help or "", action.default
+        if default is None or default is False or default in ("", [], argparse.SUPPRESS) or "default" in text \
                 or not action.option_strings:
-            return help
-        return f"{help} (default: %(default)s)"
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 def _setup_logging() -> None:
