@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from clipscale import checkpoint as ckpt
-from clipscale.compute import model_flops_per_sample
+from clipscale.compute import gmacs_per_sample, model_flops_per_sample
 from clipscale.config import Config, config_to_dict, save_config
 from clipscale.data.pipeline import build_train_loader, merge_rank_states, normalize_images, sum_counters
 from clipscale.dist import (STOP_SIGNALS, DistInfo, destroy_distributed, gather_objects, gather_rows,
@@ -33,7 +33,7 @@ from clipscale.evaluate.runner import maybe_eval
 from clipscale.gradcache import gradcache_step
 from clipscale.loss import contrastive_loss
 from clipscale.metrics import MetricsLogger, StepTimer, mfu, peak_flops
-from clipscale.models import ModelBundle, build_model, count_params, gmacs_per_sample
+from clipscale.models import ModelBundle, build_model, count_params
 from clipscale.optim import build_optimizer, lr_at, set_lr, step_unless
 from clipscale.parallel import autocast, full_tensor, global_grad_norm, grad_scaler, parallelize, unwrap
 

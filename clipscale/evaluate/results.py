@@ -44,7 +44,7 @@ class ModelInfo:
     params: int
     """Parameters of the image and text towers together."""
     gmacs_per_sample: float
-    """Forward GMACs of both towers for one image-text pair (`clipscale.models.gmacs_per_sample`)."""
+    """Forward GMACs of both towers for one image-text pair (`clipscale.compute.gmacs_per_sample`)."""
     dataset: str
     """Upstream training data name."""
 

@@ -10,16 +10,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import open_clip
 import torch
 
 from clipscale import dist
 from clipscale.checkpoint import META, checkpoint_name, complete_checkpoints, load_model_weights, read_meta
+from clipscale.compute import gmacs_per_sample
 from clipscale.config import Config, ConfigError, EvalConfig, ModelConfig, config_from_dict
 from clipscale.evaluate.datasets import EvalDataError, EvalSet, open_eval_set
 from clipscale.evaluate.features import encode_split
@@ -27,7 +26,8 @@ from clipscale.evaluate.linear_probe import linear_probe
 from clipscale.evaluate.results import RESULTS, TASKS, ModelInfo, append_rows, make_rows, read_results, row_key
 from clipscale.evaluate.retrieval import retrieval_metrics
 from clipscale.evaluate.zeroshot import zeroshot_classification
-from clipscale.models import ModelBundle, build_model, count_params, gmacs_per_sample
+from clipscale.export import export_bundle
+from clipscale.models import ModelBundle, build_model, count_params
 
 log = logging.getLogger(__name__)
 TASK_ALIASES = {"zeroshot": "zeroshot_classification", "retrieval": "zeroshot_retrieval", **{t: t for t in TASKS}}
@@ -188,29 +188,23 @@ def watch_run(run_dir: str | Path, *, overrides: dict[str, Any] | None = None, d
         time.sleep(poll_s)
 
 
-def open_clip_bundle(name: str, *, pretrained: str | None, device: torch.device) -> tuple[str, ModelBundle]:
-    """(architecture label, bundle) of an open_clip architecture with a local weights file, or of an
-    exported directory `local-dir:DIR` (its architecture registered with open_clip under DIR's name)."""
-    if name.startswith("local-dir:"):
-        directory = Path(name.removeprefix("local-dir:"))
-        name, pretrained = directory.resolve().name, str(directory / "open_clip_pytorch_model.bin")
-        with tempfile.TemporaryDirectory() as tmp:  # open_clip names a config file's architecture by its stem
-            arch = Path(tmp) / f"{name}.json"
-            arch.write_text(json.dumps(json.loads((directory / "open_clip_config.json").read_text())["model_cfg"]))
-            open_clip.add_model_config(arch)
-    if pretrained is not None and not Path(pretrained).is_file():
-        raise ConfigError(f"--pretrained {pretrained} is not a file (weights are never downloaded)")
-    return name, build_model(ModelConfig(name=name, pretrained=pretrained), device=device)
-
-
 def evaluate_open_clip(name: str, *, pretrained: str | None, out: str | Path, cfg: EvalConfig,
                        device: str = "auto", run: str | None = None, dataset: str = "unknown") -> list[dict[str, Any]]:
-    """Evaluate open_clip weights outside a run (a published model, an exported directory) into `out`."""
+    """Evaluate open_clip weights outside a run into `out`: an architecture with a local weights file
+    (a published model), or an exported directory `local-dir:DIR`, whose rows carry the run's
+    provenance (run, checkpoint, step, samples seen, data) when clipscale exported it."""
     dev = pick_device(device)
-    label, bundle = open_clip_bundle(name, pretrained=pretrained, device=dev)
-    info = ModelInfo(run=run or (Path(pretrained).stem if pretrained else label), model=label, checkpoint=None,
-                     step=None, samples_seen=None, params=count_params(bundle.model),
-                     gmacs_per_sample=gmacs_per_sample(bundle), dataset=dataset)
+    info = None
+    if name.startswith("local-dir:"):
+        bundle, info = export_bundle(name.removeprefix("local-dir:"), device=dev)
+        name = Path(name.removeprefix("local-dir:")).resolve().name
+    elif pretrained is not None and not Path(pretrained).is_file():
+        raise ConfigError(f"--pretrained {pretrained} is not a file (weights are never downloaded)")
+    else:
+        bundle = build_model(ModelConfig(name=name, pretrained=pretrained), device=dev)
+    info = info or ModelInfo(run=run or (Path(pretrained).stem if pretrained else name), model=name, checkpoint=None,
+                             step=None, samples_seen=None, params=count_params(bundle.model),
+                             gmacs_per_sample=gmacs_per_sample(bundle), dataset=dataset)
     return evaluate_weights(bundle, info, sets=open_sets(cfg.datasets), cfg=cfg, device=dev, results=Path(out))
 
 

@@ -83,7 +83,9 @@ def test_eval_on_two_ranks_writes_what_one_process_writes(evaluated_run, tmp_pat
         run_cli("eval", str(tmp_path / "exported"), "--data", data, "--out", str(out), "--tasks", "zeroshot",
                 "--device", "cpu", nproc=nproc)
     assert [r["value"] for r in json_rows(one)] == pytest.approx([r["value"] for r in json_rows(two)], abs=1e-9)
-    assert json_rows(one)[0]["checkpoint"] is None and json_rows(one)[0]["model"] == "exported"
+    row = json_rows(one)[0]  # the export's provenance: the rows are those of the run's checkpoint
+    assert (row["run"], row["checkpoint"], row["model"], row["samples_seen"]) == (
+        "ev", "step_000006", "clipscale-tiny", 192)
 
 
 class Samples(list):
