@@ -21,7 +21,7 @@ import pandas as pd
 
 from clipscale.scaling import frontier as frontiers
 from clipscale.scaling import laws
-from clipscale.scaling.results import FitError, error_name, select
+from clipscale.scaling.results import FitError, error_name, one_prompt_set, select
 
 log = logging.getLogger(__name__)
 MIN_SUPPORT = 5  # fewer fitted points than this and the intervals rest on very little: warn
@@ -239,12 +239,14 @@ def _notes(form: str, ci95: dict[str, list[float]], *, n_points: int, y_min: flo
 
 def fit(df: pd.DataFrame, *, metric: str, eval_dataset: str | None = None, task: str | None = None,
         form: str = "power", frontier: str | None = None, x: str = "compute_gmacs", by: Sequence[str] = (),
-        holdout: int = 0, checkpoints: str = "final", n_bootstrap: int = 400, seed: int = 0) -> list[Fit]:
+        holdout: int = 0, checkpoints: str = "final", eval_hash: str | None = None, n_bootstrap: int = 400,
+        seed: int = 0) -> list[Fit]:
     """One fit per group of `by` values of the error (1 - metric) against x.
 
     form: power | saturating | nd; frontier: none | strict | bins:K (default bins:5, none for nd);
     holdout: fit without the K highest-x rows of each group and check the law's prediction of them;
-    checkpoints: each run's "final" checkpoint or "all" of them.
+    checkpoints: each run's "final" checkpoint or "all" of them; eval_hash: the prompt set to fit
+    (default: the newest of each task and eval dataset, with a note naming the others).
     """
     if form not in laws.LAWS:
         raise FitError(f"form {form!r} is not one of {sorted(laws.LAWS)}")
@@ -255,16 +257,19 @@ def fit(df: pd.DataFrame, *, metric: str, eval_dataset: str | None = None, task:
     need = ("params", "samples_seen") if form == "nd" else ()
     rows = select(df, metric=metric, x=x, eval_dataset=eval_dataset, task=task, by=by, checkpoints=checkpoints,
                   need=need)
+    rows, prompt_notes = one_prompt_set(rows, eval_hash=eval_hash)
     groups = rows.groupby(list(by), sort=True, dropna=False) if by else [((), rows)]
     fits = []
     for key, group in groups:
         labels = dict(zip(by, key if isinstance(key, tuple) else (key,)))
         labels = {k: _plain(v) for k, v in labels.items()}
         try:
-            fits.append(_fit_group(group, group_labels=labels, metric=metric, form=form, frontier=frontier, x=x,
-                                   holdout=holdout, n_bootstrap=n_bootstrap, seed=seed))
+            f = _fit_group(group, group_labels=labels, metric=metric, form=form, frontier=frontier, x=x,
+                           holdout=holdout, n_bootstrap=n_bootstrap, seed=seed)
         except FitError as e:
             raise FitError(f"group {labels}: {e}" if labels else str(e)) from e
+        pairs = set(zip(group["task"], group["eval_dataset"]))
+        fits.append(replace(f, notes=[note for pair, note in prompt_notes.items() if pair in pairs] + f.notes))
     for f in fits:
         for note in f.notes:
             log.warning("%s%s: %s", f.form, f" {f.group}" if f.group else "", note)

@@ -18,7 +18,7 @@ import torch
 from clip_benchmark.metrics import zeroshot_classification as cb
 from PIL import Image
 
-from clipscale.evaluate.results import read_results
+from clipscale.results import read_rows
 from tests.eval_kit import json_rows
 from tests.helpers import REPO, run_cli
 
@@ -62,7 +62,7 @@ def test_watch_evaluates_checkpoints_as_they_appear_until_the_last(evaluated_run
                                stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 300
-        while len(read_results(run)) < 6 and time.monotonic() < deadline:
+        while len(read_rows(run)) < 6 and time.monotonic() < deadline:
             time.sleep(0.5)
         assert watcher.poll() is None, "the watcher stopped before the final checkpoint"
         (tmp_path / "later").rename(final)

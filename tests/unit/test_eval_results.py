@@ -6,11 +6,11 @@ import json
 import pytest
 import torch
 
+from clipscale import results
 from clipscale.config import EvalConfig, ModelConfig
-from clipscale.evaluate import results
 from clipscale.evaluate.datasets import EvalDataError, open_eval_set
-from clipscale.evaluate.results import COLUMNS, ModelInfo, append_rows, make_rows, read_results, write_csv
 from clipscale.evaluate.runner import evaluate_weights
+from clipscale.results import COLUMNS, ModelInfo, ResultsError, append_rows, make_rows, read_rows, write_csv
 from clipscale.models import ModelBundle
 from tests.eval_kit import DesignedCLIP, json_rows, to_tensor, tokenizer, write_classification_set
 
@@ -22,6 +22,7 @@ def test_rows_follow_the_schema():
     rows = make_rows(INFO, task="zeroshot_classification", eval_dataset="s", eval_hash="h",
                      metrics={"acc1": 0.25, "acc5": 1})
     assert [list(r) for r in rows] == [list(COLUMNS)] * 2
+    assert rows[0]["evaluated_at"] == rows[1].pop("evaluated_at") and rows[0]["evaluated_at"].endswith("+00:00")
     assert rows[1] == {"run": "r", "model": "ViT-B-32", "checkpoint": "step_000004", "step": 4, "samples_seen": 128,
                        "params": 10, "gmacs_per_sample": 0.5, "compute_gmacs": 64.0, "dataset": "laion",
                        "task": "zeroshot_classification", "eval_dataset": "s", "metric": "acc5", "value": 1.0,
@@ -39,12 +40,16 @@ def test_a_torn_last_line_is_dropped_and_cut_on_append(tmp_path):
     append_rows(path, row)
     with open(path, "a") as f:
         f.write('{"run": "r", "mod')  # a crash in the middle of a write
-    assert read_results(path) == row
-    append_rows(path, row)
-    assert json_rows(path) == row + row
+    assert read_rows(path) == row
+    other = make_rows(INFO, task="linear_probe", eval_dataset="t", eval_hash="h", metrics={"acc1": 0.5})
+    assert append_rows(path, row + other) == other  # the row already there is not written twice
+    assert json_rows(path) == row + other
+    with open(path, "a") as f:
+        f.write(json.dumps(row[0] | {"eval_dataset": "u"}))  # a whole row that lost only its newline
+    assert append_rows(path, row) == [] and json_rows(path) == row + other + [row[0] | {"eval_dataset": "u"}]
     path.write_text('{"run": 1}\nnot json\n{"run": 2}\n')
-    with pytest.raises(ValueError, match="results.jsonl line 2 is not JSON; delete that line"):
-        read_results(path)
+    with pytest.raises(ResultsError, match="results.jsonl:2 is not JSON .*fix or delete that line"):
+        read_rows(path)
 
 
 def bundle(model):
