@@ -235,7 +235,8 @@ def _table(file: Path) -> pd.DataFrame:
         table = pd.read_csv(file)
         table["source"] = [f"{file}:{i + 2}" for i in range(len(table))]  # line 1 is the header
         return table
-    return pd.DataFrame([{**row, "source": f"{file}:{number}"} for number, row in _read_numbered(file)])
+    rows = [{**row, "source": f"{file}:{number}"} for number, row in _read_numbered(file)]
+    return pd.DataFrame(rows) if rows else pd.DataFrame(columns=[*COLUMNS, "source"])  # no rows yet
 
 
 def load_results(paths: str | Path | Sequence[str | Path]) -> pd.DataFrame:

@@ -10,7 +10,9 @@ from clipscale import results
 from clipscale.config import EvalConfig, ModelConfig
 from clipscale.evaluate.datasets import EvalDataError, open_eval_set
 from clipscale.evaluate.runner import evaluate_weights
-from clipscale.results import COLUMNS, ModelInfo, ResultsError, append_rows, make_rows, read_rows, write_csv
+from clipscale.results import COLUMNS, ModelInfo, ResultsError, append_rows, load_results, make_rows, read_rows, \
+    write_csv
+from clipscale.scaling.results import one_prompt_set
 from clipscale.models import ModelBundle
 from tests.eval_kit import DesignedCLIP, json_rows, to_tensor, tokenizer, write_classification_set
 
@@ -79,6 +81,9 @@ def test_rerun_skips_finished_rows_and_a_crash_keeps_them(tmp_path, monkeypatch)
     again = evaluate_weights(bundle(model), INFO, sets=[open_eval_set("good", str(good))], cfg=cfg,
                              device=torch.device("cpu"), results=out)
     assert len(again) == 3 and again[0]["eval_hash"] != first[0]["eval_hash"]
+    fitted, notes = one_prompt_set(load_results(out).query("eval_dataset == 'good'"))  # what a fit takes
+    assert set(fitted["eval_hash"]) == {again[0]["eval_hash"]} and len(fitted) == 3
+    assert f"{first[0]['eval_hash']} (3 rows)" in notes[("zeroshot_classification", "good")]
 
 
 def test_csv_flattens_many_runs(tmp_path):
