@@ -160,7 +160,7 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         if self.loss_batch_size < 2:
-            raise ValueError(f"eval.loss_batch_size={self.loss_batch_size} must be at least 2 (a contrastive "
+            raise ConfigError(f"eval.loss_batch_size={self.loss_batch_size} must be at least 2 (a contrastive "
                              "batch needs negatives): set e.g. eval.loss_batch_size=256")
 
 
