@@ -73,3 +73,14 @@ def test_a_caption_set_yields_the_loss_of_the_models_kind_and_rows_name_its_batc
         assert [(r["task"], r["metric"]) for r in rows] == [("contrastive_loss", "clip_loss")]
         hashes.append(rows[0]["eval_hash"])
     assert hashes[0] != hashes[1] != evalset.eval_hash
+
+
+def test_weights_outside_a_run_with_a_logit_bias_get_the_siglip_loss(tmp_path):
+    captions = [(k % 8, [f"a {CLASSNAMES[k % 8]}"]) for k in range(4)]
+    evalset = open_eval_set("ret", str(write_retrieval_set(tmp_path / "ret", [captions])))
+    model, preprocess, tokenizer = tiny_open_clip(seed=0)
+    model.logit_bias = torch.nn.Parameter(torch.tensor(-10.0, dtype=torch.float64))
+    cfg = EvalConfig(tasks=("contrastive_loss",), batch_size=4, num_workers=0, loss_batch_size=4)
+    [(task, _, metrics)] = evaluate_model(model, tokenizer=tokenizer, preprocess=preprocess, sets=[evalset], cfg=cfg,
+                                          device=torch.device("cpu"))
+    assert task == "contrastive_loss" and list(metrics) == ["siglip_loss"]
