@@ -43,9 +43,9 @@ RESULTS = "results.jsonl"
 TASKS = ("zeroshot_classification", "zeroshot_retrieval", "linear_probe", "contrastive_loss")
 COLUMNS = ("run", "model", "checkpoint", "step", "samples_seen", "params", "gmacs_per_sample", "compute_gmacs",
            "dataset", "task", "eval_dataset", "metric", "value", "eval_hash", "evaluated_at")
-IDENTITY = ("run", "model", "dataset", "checkpoint", "step", "samples_seen", "task", "eval_dataset", "metric",
-            "eval_hash")
-"""Columns that identify a row: an append skips rows whose identity the table already holds."""
+IDENTITY = ("run", "model", "checkpoint", "step", "task", "eval_dataset", "metric", "eval_hash")
+"""Columns that identify a row: an append skips rows whose identity the table already holds (a run's
+step fixes its dataset and samples seen, so tables written before `data.name` are not evaluated again)."""
 REQUIRED = ("model", "dataset", "task", "eval_dataset", "metric", "value")
 """Columns every table must have to be fitted."""
 NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)

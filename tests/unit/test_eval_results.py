@@ -99,3 +99,16 @@ def test_csv_flattens_many_runs(tmp_path):
     assert [(r["run"], r["metric"], float(r["value"])) for r in table] == [
         ("a", "acc1", 0.1), ("a", "acc5", 0.2), ("b", "acc1", 0.1), ("b", "acc5", 0.2)]
     assert list(table[0]) == list(COLUMNS) and json.loads(table[0]["step"]) == 4
+
+
+def test_evaluations_between_checkpoints_are_told_apart_by_their_step(tmp_path):
+    """eval.every_samples off the checkpoint grid: rows without a checkpoint, one evaluation per step."""
+    good = write_classification_set(tmp_path / "good", [[(0, 0), (1, 2)]])
+    cfg = EvalConfig(tasks=("zeroshot_classification",), num_workers=0)
+    out = tmp_path / "results.jsonl"
+    for step in (3, 5):
+        info = ModelInfo(**{**INFO.__dict__, "checkpoint": None, "step": step, "samples_seen": 32 * step})
+        rows = evaluate_weights(bundle(DesignedCLIP()), info, sets=[open_eval_set("good", str(good))], cfg=cfg,
+                                device=torch.device("cpu"), results=out)
+        assert [r["step"] for r in rows] == [step] * 3
+    assert [r["step"] for r in read_rows(out)] == [3, 3, 3, 5, 5, 5]
