@@ -27,7 +27,8 @@ def run_demo(*, out: Path, recipe: Path, nproc: int) -> None:
     print(f"[demo] synthetic data: {specs['train']}", flush=True)
     runs_dir = out / "runs"
     data_overrides = [
-        f'data.train_shards="{specs["train"]}"', f'eval.datasets=["synthetic={specs["zeroshot"]}"]',
+        f'data.train_shards="{specs["train"]}"', 'data.name="synthetic"',
+        f'eval.datasets=["synthetic={specs["zeroshot"]}"]',
         f'run.output_dir="{runs_dir}"',
     ]
     run_dirs = []
