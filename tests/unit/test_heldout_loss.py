@@ -1,16 +1,18 @@
-"""The held-out contrastive loss of a caption set equals clipscale.loss on the same features and batches."""
+"""The held-out contrastive loss of a caption set equals clipscale.loss on the same features and batches,
+in `clipscale eval` and in training's evaluations."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-from clipscale.config import ConfigError, EvalConfig, ModelConfig
+from clipscale.config import Config, ConfigError, EvalConfig, ModelConfig, RunConfig
+from clipscale.data.config import DataConfig
 from clipscale.evaluate.datasets import EvalDataError, open_eval_set
 from clipscale.evaluate.features import encode_split
 from clipscale.evaluate.heldout_loss import heldout_loss
-from clipscale.evaluate.runner import evaluate_model, evaluate_weights, parse_tasks
+from clipscale.evaluate.runner import evaluate_model, evaluate_weights, maybe_eval, parse_tasks
 from clipscale.loss import LossConfig, contrastive_loss
-from clipscale.models import ModelBundle
-from clipscale.results import ModelInfo
+from clipscale.models import ModelBundle, build_model
+from clipscale.results import ModelInfo, read_rows
 from tests.eval_kit import CLASSNAMES, tiny_open_clip, write_retrieval_set
 
 
@@ -84,3 +86,16 @@ def test_weights_outside_a_run_with_a_logit_bias_get_the_siglip_loss(tmp_path):
     [(task, _, metrics)] = evaluate_model(model, tokenizer=tokenizer, preprocess=preprocess, sets=[evalset], cfg=cfg,
                                           device=torch.device("cpu"))
     assert task == "contrastive_loss" and list(metrics) == ["siglip_loss"]
+
+
+def test_training_writes_the_heldout_loss_of_its_kind_every_eval(tmp_path):
+    ret = write_retrieval_set(tmp_path / "ret", [[(k % 8, [f"a {CLASSNAMES[k % 8]}"]) for k in range(8)]])
+    cfg = Config(run=RunConfig(name="t", output_dir=str(tmp_path / "runs")), loss=LossConfig(kind="siglip"),
+                 model=ModelConfig(init_logit_bias=-10.0), data=DataConfig(name="laion-mini"),
+                 eval=EvalConfig(datasets=(f"ret={ret}",), every_samples=64, num_workers=0, batch_size=8,
+                                 loss_batch_size=4))
+    bundle = build_model(cfg.model, device=torch.device("cpu"))
+    maybe_eval(cfg, model=bundle.model, bundle=bundle, step=2, samples_seen=64, batch_size=32, checkpoint_due=True)
+    [loss] = [r for r in read_rows(cfg.run_dir) if r["task"] == "contrastive_loss"]
+    assert (loss["metric"], loss["checkpoint"], loss["dataset"]) == ("siglip_loss", "step_000002", "laion-mini")
+    assert loss["value"] > 0
