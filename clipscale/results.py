@@ -105,7 +105,7 @@ def table_file(path: str | Path) -> Path:
     return path / RESULTS if path.is_dir() else path
 
 
-def _lock(f: IO[bytes], operation: int) -> None:
+def _lock(f: IO[bytes], operation: int, *, file: Path) -> None:
     """flock the open table; on a filesystem without locks go on unlocked, saying so (one writer only)."""
     try:
         fcntl.flock(f.fileno(), operation)
@@ -113,7 +113,7 @@ def _lock(f: IO[bytes], operation: int) -> None:
         if e.errno not in NO_LOCKS:
             raise
         log.warning("%s: the filesystem refuses locks (%s); with several writers rows may be lost: mount it "
-                    "with locking (NFS without `nolock`) or let one process write this table", f.name, e)
+                    "with locking (NFS without `nolock`) or let one process write this table", file, e)
 
 
 def _split_torn(data: bytes) -> tuple[bytes, bytes]:
@@ -157,7 +157,7 @@ def _read_numbered(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
     except FileNotFoundError:
         return []
     with f:
-        _lock(f, fcntl.LOCK_SH)  # a whole append or none of it
+        _lock(f, fcntl.LOCK_SH, file=file)  # a whole append or none of it
         data = f.read()
     return _parse(data, file=file)
 
@@ -179,7 +179,7 @@ def append_rows(path: str | Path, rows: list[dict[str, Any]]) -> list[dict[str, 
     file = Path(path)
     file.parent.mkdir(parents=True, exist_ok=True)
     with os.fdopen(os.open(file, os.O_RDWR | os.O_CREAT, 0o644), "r+b") as f:
-        _lock(f, fcntl.LOCK_EX)
+        _lock(f, fcntl.LOCK_EX, file=file)
         data = f.read()  # read after locking: on NFS the lock revalidates the cached size and pages
         complete, torn = _split_torn(data)
         if torn:
