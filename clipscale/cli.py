@@ -60,19 +60,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.print_run_dir:  # every sbatch start asks this: no torch import
         print(cfg.run_dir.resolve())
         return 0
-    from clipscale.train import EXIT_PREEMPTED, PREEMPTED_MARKER, Preempted, train
+    from clipscale.train import train
 
     launch = launch_env()
     validate_for_world(cfg, launch.world_size)  # before any process group
-    marker = cfg.run_dir / PREEMPTED_MARKER
-    if launch.rank == 0:
-        marker.unlink(missing_ok=True)
-    try:
-        run_dir = train(cfg)
-    except Preempted:
-        if launch.rank == 0:  # tells slurm/train.sbatch to requeue: torchrun's exit code would not
-            marker.write_text(f"{EXIT_PREEMPTED}\n")
-        raise
+    run_dir = train(cfg)  # on a signal it writes RUN/preempted, which slurm/train.sbatch requeues on
     if launch.rank == 0:
         print(f"run directory: {run_dir}")
     return 0
@@ -99,7 +91,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                       dataset=args.dataset, cfg=EvalConfig(**overrides), device=args.device)
         else:
             rows = [r for t in args.targets for r in evaluate_target(
-                t, overrides=overrides, device=args.device, out=args.out, poll_s=args.poll_s if args.watch else None)]
+                t, overrides=overrides, device=args.device, out=args.out, poll_s=args.poll_s if args.watch else None,
+                idle_timeout_s=args.idle_timeout_s)]
     finally:
         destroy_distributed()
     if info.is_main:
@@ -110,7 +103,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_results(args: argparse.Namespace) -> int:
-    from clipscale.evaluate.results import RESULTS, write_csv
+    from clipscale.results import RESULTS, write_csv
 
     missing = [s for s in args.sources if not (Path(s).is_file() or (Path(s) / RESULTS).is_file())]
     if missing:
@@ -141,7 +134,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
     fits = fit_results(args.results, out_dir=args.out, metric=args.metric, eval_dataset=args.eval_dataset,
                        task=args.task, x=args.x, form=args.form, frontier=args.frontier, by=args.by,
-                       holdout=args.holdout, checkpoints=args.checkpoints, error=args.error,
+                       holdout=args.holdout, checkpoints=args.checkpoints, error=args.error, eval_hash=args.eval_hash,
                        n_bootstrap=args.bootstrap)
     print(format_fits(fits))
     print(f"fits: {Path(args.out) / 'fits.json'}  plots: {Path(args.out)}/fit_*.png, .pdf")
@@ -218,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("targets", nargs="*", help="run directories (every checkpoint), checkpoints or exported models")
     p.add_argument("--data", action="append", metavar="NAME=PATH",
                    help="evaluation set in CLIP_benchmark's layout, repeatable (default: each run's eval.datasets)")
-    p.add_argument("--tasks", help="comma-separated zeroshot,retrieval,linear_probe (default: eval.tasks)")
+    p.add_argument("--tasks", help="comma-separated zeroshot,retrieval,linear_probe,loss (default: eval.tasks)")
     p.add_argument("--model", help="open_clip architecture of published weights (with --pretrained FILE)")
     p.add_argument("--pretrained", help="local open_clip weights file for --model")
     p.add_argument("--name", help="run name in the rows of --model weights (default: the weights file name)")
@@ -230,6 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=("fp32", "bf16"), help="(default: eval.precision)")
     p.add_argument("--watch", action="store_true", help="evaluate checkpoints as they appear until the run's last")
     p.add_argument("--poll-s", type=float, default=60.0, help="--watch: seconds between looks for new checkpoints")
+    p.add_argument("--idle-timeout-s", type=float, default=3600.0,
+                   help="--watch: stop when nothing in the run (metrics, checkpoints) changed for this long; it also "
+                        "stops when training exited or died on this host")
     p.set_defaults(func=cmd_eval)
 
     p = verb("results", help="flatten the results of many runs into one CSV")
@@ -269,6 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--holdout", type=int, default=0, help="fit without the K highest-x rows and check them")
     p.add_argument("--checkpoints", choices=("final", "all"), default="final",
                    help="fit each run's final checkpoint (default) or every checkpoint")
+    p.add_argument("--eval-hash", help="prompt set to fit (a unique prefix is enough; default: the newest of each "
+                   "task and eval dataset, with a note naming the others)")
     p.add_argument("--bootstrap", type=int, default=400, help="bootstrap replicates")
     p.add_argument("--out", default="fits", help="output directory for fits.json and the plots")
     p.set_defaults(func=cmd_fit)

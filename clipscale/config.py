@@ -161,8 +161,9 @@ class TrainConfig:
 class EvalConfig:
     datasets: tuple[str, ...] = ("synthetic=data/synthetic/zeroshot",)
     """Evaluation sets as NAME=PATH (directory or fsspec URL in CLIP_benchmark's layout)."""
-    tasks: tuple[str, ...] = ("zeroshot_classification", "zeroshot_retrieval")
-    """Tasks, each run on the sets it fits: zeroshot_classification, zeroshot_retrieval, linear_probe."""
+    tasks: tuple[str, ...] = ("zeroshot_classification", "zeroshot_retrieval", "contrastive_loss")
+    """Tasks, each run on the sets it fits: zeroshot_classification, linear_probe (class sets),
+    zeroshot_retrieval, contrastive_loss (caption sets: the held-out loss of the run's kind)."""
     batch_size: int = 256
     """Images per forward, per process."""
     num_workers: int = 2
@@ -171,6 +172,14 @@ class EvalConfig:
     """Encode in fp32, or under bf16 autocast."""
     every_samples: int = 0
     """Evaluate during training every this many samples, on all ranks (0 = never)."""
+    loss_batch_size: int = 256
+    """Image-caption pairs per batch of the held-out contrastive loss (summed over ranks; the loss
+    depends on it, so it is part of the rows' eval_hash)."""
+
+    def __post_init__(self) -> None:
+        if self.loss_batch_size < 2:
+            raise ConfigError(f"eval.loss_batch_size={self.loss_batch_size} must be at least 2 (a contrastive "
+                             "batch needs negatives): set e.g. eval.loss_batch_size=256")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

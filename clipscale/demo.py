@@ -20,7 +20,8 @@ def run_demo(*, out: Path, recipe: str | Path, nproc: int) -> None:
     print(f"[demo] synthetic data: {specs['train']}", flush=True)
     runs_dir = out / "runs"
     data_overrides = [
-        f'data.train_shards="{specs["train"]}"', f'eval.datasets=["synthetic={specs["zeroshot"]}"]',
+        f'data.train_shards="{specs["train"]}"', 'data.name="synthetic"',
+        f'eval.datasets=["synthetic={specs["zeroshot"]}"]',
         f'run.output_dir="{runs_dir}"',
     ]
     run_dirs = run_local(recipe, data_overrides, nproc=nproc)  # `clipscale sweep --local`: train, evaluate
@@ -30,13 +31,13 @@ def run_demo(*, out: Path, recipe: str | Path, nproc: int) -> None:
 
 
 def print_summary(run_dirs: list[Path], *, fits: list, chance: float, out: Path, seconds: float) -> None:
-    from clipscale.evaluate.results import read_results
+    from clipscale.results import read_rows
     from clipscale.scaling import format_fits
 
     print(f"\n[demo] zero-shot classification of each run's final checkpoint (chance {chance:.3f})")
     print(f"{'run':28s} {'params':>9s} {'samples':>8s} {'compute_gmacs':>13s} {'acc1':>6s} {'acc5':>6s}")
     for run_dir in run_dirs:
-        rows = [r for r in read_results(run_dir) if r["task"] == "zeroshot_classification"]
+        rows = [r for r in read_rows(run_dir) if r["task"] == "zeroshot_classification"]
         final = max(r["step"] for r in rows)
         value = {r["metric"]: r["value"] for r in rows if r["step"] == final}
         last = next(r for r in rows if r["step"] == final)

@@ -33,7 +33,7 @@ from timm.models import save_for_hf
 from clipscale.checkpoint import load_model_weights, read_meta, resolve_checkpoint
 from clipscale.compute import model_compute
 from clipscale.config import Config, ConfigError, ModelConfig, config_from_dict
-from clipscale.evaluate.results import ModelInfo
+from clipscale.results import ModelInfo
 from clipscale.models import (SCALAR_PARAMETERS, ModelBundle, build_model, count_params, image_preprocess_config,
                               resolve_architecture)
 
@@ -60,7 +60,7 @@ def checkpoint_bundle(path: str | Path, *, device: torch.device | str = "cpu") -
     load_model_weights(path, bundle.model)
     info = ModelInfo(run=cfg.run.name, model=cfg.model.name, checkpoint=path.name, step=meta["step"],
                      samples_seen=meta["samples_seen"], params=count_params(bundle.model),
-                     gmacs_per_sample=model_compute(cfg.model).gmacs_per_sample.total, dataset=cfg.data.train_shards)
+                     gmacs_per_sample=model_compute(cfg.model).gmacs_per_sample.total, dataset=cfg.data.dataset_name)
     bundle.model.eval()
     return bundle, info
 

@@ -5,10 +5,12 @@
     clipscale train RECIPE train.global_batch_size=512 run.name=b512       # dotted overrides
 
 The run directory `RUN_DIR = run.output_dir/run.name` holds config.json, metrics.jsonl and
-checkpoints/; starting a run whose directory has a complete checkpoint resumes from it.
+checkpoints/ (and training.json while training: `clipscale.run_state`); starting a run whose
+directory has a complete checkpoint resumes from it.
 SIGUSR1 or SIGTERM: at the next log or checkpoint step (so within `train.log_every_steps` steps)
-a checkpoint is saved and every rank exits with `EXIT_PREEMPTED`, so a scheduler can requeue the
-job and the next start resumes. Steps in between run without a host-device sync.
+a checkpoint is saved, the `preempted` marker written and every rank exits with `EXIT_PREEMPTED`,
+so a scheduler can requeue the job and the next start resumes. Steps in between run without a
+host-device sync.
 """
 from __future__ import annotations
 
@@ -36,11 +38,12 @@ from clipscale.metrics import MetricsLogger, StepTimer, mfu, peak_flops
 from clipscale.models import ModelBundle, build_model, count_params
 from clipscale.optim import build_optimizer, lr_at, set_lr, step_unless
 from clipscale.parallel import autocast, full_tensor, global_grad_norm, grad_scaler, parallelize, unwrap
+from clipscale.run_state import PREEMPTED, training_marker
 
 log = logging.getLogger(__name__)
 MAX_LOGIT_SCALE = math.log(100)  # temperature floor of 0.01 (Radford et al. 2021)
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: saved on a signal, resume by starting again
-PREEMPTED_MARKER = "preempted"  # file in the run directory: the last launch saved and exited on a signal
+PREEMPTED_MARKER = PREEMPTED  # file in the run directory: the last launch saved and exited on a signal
 
 
 class Preempted(SystemExit):
@@ -124,7 +127,13 @@ def train(cfg: Config) -> Path:
     """Train according to `cfg`; returns the run directory. Collective under torchrun."""
     info = init_distributed(device=cfg.run.device)
     try:
-        return _train(cfg, info)
+        with training_marker(cfg.run_dir, enabled=info.is_main):
+            try:
+                return _train(cfg, info)
+            except Preempted:
+                if info.is_main:  # before training.json goes: a watcher never sees the run as stopped
+                    (cfg.run_dir / PREEMPTED_MARKER).write_text(f"{EXIT_PREEMPTED}\n")
+                raise
     finally:
         destroy_distributed()
 

@@ -7,6 +7,7 @@
 """
 from clipscale.scaling.fit import Fit, fit
 from clipscale.scaling.report import fit_results, format_fits, format_plan, read_fits
-from clipscale.scaling.results import FitError, load_results
+from clipscale.results import load_results
+from clipscale.scaling.results import FitError
 
 __all__ = ["Fit", "FitError", "fit", "fit_results", "format_fits", "format_plan", "load_results", "read_fits"]

@@ -22,7 +22,7 @@ import pandas as pd
 
 from clipscale.scaling import frontier as frontiers
 from clipscale.scaling import laws
-from clipscale.scaling.results import FitError, error_kind, error_name, select
+from clipscale.scaling.results import FitError, error_kind, error_name, one_prompt_set, select
 
 log = logging.getLogger(__name__)
 MIN_SUPPORT = 5  # fewer fitted points than this and the intervals rest on very little: warn
@@ -262,8 +262,8 @@ def _notes(form: str, params: dict[str, float], ci95: dict[str, list[float]], *,
 
 def fit(df: pd.DataFrame, *, metric: str, eval_dataset: str | None = None, task: str | None = None,
         form: str = "power", frontier: str | None = None, x: str = "compute_gmacs", by: Sequence[str] = (),
-        holdout: int = 0, checkpoints: str = "final", error: str | None = None, huber_delta: float | None = None,
-        n_bootstrap: int = 400, seed: int = 0) -> list[Fit]:
+        holdout: int = 0, checkpoints: str = "final", error: str | None = None, eval_hash: str | None = None,
+        huber_delta: float | None = None, n_bootstrap: int = 400, seed: int = 0) -> list[Fit]:
     """One fit per group of `by` values of the metric's error against x.
 
     error: 'value' (fit the metric as it is) or '1-value'; by default 1 - value for accuracies and
@@ -273,7 +273,8 @@ def fit(df: pd.DataFrame, *, metric: str, eval_dataset: str | None = None, task:
     holdout: fit without the K highest-x rows of each group and check the law's prediction of them;
     huber_delta: Huber threshold on log residuals instead of the form's loss (nd: 1e-3, Hoffmann et
     al. 2022; power, saturating: least squares); a tiny one (1e-8) fits least absolute deviations;
-    checkpoints: each run's "final" checkpoint or "all" of them.
+    checkpoints: each run's "final" checkpoint or "all" of them; eval_hash: the prompt set to fit
+    (default: the newest of each task and eval dataset, with a note naming the others).
     """
     if form not in laws.LAWS:
         raise FitError(f"form {form!r} is not one of {sorted(laws.LAWS)}")
@@ -287,17 +288,19 @@ def fit(df: pd.DataFrame, *, metric: str, eval_dataset: str | None = None, task:
     need = ("params", "samples_seen") if form == "nd" else ()
     rows = select(df, metric=metric, x=x, eval_dataset=eval_dataset, task=task, by=by, checkpoints=checkpoints,
                   need=need, error=error)
+    rows, prompt_notes = one_prompt_set(rows, eval_hash=eval_hash)
     groups = rows.groupby(list(by), sort=True, dropna=False) if by else [((), rows)]
     fits = []
     for key, group in groups:
         labels = dict(zip(by, key if isinstance(key, tuple) else (key,)))
         labels = {k: _plain(v) for k, v in labels.items()}
         try:
-            fits.append(_fit_group(group, group_labels=labels, metric=metric, error=error, form=form,
-                                   frontier=frontier, x=x, holdout=holdout, huber_delta=huber_delta,
-                                   n_bootstrap=n_bootstrap, seed=seed))
+            f = _fit_group(group, group_labels=labels, metric=metric, error=error, form=form, frontier=frontier,
+                           x=x, holdout=holdout, huber_delta=huber_delta, n_bootstrap=n_bootstrap, seed=seed)
         except FitError as e:
             raise FitError(f"group {labels}: {e}" if labels else str(e)) from e
+        pairs = set(zip(group["task"], group["eval_dataset"]))
+        fits.append(replace(f, notes=[note for pair, note in prompt_notes.items() if pair in pairs] + f.notes))
     for f in fits:
         for note in f.notes:
             log.warning("%s%s: %s", f.form, f" {f.group}" if f.group else "", note)

@@ -1,25 +1,16 @@
-"""The long results table: `RUN/results.jsonl` files and CSV tables with the same columns.
-
-One row per (checkpoint, task, eval dataset, metric): run, model, checkpoint, step, samples_seen,
-params (image + text towers), gmacs_per_sample (forward GMACs of both towers for one image-text
-pair), compute_gmacs (= gmacs_per_sample * samples_seen, the convention of Cherti et al. 2023),
-dataset (upstream training data), task, eval_dataset, metric, value, eval_hash. Published results
-converted to these columns load and fit exactly like clipscale's own runs.
+"""What a fit takes from the long results table (read by `clipscale.results`): one metric's rows of
+one prompt set, checked, with the error to fit.
 """
 from __future__ import annotations
 
-import glob
-import json
 import re
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import pandas as pd
 
-from clipscale.errors import InputError
+from clipscale.results import ResultsError, with_compute
 
-REQUIRED = ("model", "dataset", "task", "eval_dataset", "metric", "value")
 X_COLUMNS = ("compute_gmacs", "samples_seen", "params")
 # How a metric becomes the error that is fitted (`--error`): "1-value" for scores in [0, 1], "value" for
 # errors as they are. Accuracies, recalls and mAP (CLIP_benchmark names) are scores; names saying loss or
@@ -29,61 +20,8 @@ SCORE = re.compile(r"^(acc\d+|mean_per_class_recall|mean_average_precision|(imag
 NAMED_ERROR = re.compile(r"^(.*[_-])?(loss|error|err\d*|perplexity)$")
 
 
-class FitError(InputError):
-    """Results cannot be loaded or fitted as asked; the message names the file, column or value."""
-
-
-def _files(paths: str | Path | Sequence[str | Path]) -> list[Path]:
-    files = []
-    for spec in [paths] if isinstance(paths, (str, Path)) else paths:
-        matches = sorted(glob.glob(str(spec))) if glob.has_magic(str(spec)) else [str(spec)]
-        if not matches:
-            raise FitError(f"no results match {spec}: check the glob or run `clipscale eval` first")
-        for match in map(Path, matches):
-            file = match / "results.jsonl" if match.is_dir() else match
-            if not file.is_file():
-                raise FitError(f"no results at {file}: run `clipscale eval` on the run directory first")
-            files.append(file)
-    return files
-
-
-def _read(file: Path) -> pd.DataFrame:
-    if file.suffix == ".csv":
-        table = pd.read_csv(file)
-        table["source"] = [f"{file}:{i + 2}" for i in range(len(table))]  # line 1 is the header
-        return table
-    rows = []
-    for i, line in enumerate(file.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append({**json.loads(line), "source": f"{file}:{i}"})
-            except json.JSONDecodeError as e:
-                raise FitError(f"{file}:{i} is not JSON ({e}): fix or delete that line") from e
-    return pd.DataFrame(rows)
-
-
-def load_results(paths: str | Path | Sequence[str | Path]) -> pd.DataFrame:
-    """All rows of results.jsonl files, run directories (their results.jsonl), CSV files and globs.
-
-    Adds `source` (file:line of each row) and fills `compute_gmacs` from gmacs_per_sample *
-    samples_seen where it is missing.
-    """
-    tables = []
-    for file in _files(paths):
-        table = _read(file)
-        missing = [c for c in REQUIRED if c not in table.columns]
-        if missing:
-            raise FitError(f"{file} lacks the columns {missing} of the results table (has {sorted(table.columns)})")
-        tables.append(table)
-    return with_compute(pd.concat(tables, ignore_index=True))
-
-
-def with_compute(df: pd.DataFrame) -> pd.DataFrame:
-    """df with compute_gmacs filled from gmacs_per_sample * samples_seen where it is missing."""
-    if not {"gmacs_per_sample", "samples_seen"} <= set(df):
-        return df
-    derived = df["gmacs_per_sample"] * df["samples_seen"]
-    return df.assign(compute_gmacs=df["compute_gmacs"].fillna(derived) if "compute_gmacs" in df else derived)
+FitError = ResultsError
+"""Results cannot be loaded or fitted as asked: one error for the table and its fits."""
 
 
 def error_kind(metric: str, error: str | None = None) -> str:
@@ -176,3 +114,37 @@ def select(df: pd.DataFrame, *, metric: str, x: str, eval_dataset: str | None = 
 def _where(bad: pd.DataFrame) -> str:
     """file:line of the first bad row, or its index in a DataFrame built by hand."""
     return str(bad["source"].iloc[0]) if "source" in bad else f"row {bad.index[0]}"
+
+
+def one_prompt_set(rows: pd.DataFrame, *, eval_hash: str | None = None) -> tuple[pd.DataFrame, dict[tuple, str]]:
+    """The rows of one prompt set (`eval_hash`) per (task, eval dataset), and a note for each pair that
+    has others.
+
+    Rows evaluated with other class names or templates measure something else, and under a
+    frontier the better set would win each bin. eval_hash: the set to fit (a unique prefix is
+    enough); None: each pair's newest (latest `evaluated_at`, then latest in the files). Rows
+    without an eval_hash (published tables) form one set.
+    """
+    if "eval_hash" not in rows:
+        if eval_hash is not None:
+            raise FitError(f"--eval-hash {eval_hash}: the results have no eval_hash column")
+        return rows, {}
+    hashes = rows["eval_hash"].fillna("").astype(str)
+    if eval_hash is not None:
+        matching = sorted(set(hashes[hashes.str.startswith(eval_hash)]))
+        if len(matching) != 1:
+            raise FitError(f"--eval-hash {eval_hash} matches {len(matching) or 'no'} prompt sets "
+                           f"{matching or ''} of these rows (their prompt sets: {sorted(set(hashes))}): "
+                           "give one of them, or a prefix of exactly one")
+        return rows[hashes == matching[0]], {}
+    times = rows["evaluated_at"].fillna("").astype(str) if "evaluated_at" in rows else pd.Series("", rows.index)
+    keep, notes = pd.Series(False, rows.index), {}
+    for pair, group in rows.assign(_hash=hashes, _time=times).groupby(["task", "eval_dataset"], sort=False):
+        newest = group.sort_values("_time", kind="stable")["_hash"].iloc[-1]
+        keep |= (hashes == newest) & rows.index.isin(group.index)
+        others = group[group["_hash"] != newest]
+        if len(others):
+            counts = ", ".join(f"{h or 'none'} ({n} rows)" for h, n in others["_hash"].value_counts().items())
+            notes[pair] = (f"{pair[0]} {pair[1]}: fitted the newest prompt set eval_hash={newest}; rows of other "
+                           f"prompt sets left out: {counts}; choose one with --eval-hash")
+    return rows[keep], notes
