@@ -108,7 +108,7 @@ def evaluate_weights(bundle: ModelBundle, info: ModelInfo, *, sets: list[EvalSet
                      device: torch.device, results: Path) -> list[dict[str, Any]]:
     """Evaluate one set of weights, appending each evaluation's rows to `results` (rank 0) at once."""
     # Rank 0 alone reads the table: every rank must skip the same evaluations or the gathers would hang.
-    done = rank0_value(lambda: {row_key(r) for r in read_results(results)})
+    done = dist.rank0_value(lambda: {row_key(r) for r in read_results(results)})
     probe = {**dataclasses.asdict(info), "eval_hash": None}
 
     def skip(task: str, evalset: EvalSet) -> bool:
@@ -125,11 +125,6 @@ def evaluate_weights(bundle: ModelBundle, info: ModelInfo, *, sets: list[EvalSet
                  " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
         new.extend(rows)
     return new
-
-
-def rank0_value(read: Callable[[], Any]) -> Any:
-    """What `read()` returns on rank 0, on every rank: files that may change under us are read once."""
-    return dist.gather_objects(read() if dist.rank() == 0 else None)[0]
 
 
 def pick_device(device: str) -> torch.device:
@@ -157,7 +152,7 @@ def evaluate_run(run_dir: str | Path, *, overrides: dict[str, Any] | None = None
     run_cfg = run_config(run_dir)
     cfg = dataclasses.replace(run_cfg.eval, **(overrides or {}))
     if checkpoints is None:  # training may add one while the ranks look: they agree on rank 0's view
-        checkpoints = rank0_value(lambda: complete_checkpoints(run_dir / "checkpoints"))
+        checkpoints = dist.rank0_value(lambda: complete_checkpoints(run_dir / "checkpoints"))
     if not checkpoints:
         return []
     sets, dev = open_sets(cfg.datasets), pick_device(device)
@@ -181,7 +176,7 @@ def watch_run(run_dir: str | Path, *, overrides: dict[str, Any] | None = None, d
     total = run_config(run_dir).train.total_samples
     rows: list[dict[str, Any]] = []
     while True:
-        checkpoints = rank0_value(lambda: complete_checkpoints(run_dir / "checkpoints"))
+        checkpoints = dist.rank0_value(lambda: complete_checkpoints(run_dir / "checkpoints"))
         rows += evaluate_run(run_dir, overrides=overrides, device=device, checkpoints=checkpoints)
         if checkpoints and read_meta(checkpoints[-1])["samples_seen"] >= total:
             return rows

@@ -34,8 +34,11 @@ def test_validate_exit_status_and_bad_input_messages(tmp_path, capsys):
     assert main(["data", "validate", str(bad), "--processes", "1", "--report", str(report)]) == 1
     assert f"bad: {bad} b corrupt_image" in capsys.readouterr().out
     assert json.loads(report.read_text())["bad"] == {"corrupt_image": 1}
+    assert main(["data", "validate", str(tmp_path / "g*.tar"), "--processes", "1"]) == 0  # a glob: good.tar
+    assert main(["data", "validate", str(tmp_path / "nowhere/*.tar")]) == 2
+    assert f"SHARDS='{tmp_path}/nowhere/*.tar': {tmp_path}/nowhere/*.tar matches no file" in capsys.readouterr().err
     assert main(["data", "validate", str(tmp_path / "nowhere")]) == 2
-    assert f"{tmp_path / 'nowhere'} is neither a directory nor a shard spec" in capsys.readouterr().err
+    assert f"1 of 1 shards of {str(tmp_path / 'nowhere')!r} do not exist" in capsys.readouterr().err
 
 
 @pytest.mark.slow
