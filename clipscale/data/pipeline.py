@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import json
 import logging
 from typing import Any, Callable, Iterator
 
@@ -188,8 +189,8 @@ class TrainLoader:
                             f"reads version {STATE_VERSION}")
         for key in ("num_streams", "resampled"):
             if state[key] != getattr(self.cfg, key):
-                raise DataError(f"checkpoint loader state has {key}={state[key]}, the config has "
-                                f"data.{key}={getattr(self.cfg, key)}; resume with the same data.{key}")
+                raise DataError(f"checkpoint loader state has {key}={state[key]}, this launch has "
+                                f"data.{key}={getattr(self.cfg, key)}; resume with data.{key}={json.dumps(state[key])}")
         self.states = [StreamState(**{k: v for k, v in st.items() if k in STATE_FIELDS}) for st in state["streams"]]
         self.totals = {s: st.get("totals", {}) for s, st in enumerate(state["streams"])}
 

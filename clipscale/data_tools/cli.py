@@ -42,11 +42,12 @@ def cmd_make(args: argparse.Namespace) -> int:
                           path_column=args.path_column, caption_column=args.caption_column, processes=args.processes)
     if args.report:
         write_json(args.report, summary)
-    print(f"{summary['shards']} shards, {summary['samples']:,} samples in {args.out}; "
+    out = args.out.rstrip("/") or args.out
+    print(f"{summary['shards']} shards, {summary['samples']:,} samples in {out}; "
           f"skipped: {summary['failed'] or 'none'}")
     for source, reason in summary["skipped"][: args.show]:
         print(f"skipped: {source} {reason}")
-    print(train_hint(args.out, summary["shards"]))
+    print(train_hint(out, summary["shards"]))
     return 0
 
 
@@ -92,8 +93,8 @@ def cmd_reshard(args: argparse.Namespace) -> int:
     for split, sizes in result["splits"].items():
         print(f"{split or 'shards'}: {len(sizes)} shards, {sum(sizes):,} samples ({min(sizes)}-{max(sizes)} each)")
     print(f"dropped: {json.dumps(result['dropped']) if result['dropped'] else 'none'}")
-    train = "train" if "train" in result["splits"] else ""
-    print(train_hint(f"{args.out}/{train}" if train else args.out, len(result["splits"][train])))
+    train, out = "train" if "train" in result["splits"] else "", args.out.rstrip("/") or args.out
+    print(train_hint(f"{out}/{train}" if train else out, len(result["splits"][train])))
     return 0
 
 

@@ -217,3 +217,26 @@ def test_gpu_decoded_batches_match_the_cpu_loader(uneven):
         images = batch.images_on(cuda)
         assert images.device.type == "cuda" and batch.keys == ref.keys
         assert (images.cpu().int() - ref.images.int()).abs().float().mean() < 2  # nvJPEG vs libjpeg-turbo
+
+
+def test_unset_num_streams_follows_the_shards_and_the_launch(tmp_path, caplog):
+    from clipscale.data.pipeline import resolve_num_streams
+
+    spec = write_dataset(tmp_path, [13, 12, 12])
+    with caplog.at_level("INFO", logger="clipscale.data.pipeline"):
+        loader = make_loader(spec, batch=12, num_streams=None)  # 3 shards, fewer than 4
+    assert loader.cfg.num_streams == 3 and loader.plan.quota(0) == 12
+    assert "data.num_streams=3 (unset by the recipe: it follows 3 shards, world size 1 x 1 workers" in caplog.text
+    assert "3 streams x 12 samples = 36 of the 37 samples of 3 shards per epoch; the other 1 are left" in caplog.text
+
+    def streams(*, shards, batch, world, workers=1, **data):
+        return resolve_num_streams(DataConfig(workers=workers, **data), num_shards=shards, batch_size=batch // world,
+                                   world_size=world)
+
+    assert streams(shards=3, batch=256, world=1) == 2  # 3 streams would not divide the batch
+    assert streams(shards=100, batch=256, world=2) == 4
+    assert streams(shards=100, batch=256, world=8, workers=2) == 16
+    assert streams(shards=1, batch=256, world=1, resampled=True) == 4
+    assert streams(shards=3, batch=256, world=2, num_streams=2) == 2  # a recipe's value stands
+    with pytest.raises(DataError, match="3 shards, fewer than data.num_streams=4; lower"):
+        streams(shards=3, batch=256, world=4)
