@@ -51,11 +51,6 @@ class Batch:
     keys: list[str]
     jpegs: list[tuple[int, JpegCrop]] = dataclasses.field(default_factory=list)  # (row, JPEG) decoded on the device
 
-    @property
-    def images(self) -> torch.Tensor:
-        """(B, 3, H, W) uint8 on the host."""
-        return self.images_on(CPU)
-
     def images_on(self, device: torch.device) -> torch.Tensor:
         """(B, 3, H, W) uint8 on `device`: each part copied there, then joined there, and the JPEGs left
         to the device decoded into their rows."""
@@ -135,7 +130,6 @@ class TrainLoader:
         self.streams = list(range(rank * per_rank, (rank + 1) * per_rank))
         self.states = [StreamState() for _ in range(cfg.num_streams)]
         self.totals: dict[int, dict[str, int]] = {}
-        self.buffers = collections.Counter()  # sub-batches received in a pooled shared buffer / a one-off one
 
     def __iter__(self) -> Iterator[Batch]:
         free = torch.ones(len(self.streams), POOL_SLOTS, dtype=torch.uint8).share_memory_()
@@ -156,7 +150,6 @@ class TrainLoader:
                 self.totals[sb.stream] = sb.state["totals"]
                 if sb.slot >= 0:
                     lent.append((self.streams.index(sb.stream), sb.slot, StorageWeakRef(sb.images.untyped_storage())))
-                self.buffers["pooled" if sb.slot >= 0 else "one_off"] += 1
             texts = torch.from_numpy(np.concatenate([sb.texts for sb in subs]))  # (B, L)
             jpegs = [(i * self.plan.sub_batch + row, jpeg) for i, sb in enumerate(subs) for row, jpeg in sb.jpegs]
             batch = Batch(image_parts=[sb.images for sb in subs], texts=texts.pin_memory() if self.pin_memory else texts,
@@ -193,10 +186,6 @@ class TrainLoader:
                                 f"data.{key}={getattr(self.cfg, key)}; resume with data.{key}={json.dumps(state[key])}")
         self.states = [StreamState(**{k: v for k, v in st.items() if k in STATE_FIELDS}) for st in state["streams"]]
         self.totals = {s: st.get("totals", {}) for s, st in enumerate(state["streams"])}
-
-    def counters(self) -> dict[str, int]:
-        """Sample counters (good `samples` and bad ones per reason) of this rank's streams."""
-        return sum_counters(self.totals[s] for s in self.streams if s in self.totals)
 
 
 def sum_counters(counters) -> dict[str, int]:
