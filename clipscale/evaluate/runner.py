@@ -28,6 +28,7 @@ from clipscale.evaluate.results import RESULTS, TASKS, ModelInfo, append_rows, m
 from clipscale.evaluate.retrieval import retrieval_metrics
 from clipscale.evaluate.zeroshot import zeroshot_classification
 from clipscale.models import ModelBundle, build_model, count_params, gmacs_per_sample
+from clipscale.optim import crossed
 
 log = logging.getLogger(__name__)
 TASK_ALIASES = {"zeroshot": "zeroshot_classification", "retrieval": "zeroshot_retrieval", **{t: t for t in TASKS}}
@@ -236,8 +237,7 @@ def maybe_eval(cfg: Config, *, model: torch.nn.Module, bundle: ModelBundle, step
     Collective: every rank calls it with the unwrapped model (full parameters: DDP or one process).
     When this step's checkpoint is due, the rows name it, so `clipscale eval` does not redo them.
     """
-    every = cfg.eval.every_samples
-    if every <= 0 or samples_seen // every == (samples_seen - batch_size) // every:
+    if not crossed(samples_seen, batch_size, cfg.eval.every_samples):
         return
     bundle = dataclasses.replace(bundle, model=model)
     checkpoint = checkpoint_name(step) if checkpoint_due else None
