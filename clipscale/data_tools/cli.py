@@ -8,7 +8,9 @@
     clipscale data eval-set imagenet_val/ evalsets/imagenet
     clipscale data synth data/synthetic
 
-A SHARDS argument is a directory of `*.tar` (e.g. img2dataset output) or a brace spec; any fsspec URL.
+A SHARDS argument is written as data.train_shards is: a directory of `*.tar` (e.g. img2dataset output),
+a glob (`shards/*.tar`) or a brace spec; any fsspec URL. `validate` exits 1 if a sample is bad and
+nothing was fixed, 0 once `--fix` wrote the clean shards.
 """
 from __future__ import annotations
 
