@@ -17,6 +17,7 @@ import datetime
 import logging
 import os
 import signal
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -167,3 +168,22 @@ def gather_objects(obj: object) -> list:
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def rank0_value(compute: Callable[[], Any]) -> Any:
+    """What `compute()` returns on rank 0, on every rank (collective): rank 0 alone does file work that
+    must be done once or be seen alike (listing shards, reading a table that may change). What it
+    raises is raised on every rank, so no rank waits for a broadcast that never comes."""
+    if not dist.is_initialized():
+        return compute()
+    box: list[Any] = [None]
+    if dist.get_rank() == 0:
+        try:
+            box = [(compute(), None)]
+        except Exception as e:  # noqa: BLE001 - handed to every rank, then raised
+            box = [(None, e)]
+    dist.broadcast_object_list(box, src=0)
+    value, error = box[0]
+    if error is not None:
+        raise error
+    return value

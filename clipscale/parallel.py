@@ -94,11 +94,17 @@ def shard_fsdp(model: torch.nn.Module, *, precision: str, reshard_after_forward:
     return model
 
 
-def autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
-    """Autocast for DDP / single-process runs; FSDP2 handles dtypes through its policy."""
-    if cfg.precision == "fp32" or cfg.parallel == "fsdp":
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """Autocast to `precision` ("bf16", "fp16") on `device`; "fp32" runs as it is. The one autocast of
+    training (`step_precision`) and evaluation."""
+    if precision == "fp32":
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=DTYPES[cfg.precision])
+    return torch.autocast(device_type=device.type, dtype=DTYPES[precision])
+
+
+def step_precision(cfg: TrainConfig) -> str:
+    """What a training step autocasts to: DDP / one process autocast; FSDP2 handles dtypes through its policy."""
+    return "fp32" if cfg.parallel == "fsdp" else cfg.precision
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

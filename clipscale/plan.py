@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from clipscale.compute import hardware_flops_per_sample, model_compute, model_flops_per_sample
 from clipscale.config import Config, ConfigError, ModelConfig, resolve_recipe, validate_for_world
-from clipscale.data.pipeline import check_layout
+from clipscale.data.pipeline import resolve_num_streams
 from clipscale.data.shards import DataError, expand_sources
 from clipscale.models import create_model, resolve_architecture
 
@@ -70,8 +70,8 @@ def validate_launch(cfg: Config, world_size: int) -> None:
     """The checks `train` runs before starting `world_size` ranks: config and data layout."""
     validate_for_world(cfg, world_size)
     num_shards = sum(len(urls) for urls in expand_sources(cfg.data.train_shards))
-    check_layout(cfg.data, num_shards=num_shards, batch_size=cfg.train.global_batch_size // world_size,
-                 world_size=world_size)
+    resolve_num_streams(cfg.data, num_shards=num_shards, batch_size=cfg.train.global_batch_size // world_size,
+                        world_size=world_size)
 
 
 @dataclasses.dataclass(frozen=True)

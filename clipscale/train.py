@@ -36,8 +36,9 @@ from clipscale.gradcache import gradcache_step
 from clipscale.loss import contrastive_loss
 from clipscale.metrics import MetricsLogger, StepTimer, mfu, peak_flops
 from clipscale.models import ModelBundle, build_model, count_params
-from clipscale.optim import build_optimizer, lr_at, set_lr, step_unless
-from clipscale.parallel import autocast, full_tensor, global_grad_norm, grad_scaler, parallelize, unwrap
+from clipscale.optim import build_optimizer, crossed, lr_at, set_lr, step_unless
+from clipscale.parallel import (autocast, full_tensor, global_grad_norm, grad_scaler, parallelize, step_precision,
+                                unwrap)
 from clipscale.run_state import PREEMPTED, training_marker
 
 log = logging.getLogger(__name__)
@@ -261,12 +262,12 @@ def train_step(model: torch.nn.Module, images: torch.Tensor, texts: torch.Tensor
     optimizer.zero_grad(set_to_none=True)
     scaling = scaler is not None and scaler.is_enabled()
     if cfg.train.chunk_size:
-        with autocast(cfg.train, device):
+        with autocast(device, step_precision(cfg.train)):
             loss = gradcache_step(model, images, texts, chunk_size=cfg.train.chunk_size, loss_cfg=cfg.loss,
                                   scale_loss=scaler.scale if scaling else None)
         timer.lap("forward_backward_s")
     else:
-        with autocast(cfg.train, device):
+        with autocast(device, step_precision(cfg.train)):
             out = model(images, texts)
         loss = contrastive_loss(cfg.loss, out["image_features"].float(), out["text_features"].float(),
                                 out["logit_scale"].float(), out.get("logit_bias"))
@@ -301,11 +302,6 @@ def gather_step_stats(result: StepResult, tally: SkipTally, *, model, loader, st
                      max_streak=int(max(max_streak)), stop=any(stop),
                      logit_scale=full_tensor(unwrap(model).logit_scale).exp().item(),
                      data=data_counters(loader))
-
-
-def crossed(samples_seen: int, batch: int, every: int) -> bool:
-    """True when the last step crossed a multiple of `every` samples."""
-    return every > 0 and samples_seen // every > (samples_seen - batch) // every
 
 
 def global_loader_state(loader) -> dict:

@@ -35,7 +35,7 @@ DEFAULT_OVERRIDES = ("data.resampled=true",)
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="clipscale bench loader", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shards", required=True, help="brace-expanded shard spec (path, fsspec URL, pipe:)")
+    p.add_argument("--shards", required=True, help="shards: a directory, a glob or a brace spec (path, fsspec URL, pipe:)")
     p.add_argument("overrides", nargs="*", help="data.KEY=VALUE overrides of the loader config")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers (one stream each)")
     p.add_argument("--batch", type=int, default=64)

@@ -20,9 +20,10 @@ class DataConfig:
     """Samples in the shards, when neither sizes.json nor _info.json lists them (exact epochs only)."""
     resampled: bool = False
     """Draw shards with replacement (no epochs) instead of exact shuffled epochs."""
-    num_streams: int = 4
-    """Logical data streams; fixed per run so batches do not depend on world size or workers.
-    Must be a multiple of world size x workers and divide the global batch."""
+    num_streams: int | None = None
+    """Logical data streams; set it to keep batches the same whatever the world size or workers. Must be
+    a multiple of world size x workers, divide the global batch and (exact epochs) not exceed the shards.
+    Unset: the largest such count up to max(4, world size x workers), logged at start-up."""
     workers: int = 1
     """DataLoader worker processes per rank."""
     shuffle_buffer: int = 1_000

@@ -8,7 +8,9 @@
     clipscale data eval-set imagenet_val/ evalsets/imagenet
     clipscale data synth data/synthetic
 
-A SHARDS argument is a directory of `*.tar` (e.g. img2dataset output) or a brace spec; any fsspec URL.
+A SHARDS argument is written as data.train_shards is: a directory of `*.tar` (e.g. img2dataset output),
+a glob (`shards/*.tar`) or a brace spec; any fsspec URL. `validate` exits 1 if a sample is bad and
+nothing was fixed, 0 once `--fix` wrote the clean shards.
 """
 from __future__ import annotations
 
@@ -35,14 +37,27 @@ def cmd_sizes(args: argparse.Namespace) -> int:
 
 def cmd_make(args: argparse.Namespace) -> int:
     from clipscale.data_tools.make import ShardTarget, make_shards
+    from clipscale.data_tools.shardio import write_json
 
     target = ShardTarget(samples_per_shard=args.samples_per_shard, shard_mb=args.shard_mb,
                          max_side=args.max_side, quality=args.quality)
     summary = make_shards(args.images, args.out, target=target, captions=args.captions,
                           path_column=args.path_column, caption_column=args.caption_column, processes=args.processes)
-    print(f"{summary['shards']} shards, {summary['samples']:,} samples in {args.out} "
-          f"(spec {args.out}/{{000000..{summary['shards'] - 1:06d}}}.tar); skipped: {summary['failed'] or 'none'}")
+    if args.report:
+        write_json(args.report, summary)
+    out = args.out.rstrip("/") or args.out
+    print(f"{summary['shards']} shards, {summary['samples']:,} samples in {out}; "
+          f"skipped: {summary['failed'] or 'none'}")
+    for source, reason in summary["skipped"][: args.show]:
+        print(f"skipped: {source} {reason}")
+    print(train_hint(out, summary["shards"]))
     return 0
+
+
+def train_hint(spec: str, shards: int) -> str:
+    """How to train on shards just written: the spec, and the stream bound the shard count sets."""
+    return (f"train on them: clipscale train RECIPE data.train_shards={spec}  ({shards} shards: data.num_streams "
+            f"follows them when the recipe leaves it unset, and must not exceed {shards} when it sets it)")
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -57,7 +72,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     for shard in report["shards"]:
         for key, reason in shard["bad"][: args.show]:
             print(f"bad: {shard['url']} {key} {reason}")
-    return 1 if report["bad"] else 0
+    return 1 if report["bad"] and not args.fix else 0
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -81,6 +96,8 @@ def cmd_reshard(args: argparse.Namespace) -> int:
     for split, sizes in result["splits"].items():
         print(f"{split or 'shards'}: {len(sizes)} shards, {sum(sizes):,} samples ({min(sizes)}-{max(sizes)} each)")
     print(f"dropped: {json.dumps(result['dropped']) if result['dropped'] else 'none'}")
+    train, out = "train" if "train" in result["splits"] else "", args.out.rstrip("/") or args.out
+    print(train_hint(f"{out}/{train}" if train else out, len(result["splits"][train])))
     return 0
 
 
@@ -143,11 +160,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-mb", type=float, help="also cut shards at this size in MB")
     p.add_argument("--max-side", type=int, help="resize images larger than this many pixels on their long side")
     p.add_argument("--quality", type=int, help="re-encode every image as JPEG at this quality")
+    p.add_argument("--report", help="write the summary with every skipped input and its reason as JSON here")
+    p.add_argument("--show", type=int, default=5, help="skipped inputs listed")
     p.add_argument("--processes", **processes)
     p.set_defaults(func=cmd_make)
 
-    p = verb("validate", help="decode every sample as the loader would; count the bad ones")
-    p.add_argument("shards", help="a directory of *.tar or a brace spec")
+    p = verb("validate", help="decode every sample as the loader would; count the bad ones (exit status 1 "
+                              "if any is bad, unless --fix wrote clean shards)")
+    p.add_argument("shards", help="a directory of *.tar, a glob or a brace spec")
     p.add_argument("--fix", metavar="OUT", help="write the good samples to shards of the same names in OUT")
     p.add_argument("--report", help="write the full report (every bad key and reason) as JSON here")
     p.add_argument("--show", type=int, default=5, help="bad samples listed per shard")

@@ -30,6 +30,7 @@ from clipscale.evaluate.retrieval import retrieval_metrics
 from clipscale.evaluate.zeroshot import zeroshot_classification
 from clipscale.export import export_bundle
 from clipscale.models import ModelBundle, build_model, count_params
+from clipscale.optim import crossed
 from clipscale.results import RESULTS, TASKS, ModelInfo, append_rows, evaluation_key, make_rows, read_rows
 from clipscale.run_state import activity, training_stopped
 
@@ -132,7 +133,7 @@ def evaluate_weights(bundle: ModelBundle, info: ModelInfo, *, sets: list[EvalSet
                      device: torch.device, results: Path, loss_kind: str | None = None) -> list[dict[str, Any]]:
     """Evaluate one set of weights, appending each evaluation's rows to `results` (rank 0) at once."""
     # Rank 0 alone reads the table: every rank must skip the same evaluations or the gathers would hang.
-    done = rank0_value(lambda: {evaluation_key(r) for r in read_rows(results)})
+    done = dist.rank0_value(lambda: {evaluation_key(r) for r in read_rows(results)})
     loss_kind = loss_kind or loss_kind_of(bundle.model)
     probe = dataclasses.asdict(info)
 
@@ -155,11 +156,6 @@ def evaluate_weights(bundle: ModelBundle, info: ModelInfo, *, sets: list[EvalSet
                  " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
         new.extend(rows)
     return new
-
-
-def rank0_value(read: Callable[[], Any]) -> Any:
-    """What `read()` returns on rank 0, on every rank: files that may change under us are read once."""
-    return dist.gather_objects(read() if dist.rank() == 0 else None)[0]
 
 
 def pick_device(device: str) -> torch.device:
@@ -187,7 +183,7 @@ def evaluate_run(run_dir: str | Path, *, overrides: dict[str, Any] | None = None
     run_cfg = run_config(run_dir)
     cfg = dataclasses.replace(run_cfg.eval, **(overrides or {}))
     if checkpoints is None:  # training may add one while the ranks look: they agree on rank 0's view
-        checkpoints = rank0_value(lambda: complete_checkpoints(run_dir / "checkpoints"))
+        checkpoints = dist.rank0_value(lambda: complete_checkpoints(run_dir / "checkpoints"))
     if not checkpoints:
         return []
     sets, dev = open_sets(cfg.datasets), pick_device(device)
@@ -248,9 +244,9 @@ def watch_run(run_dir: str | Path, *, overrides: dict[str, Any] | None = None, d
     watch = _Watch(run_dir, idle_timeout_s=idle_timeout_s)  # used on rank 0 only
     rows: list[dict[str, Any]] = []
     while True:
-        stop, checkpoints = rank0_value(watch.look)
+        stop, checkpoints = dist.rank0_value(watch.look)
         rows += evaluate_run(run_dir, overrides=overrides, device=device, checkpoints=checkpoints)
-        if checkpoints and rank0_value(lambda: _is_final(checkpoints[-1], total)):
+        if checkpoints and dist.rank0_value(lambda: _is_final(checkpoints[-1], total)):
             return rows
         if stop:
             log.warning("stopped watching %s before its final checkpoint: %s", run_dir, stop)
@@ -305,8 +301,7 @@ def maybe_eval(cfg: Config, *, model: torch.nn.Module, bundle: ModelBundle, step
     Collective: every rank calls it with the unwrapped model (full parameters: DDP or one process).
     When this step's checkpoint is due, the rows name it, so `clipscale eval` does not redo them.
     """
-    every = cfg.eval.every_samples
-    if every <= 0 or samples_seen // every == (samples_seen - batch_size) // every:
+    if not crossed(samples_seen, batch_size, cfg.eval.every_samples):
         return
     bundle = dataclasses.replace(bundle, model=model)
     checkpoint = checkpoint_name(step) if checkpoint_due else None

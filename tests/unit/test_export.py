@@ -167,5 +167,5 @@ def test_an_evaluated_export_keeps_its_runs_provenance(tmp_path):
                            device="cpu", out=str(tmp_path / "rows.jsonl"))
     assert set(open_clip.list_models()) == registered  # nothing registered in open_clip's global registry
     assert rows and {(r["run"], r["model"], r["checkpoint"], r["step"], r["samples_seen"], r["dataset"])
-                     for r in rows} == {("tiny_cpu", TINY.name, "step_000003", 3, 3, Config().data.train_shards)}
+                     for r in rows} == {("tiny_cpu", TINY.name, "step_000003", 3, 3, Config().data.dataset_name)}
     assert all(r["compute_gmacs"] == pytest.approx(r["gmacs_per_sample"] * 3) for r in rows)
