@@ -62,8 +62,12 @@ def make_rows(info: ModelInfo, *, task: str, eval_dataset: str, eval_hash: str,
 
 
 def row_key(row: dict[str, Any]) -> tuple:
-    """What identifies one evaluation: rows with the same key are not computed twice."""
-    return row["run"], row["model"], row["checkpoint"], row["task"], row["eval_dataset"], row["eval_hash"]
+    """What identifies one evaluation: rows with the same key are not computed twice.
+
+    The step is part of it: evaluations during training between checkpoints have no checkpoint name.
+    """
+    return (row["run"], row["model"], row["checkpoint"], row["step"], row["task"], row["eval_dataset"],
+            row["eval_hash"])
 
 
 def read_results(path: str | Path) -> list[dict[str, Any]]:

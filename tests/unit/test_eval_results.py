@@ -76,6 +76,18 @@ def test_rerun_skips_finished_rows_and_a_crash_keeps_them(tmp_path, monkeypatch)
     assert len(again) == 3 and again[0]["eval_hash"] != first[0]["eval_hash"]
 
 
+def test_evaluations_during_training_between_checkpoints_are_each_kept(tmp_path):
+    good = write_classification_set(tmp_path / "good", [[(0, 0), (1, 2)]])
+    cfg = EvalConfig(tasks=("zeroshot_classification",), num_workers=0)
+    out = tmp_path / "results.jsonl"
+    for step in (2, 4):  # eval.every_samples without a checkpoint at either step: no checkpoint name
+        info = ModelInfo(**{**INFO.__dict__, "checkpoint": None, "step": step, "samples_seen": 32 * step})
+        new = evaluate_weights(bundle(DesignedCLIP()), info, sets=[open_eval_set("good", str(good))], cfg=cfg,
+                               device=torch.device("cpu"), results=out)
+        assert len(new) == 3
+    assert [r["step"] for r in json_rows(out)] == [2, 2, 2, 4, 4, 4]
+
+
 def test_csv_flattens_many_runs(tmp_path):
     for run in ("a", "b"):
         info = ModelInfo(**{**INFO.__dict__, "run": run})
