@@ -88,7 +88,7 @@ def evaluate(form: str, df: pd.DataFrame, target: float, rng: np.random.Generato
     clo, chi = f.interval([target])
     truth = float(true_error_at_target(form, target, f))
     new_run = truth * np.exp(rng.normal(0, NOISE))
-    return {"pi95": [float(lo[0]), float(hi[0])], "width": float(hi[0] - lo[0]),
+    return {"pi95": [float(lo[0]), float(hi[0])], "width": float(hi[0] - lo[0]), "ci_width": float(chi[0] - clo[0]),
             "pi_covers_new_run": bool(lo[0] <= new_run <= hi[0]), "ci_covers_truth": bool(clo[0] <= truth <= chi[0])}
 
 
@@ -114,7 +114,7 @@ def one(form: str, seed: int) -> dict[str, Any]:
     chosen = [(c.params, c.samples_seen) for c in d.chosen]
     spent = sum(c.cost for c in d.chosen)
     out = {"form": form, "seed": seed, "design_seconds": seconds, "chosen": [c.name for c in d.chosen],
-           "cost": spent, "expected_width": d.steps[-1]["expected_pi95_width"] if d.steps else None}
+           "cost": spent, "expected_ci_width": d.steps[-1]["expected_ci95_width"] if d.steps else None}
     outcome_rng = np.random.default_rng(10_000 + seed)  # the same noise for both arms' evaluation draws
     grid = grid_runs(form, s["pilot"], spent or s["budget"])
     for arm, runs in (("design", chosen), ("grid", grid)):
@@ -123,6 +123,7 @@ def one(form: str, seed: int) -> dict[str, Any]:
         df = pd.concat([pilot, new], ignore_index=True) if runs else pilot
         out[arm] = evaluate(form, df, s["target"], rng_arm)
     out["grid_runs"] = [f"n{n:.3g}-d{dd:.3g}" for n, dd in grid]
+    out["grid_cost"] = sum(GMACS_PER_PARAM * n * dd for n, dd in grid)
     return out
 
 
@@ -133,9 +134,11 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
         if not rs:
             continue
         ratio = [r["design"]["width"] / r["grid"]["width"] for r in rs]
+        ci_ratio = [r["design"]["ci_width"] / r["grid"]["ci_width"] for r in rs]
         summary[form] = {
-            "seeds": len(rs), "median_width_ratio_design_over_grid": float(np.median(ratio)),
-            "design_narrower_fraction": float(np.mean([x < 1 for x in ratio])),
+            "seeds": len(rs), "median_pi_width_ratio_design_over_grid": float(np.median(ratio)),
+            "median_ci_width_ratio_design_over_grid": float(np.median(ci_ratio)),
+            "design_ci_narrower_fraction": float(np.mean([x < 1 for x in ci_ratio])),
             **{f"{arm}_pi_coverage": float(np.mean([r[arm]["pi_covers_new_run"] for r in rs])) for arm in ("design", "grid")},
             **{f"{arm}_ci_coverage": float(np.mean([r[arm]["ci_covers_truth"] for r in rs])) for arm in ("design", "grid")},
             "median_design_seconds": float(np.median([r["design_seconds"] for r in rs])),
@@ -150,12 +153,12 @@ def plot(results: list[dict[str, Any]], path: str) -> None:
     axes = fig.subplots(1, len(LAWS), sharey=True)
     for ax, form in zip(axes, LAWS):
         rs = [r for r in results if r["form"] == form]
-        ax.scatter([r["grid"]["width"] for r in rs], [r["design"]["width"] for r in rs], s=12)
-        top = max([r["grid"]["width"] for r in rs] + [r["design"]["width"] for r in rs]) * 1.05
+        ax.scatter([r["grid"]["ci_width"] for r in rs], [r["design"]["ci_width"] for r in rs], s=12)
+        top = max([r["grid"]["ci_width"] for r in rs] + [r["design"]["ci_width"] for r in rs]) * 1.05
         ax.plot([0, top], [0, top], "k--", lw=0.8)
         ax.set_title(form, fontsize=9)
-        ax.set_xlabel("grid: target PI width", fontsize=8)
-    axes[0].set_ylabel("design: target PI width", fontsize=8)
+        ax.set_xlabel("grid: target CI width", fontsize=8)
+    axes[0].set_ylabel("design: target CI width", fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
 
@@ -172,8 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     for form in args.forms:
         for seed in range(args.seeds):
             results.append(one(form, seed))
-            print(form, seed, results[-1]["chosen"], f"{results[-1]['design']['width']:.4f}",
-                  f"{results[-1]['grid']['width']:.4f}", flush=True)
+            r = results[-1]
+            print(form, seed, r["chosen"], f"CI design {r['design']['ci_width']:.4f} grid {r['grid']['ci_width']:.4f}",
+                  f"PI design {r['design']['width']:.4f} grid {r['grid']['width']:.4f}", flush=True)
     summary = summarize(results)
     write_json(args.out, {"benchmark": "design", "environment": environment(), "noise": NOISE, "laws": LAWS,
                           "setups": {f: setup(f) for f in args.forms}, "summary": summary, "results": results})

@@ -2,19 +2,22 @@
 
     from clipscale import scaling
     [f] = scaling.fit(df, metric="acc1", form="nd")
-    d = scaling.design(f, target=1e12, candidates=scaling.candidates_from_recipe("grid.toml"), budget=5e11)
+    d = scaling.design(f, target=1e12, candidates=candidates_from_recipe("grid.toml"), budget=5e11)  # .design module
     print(d.table()); d.plot(ax); Path("next.toml").write_text(d.recipe("grid.toml"))
 
 Method (preposterior analysis by simulation, chosen greedily under the budget): the fit's bootstrap
 replicates stand for what the law may be. To value a candidate run, draw S possible outcomes of it,
-each from one replicate's law plus a resampled log residual of the fit (with the runs already chosen
-drawn from the same replicate, jointly), refit every outcome with a fresh bootstrap over runs (the
-frontier re-selected in every replicate, as `fit` does) and average the width of the target's 95%
-prediction interval. The candidate with the largest expected shrink per unit cost is chosen, and
-the search repeats until the budget is spent or no candidate narrows the interval (run twice: by
-shrink per cost and by shrink alone, keeping the narrower end). All S x K x B
-refits of one round are one call of the batched solver; the same draws and bootstrap counts serve
-every candidate (common random numbers), so their comparison is not drowned in simulation noise.
+each from one replicate's law plus a resampled log residual of the fit (the runs already chosen drawn
+from the same replicate, jointly), and refit the law to the data plus each outcome (the frontier
+re-selected, as `fit` does). By the law of total variance, the variance of log E at the target
+that the run is expected to remove is the variance of the refitted predictions over the outcomes;
+what remains is today's variance (the bootstrap's, as IQR/1.349 so that a few wild replicates of a
+small grid do not set it) less that. The candidate removing the most per unit cost is chosen and
+the search repeats until the budget is spent (run twice: by gain per cost and by gain alone,
+keeping the better end). Widths are those of 95% normal intervals in log space:
+the confidence interval of the law, and the prediction interval that adds the runs' own noise. All
+S x K refits of a round are one call of the batched solver, and every candidate sees the same
+draws (common random numbers), so their comparison is not drowned in simulation noise.
 """
 from __future__ import annotations
 
@@ -27,6 +30,8 @@ import numpy as np
 from clipscale.scaling.fit import Fit, _optimal_log_split, _resampled, _select, _solve
 from clipscale.scaling import laws
 from clipscale.scaling.results import FitError
+
+Z95 = 1.959964
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -65,12 +70,14 @@ class Design:
     form: str
     budget: float
     budget_unit: str
+    start_ci95: list[float]
+    """The target's 95% confidence interval now (by the design's own bootstrap)."""
     start_pi95: list[float]
     """The target's 95% prediction interval now (by the design's own bootstrap)."""
     steps: list[dict[str, Any]]
-    """Per chosen run: candidate, cost, cumulative cost, expected PI width after it."""
+    """Per chosen run: candidate, cost, cumulative cost, expected CI and PI widths after it."""
     first_round: list[dict[str, Any]]
-    """Every candidate's expected PI width if it alone were trained next (the first greedy round)."""
+    """Every candidate's expected CI and PI widths if it alone were trained next (the first greedy round)."""
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -79,15 +86,15 @@ class Design:
 
     def table(self) -> str:
         """The chosen runs as a table for the terminal."""
-        lo, hi = self.start_pi95
-        lines = [f"target {self.x}={self.target:.4g}: {self.y} 95% PI now [{lo:.4g}, {hi:.4g}] (width {hi - lo:.4g}); "
-                 f"budget {self.budget:.4g} {self.budget_unit}",
+        (lo, hi), (clo, chi) = self.start_pi95, self.start_ci95
+        lines = [f"target {self.x}={self.target:.4g}: {self.y} now 95% PI [{lo:.4g}, {hi:.4g}] (width {hi - lo:.4g}), "
+                 f"CI width {chi - clo:.4g}; budget {self.budget:.4g} {self.budget_unit}",
                  f"{'#':>2} {'run':24s} {'params':>10s} {'samples':>10s} {'cost':>10s} {'total':>10s} "
-                 f"{'E[PI width]':>11s}"]
+                 f"{'E[CI width]':>11s} {'E[PI width]':>11s}"]
         for i, s in enumerate(self.steps, 1):
             c = s["candidate"]
             lines.append(f"{i:>2} {c['name']:24s} {c['params']:>10.4g} {c['samples_seen']:>10.4g} {c['cost']:>10.4g} "
-                         f"{s['cumulative_cost']:>10.4g} {s['expected_pi95_width']:>11.4g}")
+                         f"{s['cumulative_cost']:>10.4g} {s['expected_ci95_width']:>11.4g} {s['expected_pi95_width']:>11.4g}")
         if not self.steps:
             lines.append("   no candidate fits the budget and narrows the interval")
         lines += [f"note: {n}" for n in self.notes]
@@ -107,14 +114,17 @@ class Design:
         return f"{header}{text.rstrip()}\n\n[sweep]\n{name} = [\n" + "\n".join(entries) + "\n]\n"
 
     def plot(self, ax: Any) -> None:
-        """Expected width of the target's 95% PI against cumulative cost, one marker per chosen run."""
+        """Expected widths of the target's 95% PI and CI against cumulative cost, a marker per chosen run."""
         cost = [0.0] + [s["cumulative_cost"] for s in self.steps]
-        width = [self.start_pi95[1] - self.start_pi95[0]] + [s["expected_pi95_width"] for s in self.steps]
-        ax.plot(cost, width, "o-", color="C0")
-        for c, w, s in zip(cost[1:], width[1:], self.steps):
-            ax.annotate(s["candidate"]["name"], (c, w), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        for kind, start, color in (("pi", self.start_pi95, "C0"), ("ci", self.start_ci95, "C1")):
+            width = [start[1] - start[0]] + [s[f"expected_{kind}95_width"] for s in self.steps]
+            ax.plot(cost, width, "o-", color=color, label=f"{kind.upper()} (law{' + run noise' if kind == 'pi' else ''})")
+        for c, s in zip(cost[1:], self.steps):
+            ax.annotate(s["candidate"]["name"], (c, s["expected_pi95_width"]), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
         ax.set_xlabel(f"cumulative cost ({self.budget_unit})")
-        ax.set_ylabel(f"expected 95% PI width of {self.y} at {self.x}={self.target:.3g}")
+        ax.set_ylabel(f"expected 95% width of {self.y} at {self.x}={self.target:.3g}")
+        ax.legend(fontsize=7)
         ax.grid(True, alpha=0.3)
 
     def to_dict(self) -> dict[str, Any]:
@@ -156,81 +166,70 @@ def log_error_at(f: Fit, params: dict[str, np.ndarray], target: float) -> np.nda
 
 
 class _Simulator:
-    """Refits of the fit's data plus simulated new runs, batched: the expected target PI width."""
+    """The target's log-error uncertainty now and its expected reduction by new runs (batched refits)."""
 
     def __init__(self, f: Fit, *, target: float, draws: int, n_bootstrap: int, seed: int):
         self.f, self.target, self.law = f, target, f.law
-        self.x, self.y, units = fit_data(f)
-        self.units = units
-        self.n_units = int(units.max()) + 1
+        self.x, self.y, self.units = fit_data(f)
+        self.n_units = int(self.units.max()) + 1
         rng = np.random.default_rng(seed)
         replicates = {k: np.asarray(v) for k, v in f.bootstrap.items()}
         pick = rng.integers(0, len(next(iter(replicates.values()))), draws)
         self.draw_params = {k: v[pick] for k, v in replicates.items()}  # (S,) each, replicate by replicate
         self.draw_noise_u = rng.random((draws, 64))  # residual choices for up to 64 new runs, shared by candidates
-        self.boot_u = rng.random((n_bootstrap, self.n_units + 64))  # bootstrap draws, shared likewise
-        self.pi_noise = rng.choice(np.asarray(f.log_residuals), size=n_bootstrap)
+        self.residuals = np.asarray(f.log_residuals)
         x_fit, rows = _select(self.x, self.y, f.frontier)
         self.x0 = np.exp(np.log(x_fit).mean(axis=0))  # the reference inputs fit_points would use
         theta0 = laws.starts(self.law, np.log(x_fit / self.x0), np.log(self.y[rows]))
         s, m = len(theta0), len(rows)
         thetas, costs = _solve(self.law, np.broadcast_to(x_fit, (s, *x_fit.shape)),
-                                    np.broadcast_to(self.y[rows], (s, m)), np.ones((s, m)), theta0, x0=self.x0)
+                               np.broadcast_to(self.y[rows], (s, m)), np.ones((s, m)), theta0, x0=self.x0)
         self.theta = thetas[np.nanargmin(costs)]
+        counts = np.zeros((n_bootstrap, self.n_units))
+        np.add.at(counts, (np.arange(n_bootstrap)[:, None], rng.integers(0, self.n_units, counts.shape)), 1)
+        boot = self._log_errors([(self.x, self.y)], counts[:, self.units])[0]
+        q25, q75 = np.nanpercentile(boot, [25, 75])
+        self.center = float(self._log_errors([(self.x, self.y)], np.ones((1, len(self.y))))[0, 0])
+        self.var_now = ((q75 - q25) / 1.349) ** 2  # robust: a few wild replicates of a small grid do not set it
+        self.var_noise = float(np.mean(self.residuals ** 2))
+
+    def _log_errors(self, data: list[tuple[np.ndarray, np.ndarray]], counts: np.ndarray) -> np.ndarray:
+        """log E at the target fitted to each data set (x (N, k), y (N,)) under each row of row
+        counts (R, N): (len(data), R); NaN where fewer points than parameters remain (as fit_points
+        drops such replicates). Frontiers are re-selected in every fit."""
+        parts = [_resampled(x, y, counts, self.f.frontier) for x, y in data]
+        bx, by, bw = (np.concatenate([p[i] for p in parts]) for i in range(3))
+        ok = (bw > 0).sum(axis=1) >= len(self.law.params)
+        theta, _ = _solve(self.law, bx, by, bw, np.tile(self.theta, (len(bx), 1)), x0=self.x0)
+        log_e = log_error_at(self.f, laws.to_reported(self.law, theta, self.x0), self.target)
+        return np.where(ok, log_e, np.nan).reshape(len(data), -1)
 
     def outcomes(self, new_x: np.ndarray) -> np.ndarray:
         """Simulated errors (S, M) of new runs at inputs new_x (M, k): a replicate's law + a residual."""
         e = laws.evaluate(self.law, self.draw_params, new_x)  # (S, M)
-        res = np.asarray(self.f.log_residuals)
-        pick = (self.draw_noise_u[:, : len(new_x)] * len(res)).astype(int)
-        return np.minimum(e * np.exp(res[pick]), 0.999)
+        pick = (self.draw_noise_u[:, : len(new_x)] * len(self.residuals)).astype(int)
+        return np.minimum(e * np.exp(self.residuals[pick]), 0.999)
 
-    def _counts(self, n_units: int) -> np.ndarray:
-        """Bootstrap draw counts (B, n_units) of each run: the same uniforms for every scenario."""
-        n_boot = len(self.boot_u)
-        counts = np.zeros((n_boot, n_units))
-        np.add.at(counts, (np.arange(n_boot)[:, None], (self.boot_u[:, :n_units] * n_units).astype(int)), 1)
-        return counts
-
-    def _log_errors(self, data: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
-        """log E at the target plus a PI residual, per data set (x (N, k), y (N,)) and bootstrap
-        replicate: (len(data), B); NaN where a replicate keeps fewer points than parameters (dropped,
-        as fit_points drops them). Every data set holds the fit's rows first, then new runs."""
-        n_new = len(data[0][1]) - len(self.y)
-        counts = self._counts(self.n_units + n_new)[:, np.r_[self.units, self.n_units + np.arange(n_new)]]
-        parts = [_resampled(x, y, counts, self.f.frontier) for x, y in data]
-        bx, by, bw = (np.concatenate([p[i] for p in parts]) for i in range(3))
-        ok = (bw > 0).sum(axis=1) >= len(self.law.params)  # as fit_points, by rows (distinct in practice)
-        theta, _ = _solve(self.law, bx, by, bw, np.tile(self.theta, (len(bx), 1)), x0=self.x0)
-        log_e = log_error_at(self.f, laws.to_reported(self.law, theta, self.x0), self.target)
-        return np.where(ok, log_e, np.nan).reshape(len(data), -1) + self.pi_noise
-
-    def widths(self, scenarios: list[np.ndarray]) -> np.ndarray:
-        """Expected target PI width for each scenario of new runs' inputs (M, k), the same M in all."""
+    def variance_after(self, scenarios: list[np.ndarray]) -> np.ndarray:
+        """Expected variance of log E at the target once the runs of each scenario (inputs (M, k), the
+        same M in all) are trained: the variance now less the variance, over simulated outcomes, of
+        the refitted prediction (the law of total variance)."""
         data = [(np.r_[self.x, new_x], np.r_[self.y, y_new]) for new_x in scenarios for y_new in self.outcomes(new_x)]
-        lo, hi = robust_interval(self._log_errors(data).reshape(len(scenarios), -1, len(self.boot_u)))  # (K, S)
-        return (hi - lo).mean(axis=1)
+        log_e = self._log_errors(data, np.ones((1, len(data[0][1])))).reshape(len(scenarios), -1)  # (K, S)
+        return np.maximum(self.var_now - np.nanvar(log_e, axis=1, ddof=1), 0.0)
 
-    def start_interval(self) -> list[float]:
-        """The target's PI now, by the same bootstrap (no new runs)."""
-        lo, hi = robust_interval(self._log_errors([(self.x, self.y)])[0])
-        return [float(lo), float(hi)]
-
-
-def robust_interval(log_e: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """95% interval of E from replicates of log E (last axis): median +- 1.96 sigma with sigma =
-    IQR / 1.349. The 2.5/97.5 percentiles of ~100 replicates over a handful of runs rest on 2-3
-    extreme replicates each, too noisy to rank candidates by; the IQR is not."""
-    q25, q50, q75 = np.nanpercentile(log_e, [25, 50, 75], axis=-1)
-    half = 1.96 * (q75 - q25) / 1.349
-    return np.exp(q50 - half), np.exp(q50 + half)
+    def widths(self, var: np.ndarray | float) -> tuple[np.ndarray, np.ndarray]:
+        """95% CI and PI widths of E at the target for variances of log E."""
+        ci = np.exp(self.center) * 2 * np.sinh(Z95 * np.sqrt(var))
+        pi = np.exp(self.center) * 2 * np.sinh(Z95 * np.sqrt(var + self.var_noise))
+        return ci, pi
 
 
 def design(f: Fit, *, target: float, candidates: Sequence[Candidate], budget: float,
-           budget_unit: str = "compute_gmacs", draws: int = 16, n_bootstrap: int = 100, max_runs: int = 20,
+           budget_unit: str = "compute_gmacs", draws: int = 128, n_bootstrap: int = 400, max_runs: int = 20,
            seed: int = 0) -> Design:
     """The runs, among `candidates`, to train next (in order, within `budget`) that most narrow the
-    expected 95% prediction interval of the error at `target` (see the module docstring)."""
+    expected 95% interval of the error at `target` (see the module docstring)."""
     if not candidates:
         raise FitError("design needs at least one candidate run (a recipe's [sweep] grid or --candidate)")
     if not target > 0 or not budget > 0:
@@ -239,48 +238,49 @@ def design(f: Fit, *, target: float, candidates: Sequence[Candidate], budget: fl
         raise FitError("this nd fit lacks gmacs_per_param_sample (an old fits.json): refit with `clipscale fit`")
     axis = "nd" if f.law is laws.ND else f.x
     sim = _Simulator(f, target=target, draws=draws, n_bootstrap=n_bootstrap, seed=seed)
-    start = sim.start_interval()
     inputs = np.array([c.inputs(axis) for c in candidates], dtype=np.float64)  # (K, k)
     costs = np.array([c.cost for c in candidates], dtype=np.float64)
     # Greedy by shrink per cost can spend the budget on cheap runs and miss one large run worth more;
-    # greedy by shrink alone misses the reverse. Both are run and the narrower end kept (the usual
-    # guard of greedy knapsack).
-    runs = [_greedy(sim, inputs, costs, budget=budget, width=start[1] - start[0], per_cost=p, max_runs=max_runs)
-            for p in (True, False)]
-    chosen, widths, first = min(runs, key=lambda r: r[1][-1] if r[1] else start[1] - start[0])
+    # greedy by shrink alone misses the reverse. Both run and the smaller final variance is kept (the
+    # usual guard of greedy knapsack).
+    runs = [_greedy(sim, inputs, costs, budget=budget, per_cost=p, max_runs=max_runs) for p in (True, False)]
+    chosen, variances, first = min(runs, key=lambda r: r[1][-1] if r[1] else sim.var_now)
     steps, spent = [], 0.0
-    for i, w in zip(chosen, widths):
+    for i, var in zip(chosen, variances):
         spent += costs[i]
+        ci, pi = sim.widths(var)
         steps.append({"candidate": asdict(candidates[i]), "cost": float(costs[i]), "cumulative_cost": spent,
-                      "expected_pi95_width": w})
-    first_round = [{"candidate": asdict(candidates[i]), "expected_pi95_width": w} for i, w in first]
+                      "expected_ci95_width": float(ci), "expected_pi95_width": float(pi)})
+    first_round = [{"candidate": asdict(candidates[i]), **dict(zip(("expected_ci95_width", "expected_pi95_width"),
+                                                                   map(float, sim.widths(var))))} for i, var in first]
     notes = []
     if f.law is not laws.ND and f.frontier != "none":
         notes.append("a law on the frontier assumes every candidate lands on the frontier; an nd fit values "
                      "model size and samples seen separately")
+    half = [np.exp(sim.center - Z95 * np.sqrt(v)) for v in (sim.var_now, sim.var_now + sim.var_noise)]
     return Design(target=float(target), x=f.x, y=f.y, form=f.form, budget=float(budget), budget_unit=budget_unit,
-                  start_pi95=start, steps=steps, first_round=first_round, notes=notes)
+                  start_ci95=[float(half[0]), float(np.exp(2 * sim.center) / half[0])],
+                  start_pi95=[float(half[1]), float(np.exp(2 * sim.center) / half[1])],
+                  steps=steps, first_round=first_round, notes=notes)
 
 
-def _greedy(sim: _Simulator, inputs: np.ndarray, costs: np.ndarray, *, budget: float, width: float, per_cost: bool,
+def _greedy(sim: _Simulator, inputs: np.ndarray, costs: np.ndarray, *, budget: float, per_cost: bool,
             max_runs: int) -> tuple[list[int], list[float], list[tuple[int, float]]]:
-    """Chosen candidate indices, the expected width after each, and the first round's widths."""
-    chosen, widths, first, spent = [], [], [], 0.0
+    """Chosen candidate indices, the expected variance of log E at the target after each, and the
+    first round's variances."""
+    chosen, variances, first, spent, var = [], [], [], 0.0, sim.var_now
     while len(chosen) < max_runs:
         todo = [i for i in range(len(costs)) if i not in chosen and spent + costs[i] <= budget]
         if not todo:
             break
-        after = sim.widths([inputs[chosen + [i]] for i in todo])
-        first = first or [(i, float(w)) for i, w in zip(todo, after)]
-        gain = (width - after) / (costs[todo] if per_cost else 1.0)
-        best = int(np.argmax(gain))
-        if not gain[best] > 0:
-            break
-        chosen.append(todo[best])
+        after = sim.variance_after([inputs[chosen + [i]] for i in todo])
+        first = first or [(i, float(v)) for i, v in zip(todo, after)]
+        best = int(np.argmax((var - after) / (costs[todo] if per_cost else 1.0)))
+        chosen.append(todo[best])  # the budget is spent: a run never adds variance, a gain <= 0 is simulation noise
         spent += costs[todo[best]]
-        width = float(after[best])
-        widths.append(width)
-    return chosen, widths, first
+        var = min(var, float(after[best]))
+        variances.append(var)
+    return chosen, variances, first
 
 
 def budget_cost(*, samples_seen: float, gmacs_per_sample: float, flops_per_sample: float | None, unit: str,
