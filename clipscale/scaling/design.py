@@ -103,7 +103,7 @@ class Design:
     def recipe(self, base: str | Path | None = None, *, name: str = "design") -> str:
         """A recipe whose `[sweep]` trains the chosen runs in order: the base recipe's settings (its own
         [sweep] table removed) and one sweep axis `design` with an entry per run."""
-        text = "" if base is None else _without_sweep(Path(base).read_text())
+        text = f'[run]\nname = "{name}"' if base is None else _without_sweep(Path(base).read_text())
         entries = []
         for i, c in enumerate(self.chosen, 1):
             pairs = [f'name = "{i:02d}-{c.name}"'] + [f'"{k}" = {v}' for k, v in (o.split("=", 1) for o in c.overrides)]
@@ -332,10 +332,11 @@ def parse_candidate(spec: str, recipe: str | Path | None, *, unit: str, peak_tfl
     if "model" not in fields or "samples" not in fields or spec.count("=") != len(fields):
         raise FitError(f"--candidate {spec!r} must look like model=ViT-B-32,samples=3e9 (more dotted overrides "
                        f"may follow, e.g. ,model.vision_width=128)")
+    model, label = fields.pop("model"), fields.pop("samples")
     try:
-        samples = int(float(fields.pop("samples")))
+        samples = int(float(label))
     except ValueError:
         raise FitError(f"--candidate {spec!r}: samples must be a number of samples seen, e.g. 3e9") from None
-    overrides = [f'model.name="{fields.pop("model")}"', f"train.total_samples={samples}",
-                 *(f"{k}={v}" for k, v in fields.items())]
-    return candidate_from_overrides(spec, recipe, overrides, unit=unit, peak_tflops=peak_tflops, mfu=mfu)
+    overrides = [f'model.name="{model}"', f"train.total_samples={samples}", *(f"{k}={v}" for k, v in fields.items())]
+    name = "-".join([model, label, *(str(v) for v in fields.values())])  # e.g. ViT-B-32-3e9: the run's label
+    return candidate_from_overrides(name, recipe, overrides, unit=unit, peak_tflops=peak_tflops, mfu=mfu)

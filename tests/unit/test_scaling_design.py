@@ -88,3 +88,4 @@ def test_a_candidate_costs_compute_or_gpu_hours_through_plans_throughput_model()
     # training FLOPs = 3 x forward (2 FLOPs per MAC) per sample, at 50% of 100 TFLOP/s
     assert c.cost == pytest.approx(6e9 * g.gmacs_per_sample * 1e4 / (100e12 * 0.5) / 3600, rel=1e-6)
     assert c.overrides == ('model.name="clipscale-tiny"', "train.total_samples=10000", "model.vision_width=64")
+    assert c.name == "clipscale-tiny-1e4-64"
