@@ -51,23 +51,25 @@ def train_grid(grid_dir: Path) -> list[Path]:
 
 FRACTIONS = (0.25, 0.5, 0.75)
 DEMO_CHECKPOINT_SAMPLES = 8_192  # recipes/scaling_tiny.toml: train.checkpoint_every_samples
+DEMO_LOG_EVERY_STEPS = 10  # the default train.log_every_steps the demo runs with
 
 
 def demo_view(run_dirs: list[Path], out: Path) -> list[Path]:
     """The demo's grid (16k and 48k runs) as `clipscale demo` + `clipscale eval` leave it: evaluations at
-    checkpoints only. Config and metrics are linked, results filtered."""
+    checkpoints only, a loss every 10 steps. Config linked, metrics and results filtered."""
     view = []
     for run in run_dirs:
         if run.name.endswith("-32k"):
             continue
         target = out / run.name
         target.mkdir(parents=True, exist_ok=True)
-        for name in ("config.json", "metrics.jsonl"):
-            (target / name).unlink(missing_ok=True)
-            (target / name).symlink_to(run / name)
-        rows = [json.loads(line) for line in (run / "results.jsonl").read_text().splitlines() if line.strip()]
-        (target / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows
-                                                      if r["samples_seen"] % DEMO_CHECKPOINT_SAMPLES == 0))
+        (target / "config.json").unlink(missing_ok=True)
+        (target / "config.json").symlink_to(run / "config.json")
+        keep = {"results.jsonl": lambda r: r["samples_seen"] % DEMO_CHECKPOINT_SAMPLES == 0,
+                "metrics.jsonl": lambda r: r["step"] % DEMO_LOG_EVERY_STEPS == 0 or "loss" not in r}
+        for name, wanted in keep.items():
+            rows = [json.loads(line) for line in (run / name).read_text().splitlines() if line.strip()]
+            (target / name).write_text("".join(json.dumps(r) + "\n" for r in rows if wanted(r)))
         view.append(target)
     return view
 
@@ -125,10 +127,12 @@ def main(argv: list[str] | None = None) -> int:
     run_dirs = train_grid(args.grid_dir) if args.train else [args.grid_dir / "runs" / n for n, _ in load_sweep(GRID)]
     if not args.out:
         return 0
+    run_dirs = [r for r in run_dirs if (r / "done").is_file()]  # runs still training are not part of the grid
     logging.getLogger("clipscale").setLevel(logging.ERROR)  # few-point fit notes would flood the output
     grids = {"cpu_grid": run_dirs, "demo_grid": demo_view(run_dirs, args.grid_dir / "demo_view")}
     results = {name: leave_one_out(dirs, form=args.form) for name, dirs in grids.items()}
     write_json(args.out, {"benchmark": "forecast", "environment": environment(), "form": args.form,
+                          "runs": {name: [d.name for d in dirs] for name, dirs in grids.items()},
                           "summary": {name: summarize(r) for name, r in results.items()}, "results": results})
     print(json.dumps({name: summarize(r) for name, r in results.items()}, indent=1))
     return 0

@@ -15,8 +15,8 @@ of the run from its config (clipscale.optim.lr_at), so the law fitted to the log
 b * L, with b pooled over the grid's finished runs (within each run) and a_run from the run's own
 evaluations, so the forecast is log E_T = mean over the last evaluations of log E_j + b (L_T - L_j).
 Its 95% interval is calibrated on the grid's finished runs: each is cut at the same fraction of
-its samples and forecast the same way; the spread (and median) of their log errors against their
-true final errors sets the interval (and corrects the bias). The grid's law (fitted without this
+its samples and forecast the same way; the mean and spread of their log misses correct the bias and
+set a normal prediction interval for one more miss (t quantile, sd * sqrt(1 + 1/n)). The grid's law (fitted without this
 run) predicts the final error at the run's params and samples seen with its prediction interval;
 the run is "on the law" while its forecast lies inside that interval. The combined forecast
 weighs the two in log space by their inverse variances.
@@ -32,6 +32,7 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 from scipy.optimize import nnls
+from scipy.stats import t as student_t
 
 from clipscale.scaling.fit import Fit, fit
 from clipscale.scaling.results import FitError, load_results, select
@@ -297,6 +298,9 @@ def forecast(run_dir: str | Path, *, grid: Sequence[str | Path], metric: str, ev
     others = _grid_runs(grid, exclude=Path(run_dir), metric=metric, eval_dataset=eval_dataset, task=task)
     finished = [c for c in others if c.eval_samples.size and c.eval_samples[-1] >= c.total_samples]
     if law is None:
+        if not finished:
+            raise FitError(f"no finished run among the grid's {len(others)} other runs to fit the law to: wait for "
+                           f"one, or pass the grid's law (--fits fits.json)")
         rows = load_results([c.run_dir for c in finished])
         [law] = fit(rows, metric=metric, eval_dataset=eval_dataset, task=task, form=form)
     notes = []
@@ -307,7 +311,10 @@ def forecast(run_dir: str | Path, *, grid: Sequence[str | Path], metric: str, ev
     own = curve_forecast(run, slope=slope, shape=_nearest_shape(run, finished, shapes), n_bootstrap=n_bootstrap)
     resid = _calibration(finished, fraction=run.samples_seen / run.total_samples, slope=slope, shapes=shapes)
     if len(resid) >= 3:
-        bias, half = float(np.median(resid)), float(np.percentile(np.abs(resid - np.median(resid)), 95))
+        # a normal prediction interval for one more miss from n seen ones: t quantile, sd * sqrt(1 + 1/n)
+        n = len(resid)
+        bias = float(np.mean(resid))
+        half = float(student_t.ppf(0.975, n - 1) * np.std(resid, ddof=1) * np.sqrt(1 + 1 / n))
         half = max(half, Z95 * float(np.std(own[1:])))
     else:
         notes.append(f"only {len(resid)} finished grid runs to calibrate on: the interval is the bootstrap of the "
