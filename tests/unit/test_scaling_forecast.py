@@ -70,5 +70,5 @@ def test_a_run_without_curves_is_refused_naming_the_file(grid, tmp_path):
     early = write_training_run(tmp_path, name="early", params=4e6, total_samples=12_800)
     with pytest.raises(FitError, match="training losses logged after warmup; the forecast needs at least 4"):
         forecast(early, grid=[str(root / "grid-*")], metric="acc1", until_samples=400)
-    with pytest.raises(FitError, match=r"no finished run among the grid's 0 other runs .* --fits fits.json"):
+    with pytest.raises(FitError, match=r"no finished run among the grid.s 0 other runs .* \(--fits fits.json\)"):
         forecast(early, grid=[str(early)], metric="acc1", until_samples=6_400)
