@@ -89,3 +89,18 @@ def test_a_candidate_costs_compute_or_gpu_hours_through_plans_throughput_model()
     assert c.cost == pytest.approx(6e9 * g.gmacs_per_sample * 1e4 / (100e12 * 0.5) / 3600, rel=1e-6)
     assert c.overrides == ('model.name="clipscale-tiny"', "train.total_samples=10000", "model.vision_width=64")
     assert c.name == "clipscale-tiny-1e4-64"
+
+
+def test_one_large_run_is_not_crowded_out_by_cheap_ones():
+    # a power law on 6 runs over two decades, target two decades beyond: cheap runs inside the range
+    # are each worth much per unit cost, but together far less than the one run near the target
+    rng = np.random.default_rng(0)
+    c = np.geomspace(1.0, 100.0, 6)
+    rows = [{"run": f"r{i}", "model": "m", "compute_gmacs": x, "dataset": "d", "task": "zeroshot_classification",
+             "eval_dataset": "e", "metric": "acc1", "value": 1 - 0.9 * x ** -0.12 * np.exp(rng.normal(0, 0.03))}
+            for i, x in enumerate(c)]
+    [f] = fit(pd.DataFrame(rows), metric="acc1", form="power", frontier="none")
+    cheap = [Candidate(name=f"cheap{k}", params=1.0, samples_seen=k, gmacs_per_sample=1.0, cost=k) for k in (2, 3, 5, 7)]
+    far = Candidate(name="far", params=1.0, samples_seen=1e3, gmacs_per_sample=1.0, cost=1e3)
+    d = design(f, target=1e4, candidates=[*cheap, far], budget=1e3)
+    assert [c.name for c in d.chosen] == ["far"]

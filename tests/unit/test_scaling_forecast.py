@@ -72,3 +72,16 @@ def test_a_run_without_curves_is_refused_naming_the_file(grid, tmp_path):
         forecast(early, grid=[str(root / "grid-*")], metric="acc1", until_samples=400)
     with pytest.raises(FitError, match=r"no finished run among the grid.s 0 other runs .* \(--fits fits.json\)"):
         forecast(early, grid=[str(early)], metric="acc1", until_samples=6_400)
+
+
+def test_a_given_law_is_used_and_few_finished_runs_are_noted(grid):
+    from clipscale.scaling import fit, laws, load_results
+
+    root, runs = grid
+    [law] = fit(load_results([str(r) for r in runs]), metric="acc1", form="nd")
+    run = runs[4]
+    fc = forecast(run, grid=[str(runs[0]), str(runs[8]), str(run)], metric="acc1", law=law, until_samples=6_400,
+                  n_bootstrap=50)
+    assert run.name == "grid-n4e+06-d12800"
+    assert fc.law == pytest.approx(laws.evaluate(law.law, law.params, np.array([[4e6, 12_800]]))[0, 0])
+    assert fc.calibration_runs == 2 and "only 2 finished grid runs to calibrate on" in fc.notes[0]
