@@ -96,7 +96,7 @@ class Design:
             lines.append(f"{i:>2} {c['name']:24s} {c['params']:>10.4g} {c['samples_seen']:>10.4g} {c['cost']:>10.4g} "
                          f"{s['cumulative_cost']:>10.4g} {s['expected_ci95_width']:>11.4g} {s['expected_pi95_width']:>11.4g}")
         if not self.steps:
-            lines.append("   no candidate fits the budget and narrows the interval")
+            lines.append("   no candidate fits the budget")
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
