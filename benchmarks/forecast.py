@@ -74,22 +74,35 @@ def demo_view(run_dirs: list[Path], out: Path) -> list[Path]:
     return view
 
 
+def grid_law(run_dirs: list[Path], *, form: str):
+    """The law of the runs' final evaluations: `form`, or the power law on the frontier where too few
+    runs determine it (nd's 5 parameters need about 8)."""
+    from clipscale.scaling import fit, load_results
+
+    rows = load_results([str(r) for r in run_dirs])
+    try:
+        return fit(rows, metric="acc1", form=form)[0]
+    except FitError:
+        return fit(rows, metric="acc1", form="power")[0]
+
+
 def leave_one_out(run_dirs: list[Path], *, form: str) -> list[dict[str, Any]]:
     """Each run forecast from its first 25/50/75% of samples, the rest of the grid as its grid."""
     out = []
     for run in run_dirs:
+        law = grid_law([r for r in run_dirs if r != run], form=form)
         for fraction in FRACTIONS:
             rows = [json.loads(line) for line in (run / "results.jsonl").read_text().splitlines() if line.strip()]
             truth = max(rows, key=lambda r: r["samples_seen"] * (r["metric"] == "acc1"))
             total = truth["samples_seen"]
             try:
-                fc = forecast(run, grid=[str(r) for r in run_dirs], metric="acc1", form=form,
+                fc = forecast(run, grid=[str(r) for r in run_dirs], metric="acc1", law=law,
                               until_samples=fraction * total)
             except FitError as e:
                 out.append({"run": run.name, "fraction": fraction, "skipped": str(e)})
                 continue
             true_error = 1 - truth["value"]
-            out.append({"run": run.name, "fraction": fraction, "true_error": true_error,
+            out.append({"run": run.name, "fraction": fraction, "law_form": law.form, "true_error": true_error,
                         "last_observed": fc.observed[-1][1], "forecast": fc.forecast, "forecast_pi95": fc.forecast_pi95,
                         "law": fc.law, "law_pi95": fc.law_pi95, "combined": fc.combined,
                         "combined_pi95": fc.combined_pi95, "on_law": fc.on_law,
@@ -123,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train", action="store_true", help="train the grid first (finished runs are skipped)")
     p.add_argument("--form", default="nd", choices=("power", "nd"), help="the grid's law")
     p.add_argument("--out", help="JSON file to write")
+    p.add_argument("--plot", help="PNG of the largest run's forecast from half its samples")
     args = p.parse_args(argv)
     run_dirs = train_grid(args.grid_dir) if args.train else [args.grid_dir / "runs" / n for n, _ in load_sweep(GRID)]
     if not args.out:
@@ -135,7 +149,27 @@ def main(argv: list[str] | None = None) -> int:
                           "runs": {name: [d.name for d in dirs] for name, dirs in grids.items()},
                           "summary": {name: summarize(r) for name, r in results.items()}, "results": results})
     print(json.dumps({name: summarize(r) for name, r in results.items()}, indent=1))
+    if args.plot:
+        plot_example(run_dirs, args.plot, form=args.form)
     return 0
+
+
+def plot_example(run_dirs: list[Path], path: str, *, form: str) -> None:
+    from matplotlib.figure import Figure
+
+    run = run_dirs[-1]  # the grid's largest model, longest run
+    total = json.loads((run / "config.json").read_text())["train"]["total_samples"]
+    law = grid_law(run_dirs[:-1], form=form)
+    fc = forecast(run, grid=[str(r) for r in run_dirs], metric="acc1", law=law, until_samples=total / 2)
+    rows = [json.loads(line) for line in (run / "results.jsonl").read_text().splitlines() if line.strip()]
+    later = [(r["samples_seen"], 1 - r["value"]) for r in rows if r["metric"] == "acc1" and r["samples_seen"] > total / 2]
+    fig = Figure(figsize=(6.5, 4), dpi=120)
+    ax = fig.subplots()
+    fc.plot(ax)
+    ax.plot(*zip(*later), "o", mfc="none", color="C0", alpha=0.5, label="evaluations after the cut (not used)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
 
 
 if __name__ == "__main__":
