@@ -150,7 +150,7 @@ def plot(results: list[dict[str, Any]], path: str) -> None:
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(7, 3.2), dpi=120)
-    axes = fig.subplots(1, len(LAWS), sharey=True)
+    axes = fig.subplots(1, len(LAWS))
     for ax, form in zip(axes, LAWS):
         rs = [r for r in results if r["form"] == form]
         ax.scatter([r["grid"]["ci_width"] for r in rs], [r["design"]["ci_width"] for r in rs], s=12)
