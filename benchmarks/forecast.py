@@ -75,15 +75,17 @@ def demo_view(run_dirs: list[Path], out: Path) -> list[Path]:
 
 
 def grid_law(run_dirs: list[Path], *, form: str):
-    """The law of the runs' final evaluations: `form`, or the power law on the frontier where too few
-    runs determine it (nd's 5 parameters need about 8)."""
+    """The law of the runs' final evaluations: `form`, else (too few runs determine it: nd's 5
+    parameters need about 8) the power law on the binned frontier, else through every run."""
     from clipscale.scaling import fit, load_results
 
     rows = load_results([str(r) for r in run_dirs])
-    try:
-        return fit(rows, metric="acc1", form=form)[0]
-    except FitError:
-        return fit(rows, metric="acc1", form="power")[0]
+    for options in ({"form": form}, {"form": "power"}, {"form": "power", "frontier": "none"}):
+        try:
+            return fit(rows, metric="acc1", **options)[0]
+        except FitError as e:
+            error = e
+    raise error
 
 
 def leave_one_out(run_dirs: list[Path], *, form: str) -> list[dict[str, Any]]:
