@@ -161,7 +161,8 @@ def cmd_design(args: argparse.Namespace) -> int:
     if not args.results and not args.fits:
         raise FitError("design needs results (files, run directories, globs) or --fits fits.json")
     if not args.candidate and not args.recipe:
-        raise FitError("design needs candidates: --recipe GRID.toml with a [sweep] grid, or --candidate model=...,samples=...")
+        raise FitError("design needs candidates: --recipe GRID.toml with a [sweep] grid, or "
+                       "--candidate model=...,samples=...")
     cost = dict(unit=args.budget_unit, peak_tflops=args.peak_tflops, mfu=args.mfu)
     if args.candidate:
         candidates = [parse_candidate(spec, args.recipe, **cost) for spec in args.candidate]

@@ -94,7 +94,8 @@ class Design:
         for i, s in enumerate(self.steps, 1):
             c = s["candidate"]
             lines.append(f"{i:>2} {c['name']:24s} {c['params']:>10.4g} {c['samples_seen']:>10.4g} {c['cost']:>10.4g} "
-                         f"{s['cumulative_cost']:>10.4g} {s['expected_ci95_width']:>11.4g} {s['expected_pi95_width']:>11.4g}")
+                         f"{s['cumulative_cost']:>10.4g} {s['expected_ci95_width']:>11.4g} "
+                         f"{s['expected_pi95_width']:>11.4g}")
         if not self.steps:
             lines.append("   no candidate fits the budget")
         lines += [f"note: {n}" for n in self.notes]
@@ -118,7 +119,8 @@ class Design:
         cost = [0.0] + [s["cumulative_cost"] for s in self.steps]
         for kind, start, color in (("pi", self.start_pi95, "C0"), ("ci", self.start_ci95, "C1")):
             width = [start[1] - start[0]] + [s[f"expected_{kind}95_width"] for s in self.steps]
-            ax.plot(cost, width, "o-", color=color, label=f"{kind.upper()} (law{' + run noise' if kind == 'pi' else ''})")
+            label = "PI (law + run noise)" if kind == "pi" else "CI (law)"
+            ax.plot(cost, width, "o-", color=color, label=label)
         for c, s in zip(cost[1:], self.steps):
             ax.annotate(s["candidate"]["name"], (c, s["expected_pi95_width"]), fontsize=7, xytext=(3, 3),
                         textcoords="offset points")

@@ -93,7 +93,8 @@ def schedule_areas(*, lr: np.ndarray, warmup_steps: int) -> tuple[np.ndarray, np
     return s1, np.cumsum(m)
 
 
-def read_run(run_dir: str | Path, *, metric: str, eval_dataset: str | None = None, task: str | None = None) -> RunCurves:
+def read_run(run_dir: str | Path, *, metric: str, eval_dataset: str | None = None,
+             task: str | None = None) -> RunCurves:
     """The curves of a run directory: config.json (the schedule), metrics.jsonl (loss), results.jsonl."""
     from clipscale.config import config_from_dict  # the run's own resolved config
     from clipscale.optim import lr_at
@@ -115,7 +116,8 @@ def read_run(run_dir: str | Path, *, metric: str, eval_dataset: str | None = Non
     s1, s2 = schedule_areas(lr=lr, warmup_steps=int(np.ceil(cfg.optim.warmup_samples / batch)))
     return RunCurves(run=cfg.run.name, run_dir=str(run_dir), total_samples=int(steps[-1] * batch),
                      params=float(rows["params"].iloc[-1]), gmacs_per_sample=float(rows["gmacs_per_sample"].iloc[-1]),
-                     eval_samples=rows["samples_seen"].to_numpy(np.float64), eval_errors=rows["error"].to_numpy(np.float64),
+                     eval_samples=rows["samples_seen"].to_numpy(np.float64),
+                     eval_errors=rows["error"].to_numpy(np.float64),
                      loss_samples=np.array([r["samples_seen"] for r in logged], dtype=np.float64),
                      losses=np.array([r["loss"] for r in logged], dtype=np.float64), schedule_samples=steps * batch,
                      s1=s1, s2=s2, warmup_samples=cfg.optim.warmup_samples)
@@ -243,8 +245,10 @@ class Forecast:
     def summary(self) -> str:
         """One line: progress, latest error, forecast with interval, law interval, verdict."""
         f, l_ = self.forecast_pi95, self.law_pi95
-        return (f"{self.run} {self.samples_seen}/{self.total_samples} samples ({self.samples_seen / self.total_samples:.0%}): "
-                f"{self.y} now {self.observed[-1][1]:.4f}, final forecast {self.forecast:.4f} [{f[0]:.4f}, {f[1]:.4f}], "
+        done = self.samples_seen / self.total_samples
+        return (f"{self.run} {self.samples_seen}/{self.total_samples} samples ({done:.0%}): "
+                f"{self.y} now {self.observed[-1][1]:.4f}, "
+                f"final forecast {self.forecast:.4f} [{f[0]:.4f}, {f[1]:.4f}], "
                 f"law {self.law:.4f} [{l_[0]:.4f}, {l_[1]:.4f}], combined {self.combined:.4f}: {self.verdict}")
 
     def plot(self, ax: Any) -> None:
@@ -254,7 +258,8 @@ class Forecast:
         ax.plot(obs[:, 0], obs[:, 1], "o", color="C0", label=f"{self.run}: evaluations")
         ax.plot(traj[:, 0], traj[:, 1], "-", color="C0", alpha=0.6, label="annealing-law trajectory")
         t = self.total_samples
-        ax.errorbar([t], [self.forecast], yerr=[[self.forecast - self.forecast_pi95[0]], [self.forecast_pi95[1] - self.forecast]],
+        below, above = self.forecast - self.forecast_pi95[0], self.forecast_pi95[1] - self.forecast
+        ax.errorbar([t], [self.forecast], yerr=[[below], [above]],
                     fmt="s", color="C0", capsize=4, label="forecast, 95% PI")
         ax.errorbar([t * 1.02], [self.law], yerr=[[self.law - self.law_pi95[0]], [self.law_pi95[1] - self.law]],
                     fmt="D", color="C3", capsize=4, label="grid law, 95% PI")
@@ -331,7 +336,8 @@ def forecast(run_dir: str | Path, *, grid: Sequence[str | Path], metric: str, ev
                     forecast=float(np.exp(mu)), forecast_pi95=[float(np.exp(mu - half)), float(np.exp(mu + half))],
                     law=law_mu, law_pi95=law_pi, combined=float(np.exp(mu_c)),
                     combined_pi95=[float(np.exp(mu_c - half_c)), float(np.exp(mu_c + half_c))],
-                    on_law=bool(law_pi[0] <= np.exp(mu) <= law_pi[1]), trajectory=_trajectory(run, slope, _nearest_shape(run, finished, shapes)),
+                    on_law=bool(law_pi[0] <= np.exp(mu) <= law_pi[1]),
+                    trajectory=_trajectory(run, slope, _nearest_shape(run, finished, shapes)),
                     calibration_runs=len(resid), notes=notes)
 
 

@@ -104,3 +104,11 @@ def test_one_large_run_is_not_crowded_out_by_cheap_ones():
     far = Candidate(name="far", params=1.0, samples_seen=1e3, gmacs_per_sample=1.0, cost=1e3)
     d = design(f, target=1e4, candidates=[*cheap, far], budget=1e3)
     assert [c.name for c in d.chosen] == ["far"]
+
+
+def test_cli_design_without_results_or_candidates_says_what_to_pass(tmp_path):
+    with pytest.raises(FitError, match=r"design needs results \(files, run directories, globs\) or --fits"):
+        main(["design", "--target", "1e9", "--budget", "1e4", "--candidate", "model=ViT-B-32,samples=1e9"])
+    results = write_jsonl(tmp_path / "results.jsonl", law_rows(checkpoints=1))
+    with pytest.raises(FitError, match=r"design needs candidates: --recipe GRID.toml .* or --candidate"):
+        main(["design", str(results), "--target", "1e9", "--budget", "1e4"])
