@@ -185,7 +185,8 @@ class _Simulator:
         theta0 = laws.starts(self.law, np.log(x_fit / self.x0), np.log(self.y[rows]))
         s, m = len(theta0), len(rows)
         thetas, costs = _solve(self.law, np.broadcast_to(x_fit, (s, *x_fit.shape)),
-                               np.broadcast_to(self.y[rows], (s, m)), np.ones((s, m)), theta0, x0=self.x0)
+                               np.broadcast_to(self.y[rows], (s, m)), np.ones((s, m)), theta0, x0=self.x0,
+                               huber_delta=f.huber_delta)
         self.theta = thetas[np.nanargmin(costs)]
         counts = np.zeros((n_bootstrap, self.n_units))
         np.add.at(counts, (np.arange(n_bootstrap)[:, None], rng.integers(0, self.n_units, counts.shape)), 1)
@@ -202,7 +203,8 @@ class _Simulator:
         parts = [_resampled(x, y, counts, self.f.frontier) for x, y in data]
         bx, by, bw = (np.concatenate([p[i] for p in parts]) for i in range(3))
         ok = (bw > 0).sum(axis=1) >= len(self.law.params)
-        theta, _ = _solve(self.law, bx, by, bw, np.tile(self.theta, (len(bx), 1)), x0=self.x0)
+        theta, _ = _solve(self.law, bx, by, bw, np.tile(self.theta, (len(bx), 1)), x0=self.x0,
+                          huber_delta=self.f.huber_delta)
         log_e = log_error_at(self.f, laws.to_reported(self.law, theta, self.x0), self.target)
         return np.where(ok, log_e, np.nan).reshape(len(data), -1)
 
