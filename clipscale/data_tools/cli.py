@@ -76,7 +76,7 @@ def cmd_reshard(args: argparse.Namespace) -> int:
 
     result = reshard(list_shards(args.shards), args.out, shards=args.shards_out, val_fraction=args.val_fraction,
                      seed=args.seed, caption=args.caption, drop_duplicate_images=not args.keep_duplicate_images,
-                     processes=args.processes)
+                     bucket_mb=args.bucket_mb, processes=args.processes)
     for split, sizes in result["splits"].items():
         print(f"{split or 'shards'}: {len(sizes)} shards, {sum(sizes):,} samples ({min(sizes)}-{max(sizes)} each)")
     print(f"dropped: {json.dumps(result['dropped']) if result['dropped'] else 'none'}")
@@ -167,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--keep-duplicate-images", action="store_true",
                    help="keep byte-identical images under different keys (one image, several captions)")
+    p.add_argument("--bucket-mb", type=float, default=256.0,
+                   help="most MB of samples a process holds at once (shuffle buckets, dedup partitions)")
     p.add_argument("--caption", **caption)
     p.add_argument("--processes", **processes)
     p.set_defaults(func=cmd_reshard)
