@@ -16,7 +16,7 @@ order), with buckets cut to a size bound, and exact deduplication on disk:
 3. Write: cut the concatenation of the shuffled buckets into shards of equal size (+-1), shards in
    parallel, each reading (and shuffling in memory) the buckets its slice overlaps, one at a time.
 
-Memory per process: one bucket (at most `bucket_mb` of tar bytes) in step 3; in step 2 one record
+Memory per process: one bucket (at most `bucket_mb`, counting SAMPLE_OVERHEAD per sample) in step 3; in step 2 one record
 partition (at most `bucket_mb`) and the dropped positions of one step-1 bucket (4 bytes per duplicate
 in it: N / MAX_OPEN samples, ~10 MB at 2 x 10^9 samples with 30% duplicates); in step 1 the open
 files' buffers. None of it grows with N (but for that last, small term).
@@ -35,13 +35,14 @@ import logging
 import math
 import posixpath
 import random
+import struct
 from typing import Any, Iterator
 
 import fsspec
 import numpy as np
 from tqdm import tqdm
 
-from clipscale.data.shards import DataError, tar_members
+from clipscale.data.shards import DataError
 from clipscale.data_tools.dedup import RecordWriter, digest, later_occurrences
 from clipscale.data_tools.shardio import (ShardWriter, caption_extension, image_extension, member_key, parallel_map,
                                           read_json, read_shard, remove_temporary, write_json)
@@ -49,6 +50,8 @@ from clipscale.data_tools.shardio import (ShardWriter, caption_extension, image_
 log = logging.getLogger(__name__)
 MAX_OPEN = 128  # buckets of one split open at once (in step 1, and when splitting one bucket)
 BUCKET_MB = 256.0
+FRAME = struct.Struct("<III")  # a bucket sample's key, image and caption lengths
+SAMPLE_OVERHEAD = 512  # bytes of Python objects per sample held in memory (dict, bytes, str), counted in a bucket
 SPLIT_MARGIN = 1.25  # sub-buckets per bound: random sizes rarely pass the bound (then split again)
 
 
@@ -110,28 +113,56 @@ def bound_bytes(params: dict[str, Any]) -> int:
     return int(params["bucket_mb"] * 1e6)
 
 
-def write_sample(writer: ShardWriter, name: str, sample: dict[str, Any], *, caption: str) -> None:
-    """A sample in a bucket, under a name unique in it (the key may repeat before deduplication)."""
-    writer.write(name, {"key": sample["__key__"].encode(), image_extension(sample["image"]): sample["image"],
-                        caption_extension(caption): sample["caption"]})
+class BucketWriter:
+    """A bucket: samples framed as (3 x uint32 lengths, key, image, caption), appended in order.
+
+    Buckets are this run's private scratch, so they skip tar's 512-byte headers and its parser.
+    `bytes` counts what the samples take in memory once read (their bytes + SAMPLE_OVERHEAD each),
+    the size the bound applies to. Committed by renaming a temporary file, like a shard.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.fs, self.path = fsspec.core.url_to_fs(path)
+        self.url = path
+        directory, name = posixpath.split(self.path)
+        self.fs.makedirs(directory, exist_ok=True)
+        self.tmp = posixpath.join(directory, f".{name}.tmp")
+        self.file = self.fs.open(self.tmp, "wb")
+        self.samples, self.bytes = 0, 0
+
+    def write(self, sample: dict[str, Any]) -> None:
+        key = sample["__key__"].encode()
+        self.file.write(FRAME.pack(len(key), len(sample["image"]), len(sample["caption"])))
+        self.file.write(key + sample["image"] + sample["caption"])
+        self.samples += 1
+        self.bytes += len(key) + len(sample["image"]) + len(sample["caption"]) + SAMPLE_OVERHEAD
+
+    def commit(self) -> None:
+        self.file.close()
+        self.fs.mv(self.tmp, self.path)
+
+    def abort(self) -> None:
+        self.file.close()
+        if self.fs.exists(self.tmp):
+            self.fs.rm(self.tmp)
 
 
-def bucket_samples(path: str, *, caption: str) -> Iterator[dict[str, Any]]:
-    """The samples of a bucket, in order (each is a key, an image and a caption member)."""
-    cap_ext = caption_extension(caption)
+def bucket_samples(path: str) -> Iterator[dict[str, Any]]:
+    """The samples of a bucket, in order."""
     with fsspec.open(path, "rb") as f:
-        members = tar_members(f)
-        for (_, key), (image_name, image), (caption_name, text) in zip(members, members, members):
-            if not caption_name.endswith(f".{cap_ext}"):
-                raise DataError(f"{path} is not a bucket written by this reshard ({caption_name}); delete "
-                                f"{posixpath.dirname(posixpath.dirname(path))} and run again")
-            yield {"__key__": key.decode(), "image": image, "caption": text}
+        while head := f.read(FRAME.size):
+            lengths = FRAME.unpack(head)
+            data = f.read(sum(lengths))
+            if len(data) != sum(lengths):
+                raise DataError(f"bucket {path} is cut short; delete its .reshard directory and run again")
+            key, image = data[:lengths[0]], data[lengths[0]:lengths[0] + lengths[1]]
+            yield {"__key__": key.decode(), "image": image, "caption": data[lengths[0] + lengths[1]:]}
 
 
 def fill_buckets(urls: list[str], tmp: str, params: dict[str, Any]) -> dict[str, Any]:
     """Step 1: every sample with a safe key into a random bucket of its split, and its dedup records."""
     splits = list(split_shards(params["shards"], params["val_fraction"]))
-    writers: dict[int, ShardWriter] = {}
+    writers: dict[int, BucketWriter] = {}
     records = {kind: RecordWriter(posixpath.join(tmp, "records", kind))
                for kind in ("keys", "images")[:1 + params["drop_duplicate_images"]]}
     rng = random.Random(f"reshard/{params['seed']}")
@@ -147,12 +178,12 @@ def fill_buckets(urls: list[str], tmp: str, params: dict[str, Any]) -> dict[str,
             split = ("val" if val_split(key, params["val_fraction"]) else "train") if params["val_fraction"] else ""
             bucket = splits.index(split) * MAX_OPEN + rng.randrange(MAX_OPEN)
             if bucket not in writers:
-                writers[bucket] = ShardWriter(posixpath.join(tmp, "buckets", f"{split or 'all'}-{bucket:06d}.tar"))
+                writers[bucket] = BucketWriter(posixpath.join(tmp, "buckets", f"{split or 'all'}-{bucket:06d}"))
             pos = writers[bucket].samples
             records["keys"].add(digest(key.encode()), index=index, bucket=bucket, pos=pos)
             if "images" in records:
                 records["images"].add(digest(sample["image"]), index=index, bucket=bucket, pos=pos)
-            write_sample(writers[bucket], f"{pos:09d}", {**sample, "__key__": key}, caption=params["caption"])
+            writers[bucket].write({**sample, "__key__": key})
             index += 1
     except BaseException:
         for w in writers.values():
@@ -160,8 +191,8 @@ def fill_buckets(urls: list[str], tmp: str, params: dict[str, Any]) -> dict[str,
         raise
     for w in writers.values():
         w.commit()
-    return {"buckets": [{"id": b, "split": splits[b // MAX_OPEN], "path": w.fs.unstrip_protocol(w.path)
-                         if "://" in tmp else w.path, "samples": w.samples, "bytes": w.bytes}
+    return {"buckets": [{"id": b, "split": splits[b // MAX_OPEN], "path": w.url, "samples": w.samples,
+                         "bytes": w.bytes}
                         for b, w in sorted(writers.items())],
             "records": {kind: w.close() for kind, w in records.items()}, "dropped": dict(counters)}
 
@@ -221,9 +252,9 @@ def settle_bucket(bucket: dict[str, Any], *, work: str, kinds: list[str], params
     dropped = {"duplicate_key": len(key_drops), "duplicate_image": len(skip) - len(key_drops)}
     if bucket["bytes"] <= bound_bytes(params):
         return [{"path": bucket["path"], "count": bucket["samples"] - len(skip), "skip": skip_files}], dropped
-    samples = (s for pos, s in enumerate(bucket_samples(bucket["path"], caption=params["caption"]))
+    samples = (s for pos, s in enumerate(bucket_samples(bucket["path"]))
                if not is_in(skip, pos))
-    name = posixpath.join(work, "buckets", posixpath.basename(bucket["path"])[:-len(".tar")])
+    name = posixpath.join(work, "buckets", posixpath.basename(bucket["path"]))
     return split_bucket(samples, name=name, nbytes=bucket["bytes"], params=params), dropped
 
 
@@ -234,17 +265,17 @@ def is_in(sorted_positions: np.ndarray, pos: int) -> bool:
 
 def split_bucket(samples: Iterator[dict[str, Any]], *, name: str, nbytes: int, params: dict[str, Any],
                  ) -> list[dict[str, Any]]:
-    """Leaves of a bucket over the bound: its samples sent to random sub-buckets `name.NNN.tar`, and
+    """Leaves of a bucket over the bound: its samples sent to random sub-buckets `name.NNN`, and
     those still over the bound (and holding more than one sample) split again."""
     k = min(MAX_OPEN, max(2, math.ceil(SPLIT_MARGIN * nbytes / bound_bytes(params))))
     rng = random.Random(f"reshard/{params['seed']}/split/{posixpath.basename(name)}")
-    writers: dict[int, ShardWriter] = {}
+    writers: dict[int, BucketWriter] = {}
     try:
         for sample in samples:
             j = rng.randrange(k)
             if j not in writers:
-                writers[j] = ShardWriter(f"{name}.{j:03d}.tar")
-            write_sample(writers[j], f"{writers[j].samples:09d}", sample, caption=params["caption"])
+                writers[j] = BucketWriter(f"{name}.{j:03d}")
+            writers[j].write(sample)
     except BaseException:
         for w in writers.values():
             w.abort()
@@ -252,19 +283,18 @@ def split_bucket(samples: Iterator[dict[str, Any]], *, name: str, nbytes: int, p
     leaves = []
     for j, w in sorted(writers.items()):
         w.commit()
-        path = f"{name}.{j:03d}.tar"
         if w.bytes > bound_bytes(params) and w.samples > 1:  # one sample is a leaf whatever its size
-            leaves += split_bucket(bucket_samples(path, caption=params["caption"]), name=f"{name}.{j:03d}",
+            leaves += split_bucket(bucket_samples(w.url), name=f"{name}.{j:03d}",
                                    nbytes=w.bytes, params=params)
         else:
-            leaves.append({"path": path, "count": w.samples, "skip": []})
+            leaves.append({"path": w.url, "count": w.samples, "skip": []})
     return leaves
 
 
 def shuffled_leaf(leaf: dict[str, Any], *, split: str, n: int, params: dict[str, Any]) -> list[dict[str, Any]]:
     """Leaf bucket `n` of a split, read whole (duplicates left out) and shuffled with its own seed."""
     skip = set(read_positions(leaf["skip"]).tolist())
-    samples = [s for pos, s in enumerate(bucket_samples(leaf["path"], caption=params["caption"])) if pos not in skip]
+    samples = [s for pos, s in enumerate(bucket_samples(leaf["path"])) if pos not in skip]
     if len(samples) != leaf["count"]:
         raise DataError(f"bucket {leaf['path']} holds {len(samples)} samples, not {leaf['count']}; delete "
                         f"its .reshard directory and run again")

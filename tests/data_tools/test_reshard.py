@@ -110,17 +110,18 @@ def test_parallel_reshard_writes_the_same_shards(tmp_path):
 
 
 def test_buckets_stay_under_bucket_mb_whatever_the_number_of_samples(tmp_path, monkeypatch):
-    write_dataset(tmp_path / "in", [150, 150])  # ~1.9 KB of tar per sample: ~570 KB in all
+    write_dataset(tmp_path / "in", [150, 150])  # ~1.3 KB per sample in memory: ~400 KB in all
     inputs = shard_list(tmp_path / "in", 2)
     held = []
     original = reshard_module.shuffled_leaf
 
     def measured(leaf, **kw):
-        held.append(sum(len(s["image"]) + len(s["caption"]) + 1536 for s in original(leaf, **kw)))
+        held.append(sum(len(s["__key__"]) + len(s["image"]) + len(s["caption"]) + reshard_module.SAMPLE_OVERHEAD
+                        for s in original(leaf, **kw)))
         return original(leaf, **kw)
 
     monkeypatch.setattr(reshard_module, "shuffled_leaf", measured)
-    monkeypatch.setattr(reshard_module, "MAX_OPEN", 2)  # step 1: two buckets of ~285 KB
+    monkeypatch.setattr(reshard_module, "MAX_OPEN", 2)  # step 1: two buckets of ~200 KB
     result = reshard(inputs, str(tmp_path / "out"), shards=1, seed=1, bucket_mb=0.05)  # 50 KB
     assert result == {"splits": {"": [300]}, "dropped": {}}
     assert sample_multiset(shard_list(tmp_path / "out", 1)) == sample_multiset(inputs)
