@@ -38,7 +38,8 @@ def cmd_make(args: argparse.Namespace) -> int:
     target = ShardTarget(samples_per_shard=args.samples_per_shard, shard_mb=args.shard_mb,
                          max_side=args.max_side, quality=args.quality)
     summary = make_shards(args.images, args.out, target=target, captions=args.captions,
-                          path_column=args.path_column, caption_column=args.caption_column, processes=args.processes)
+                          path_column=args.path_column, caption_column=args.caption_column,
+                          absolute_sources=args.absolute_sources, processes=args.processes)
     print(f"{summary['shards']} shards, {summary['samples']:,} samples in {args.out} "
           f"(spec {args.out}/{{000000..{summary['shards'] - 1:06d}}}.tar); skipped: {summary['failed'] or 'none'}")
     return 0
@@ -139,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-mb", type=float, help="also cut shards at this size in MB")
     p.add_argument("--max-side", type=int, help="resize images larger than this many pixels on their long side")
     p.add_argument("--quality", type=int, help="re-encode every image as JPEG at this quality")
+    p.add_argument("--absolute-sources", action="store_true",
+                   help="name each image's source by its absolute path or URL in KEY.json (default: relative to IMAGES)")
     p.add_argument("--processes", **processes)
     p.set_defaults(func=cmd_make)
 
