@@ -47,10 +47,11 @@ def member(name: str, data: bytes) -> bytes:
     return info.tobuf(format=tarfile.USTAR_FORMAT) + data + b"\0" * (-len(data) % 512)
 
 
-def write_inputs(work: Path, n: int) -> None:
-    """`shards/` (16 tars + sizes.json), `images/` (folders of 1,000 files) and `captions.csv` for N samples."""
+def write_inputs(work: Path, n: int, *, images: bool) -> None:
+    """`shards/` (16 tars + sizes.json) and, with `images`, `images/` (folders of 1,000 files) and
+    `captions.csv` for N samples."""
     done = work / "inputs.json"
-    if done.exists():
+    if done.exists() and (not images or json.loads(done.read_text())["images"]):
         return
     base = tiny_jpeg()
     (work / "shards").mkdir(parents=True, exist_ok=True)
@@ -62,6 +63,9 @@ def write_inputs(work: Path, n: int) -> None:
                         member(f"{i:09d}.txt", f"caption {i}".encode()))
             f.write(b"\0" * 1024)
     (work / "shards" / "sizes.json").write_text(json.dumps({f"{s:06d}.tar": per_shard for s in range(INPUT_SHARDS)}))
+    if not images:
+        done.write_text(json.dumps({"samples": per_shard * INPUT_SHARDS, "images": False}))
+        return
     with open(work / "captions.csv", "w", newline="") as f:
         table = csv.writer(f)
         table.writerow(["path", "caption"])
@@ -71,7 +75,7 @@ def write_inputs(work: Path, n: int) -> None:
                 (work / "images" / rel).parent.mkdir(parents=True, exist_ok=True)
             (work / "images" / rel).write_bytes(base + i.to_bytes(8, "little"))
             table.writerow([rel, f"caption {i}"])
-    done.write_text(json.dumps({"samples": per_shard * INPUT_SHARDS}))
+    done.write_text(json.dumps({"samples": per_shard * INPUT_SHARDS, "images": True}))
 
 
 def run_case(case: dict[str, Any]) -> dict[str, Any]:
@@ -121,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     for n in args.counts:
         work = Path(args.work) / f"n{n}"
         start = time.perf_counter()
-        write_inputs(work, n)
+        write_inputs(work, n, images="make" in args.tools)
         log.info("inputs for N=%d ready (%.0f s)", n, time.perf_counter() - start)
         for tool in args.tools:
             os.system(f"rm -rf '{work}/out-{tool}'")  # noqa: S605 - a fresh output directory per case
