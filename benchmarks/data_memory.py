@@ -4,7 +4,8 @@
         --work /tmp/clipscale-data-memory --out docs/bench/data_memory.json
 
 Inputs per count N (written once into `--work`, fast: tiny pre-encoded images written straight into
-tars): 16 shards of N / 16 samples, each a 1x1 JPEG made unique by a counter after its end marker
+tars): shards of `--per-input-shard` samples (~45 MB each, so that every case reads shards larger
+than the loader reader's 16 MiB read-ahead, and only their number grows with N), each sample a 1x1 JPEG made unique by a counter after its end marker
 (decoders ignore it; dedup sees distinct images) and a short caption; for `make`, the same images
 as files in folders of 1,000 with a captions CSV. Each (tool, N) runs in a fresh process with one
 worker process (`processes=1`, so every byte is in the measured process): "extra" is its peak RSS
@@ -31,7 +32,6 @@ from clipscale.bench import environment, write_json
 
 log = logging.getLogger(__name__)
 TOOLS = ("reshard", "validate", "make", "sizes")
-INPUT_SHARDS = 16
 FOLDER_FILES = 1000
 
 
@@ -47,35 +47,35 @@ def member(name: str, data: bytes) -> bytes:
     return info.tobuf(format=tarfile.USTAR_FORMAT) + data + b"\0" * (-len(data) % 512)
 
 
-def write_inputs(work: Path, n: int, *, images: bool) -> None:
-    """`shards/` (16 tars + sizes.json) and, with `images`, `images/` (folders of 1,000 files) and
+def write_inputs(work: Path, n: int, *, per_shard: int, images: bool) -> None:
+    """`shards/` (N / per_shard tars + sizes.json) and, with `images`, `images/` (folders of 1,000 files) and
     `captions.csv` for N samples."""
     done = work / "inputs.json"
     if done.exists() and (not images or json.loads(done.read_text())["images"]):
         return
     base = tiny_jpeg()
     (work / "shards").mkdir(parents=True, exist_ok=True)
-    per_shard = n // INPUT_SHARDS
-    for s in range(INPUT_SHARDS):
+    shards = n // per_shard
+    for s in range(shards):
         with open(work / "shards" / f"{s:06d}.tar", "wb") as f:
             for i in range(s * per_shard, (s + 1) * per_shard):
                 f.write(member(f"{i:09d}.jpg", base + i.to_bytes(8, "little")) +
                         member(f"{i:09d}.txt", f"caption {i}".encode()))
             f.write(b"\0" * 1024)
-    (work / "shards" / "sizes.json").write_text(json.dumps({f"{s:06d}.tar": per_shard for s in range(INPUT_SHARDS)}))
+    (work / "shards" / "sizes.json").write_text(json.dumps({f"{s:06d}.tar": per_shard for s in range(shards)}))
     if not images:
-        done.write_text(json.dumps({"samples": per_shard * INPUT_SHARDS, "images": False}))
+        done.write_text(json.dumps({"samples": per_shard * shards, "input_shards": shards, "images": False}))
         return
     with open(work / "captions.csv", "w", newline="") as f:
         table = csv.writer(f)
         table.writerow(["path", "caption"])
-        for i in range(per_shard * INPUT_SHARDS):
+        for i in range(per_shard * shards):
             rel = f"{i // FOLDER_FILES:05d}/{i:09d}.jpg"
             if i % FOLDER_FILES == 0:
                 (work / "images" / rel).parent.mkdir(parents=True, exist_ok=True)
             (work / "images" / rel).write_bytes(base + i.to_bytes(8, "little"))
             table.writerow([rel, f"caption {i}"])
-    done.write_text(json.dumps({"samples": per_shard * INPUT_SHARDS, "images": True}))
+    done.write_text(json.dumps({"samples": per_shard * shards, "input_shards": shards, "images": True}))
 
 
 def run_case(case: dict[str, Any]) -> dict[str, Any]:
@@ -112,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tools", nargs="+", choices=TOOLS, default=list(TOOLS))
     p.add_argument("--bucket-mb", type=float, default=16.0, help="reshard's bound")
     p.add_argument("--shards-out", type=int, default=4, help="reshard's output shards")
+    p.add_argument("--per-input-shard", type=int, default=25_000, help="samples per input shard")
     p.add_argument("--work", help="directory for the inputs and outputs (removed per tool)")
     p.add_argument("--out", help="JSON file to write (rewritten after every case)")
     p.add_argument("--case", help=argparse.SUPPRESS)  # internal: one case in this process
@@ -125,17 +126,18 @@ def main(argv: list[str] | None = None) -> int:
     for n in args.counts:
         work = Path(args.work) / f"n{n}"
         start = time.perf_counter()
-        write_inputs(work, n, images="make" in args.tools)
+        write_inputs(work, n, per_shard=args.per_input_shard, images="make" in args.tools)
         log.info("inputs for N=%d ready (%.0f s)", n, time.perf_counter() - start)
         for tool in args.tools:
             os.system(f"rm -rf '{work}/out-{tool}'")  # noqa: S605 - a fresh output directory per case
-            case = {"tool": tool, "n": n, "work": str(work), "bucket_mb": args.bucket_mb, "shards_out": args.shards_out}
+            case = {"tool": tool, "n": n, "work": str(work), "bucket_mb": args.bucket_mb, "shards_out": args.shards_out,
+                    "input_shards": n // args.per_input_shard}
             results.append(run_isolated("benchmarks.data_memory", case, timeout_s=7200))
             log.info("%s", results[-1])
             os.system(f"rm -rf '{work}/out-{tool}'")  # noqa: S605
             if args.out:
                 write_json(args.out, {"benchmark": "data_memory", "method": METHOD_CPU, "environment": environment(),
-                                      "input_shards": INPUT_SHARDS, "results": results})
+                                      "results": results})
     return 0
 
 
