@@ -74,6 +74,8 @@ def test_eval_hash_changes_with_prompts(tmp_path):
     (lambda r: (r / "zeroshot_classification_templates.txt").write_text("a {c!r} or {0} {x}\n"), r"template 1 .* needs"),
     (lambda r: (r / "zeroshot_classification_templates.txt").write_text("a {c}" + "!" * 400 + "\n"),
      r"at most 300 characters"),
+    (lambda r: (r / "zeroshot_classification_templates.txt").write_text("a {c}.\n" * 1001),
+     r"holds 1,001 templates, more than 1,000"),
     (lambda r: (r / "dataset_type.txt").write_text("segmentation"), r"dataset_type\.txt says 'segmentation'"),
 ])
 def test_bad_metadata_names_the_file_and_the_fix(tmp_path, edit, match):
