@@ -162,3 +162,26 @@ def test_dedup_partitions_split_until_they_fit(tmp_path):
         first.setdefault(v, index)
     assert sorted(later) == [i for i, v in enumerate(values) if first[v] != i]
     assert list((tmp_path / "scratch").iterdir())  # partitions over 2 KB were split
+
+
+def test_a_reshard_interrupted_while_settling_starts_that_step_over(tmp_path, monkeypatch):
+    write_dataset(tmp_path / "in", UNEVEN)
+    inputs = shard_list(tmp_path / "in", len(UNEVEN))
+    monkeypatch.setattr(reshard_module, "MAX_OPEN", 2)  # two buckets of ~28 KB, each split
+    reshard(inputs, str(tmp_path / "whole"), shards=3, seed=4, bucket_mb=0.01)
+    original, calls = reshard_module.split_bucket, []
+
+    def interrupted(*args, **kw):  # Ctrl-C while the second too-large bucket is split
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(*args, **kw)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(reshard_module, "split_bucket", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            reshard(inputs, str(tmp_path / "out"), shards=3, seed=4, bucket_mb=0.01)
+    assert (tmp_path / "out/.reshard/filled.json").exists() and not (tmp_path / "out/.reshard/buckets.json").exists()
+    reshard(inputs, str(tmp_path / "out"), shards=3, seed=4, bucket_mb=0.01)
+    for i in range(3):
+        assert (tmp_path / f"out/{i:06d}.tar").read_bytes() == (tmp_path / f"whole/{i:06d}.tar").read_bytes()
