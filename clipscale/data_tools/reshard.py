@@ -19,7 +19,9 @@ order), with buckets cut to a size bound, and exact deduplication on disk:
 Memory per process: one bucket (at most `bucket_mb`, counting SAMPLE_OVERHEAD per sample) in step 3; in step 2 one record
 partition (at most `bucket_mb`) and the dropped positions of one step-1 bucket (4 bytes per duplicate
 in it: N / MAX_OPEN samples, ~10 MB at 2 x 10^9 samples with 30% duplicates); in step 1 the open
-files' buffers. None of it grows with N (but for that last, small term).
+files' buffers (MAX_OPEN buckets per split and 2 x 64 record files: ~2 MB on a local disk, more where
+`OUT` is an object store whose writers buffer blocks of several MB). Only the dropped positions grow
+with N, slowly.
 
 Resume: step 1 ends by writing `.reshard/filled.json`, step 2 `.reshard/buckets.json`; an interrupted
 step starts over from the last of them. Step 3 is deterministic given the buckets, so shards already
