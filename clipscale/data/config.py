@@ -6,6 +6,8 @@ import re
 
 GENERIC_DIRS = ("train", "training", "shards", "tars", "wds", "webdataset", "data")
 
+from clipscale.data.shards import DataError
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DataConfig:
@@ -28,6 +30,9 @@ class DataConfig:
     """DataLoader worker processes per rank."""
     shuffle_buffer: int = 1_000
     """Sample shuffle buffer per stream (0 = no shuffling); it spans one block of shards."""
+    shuffle_buffer_mb: float = 256.0
+    """Most megabytes (10^6 bytes) of raw image + caption bytes one stream's shuffle buffer holds,
+    whatever the samples' sizes (a rank holds up to num_streams / world size buffers)."""
     block_shards: int = 4
     """Shards per shuffle block: a resume re-reads (without decoding) at most this many shards."""
     caption_key: str = "txt"
@@ -47,6 +52,11 @@ class DataConfig:
     """A shard that delivers no bytes for this long counts as stalled."""
     max_failed_shards: int = 16
     """Stop with an error when this many shards in a row cannot be read."""
+
+    def __post_init__(self) -> None:
+        if not self.shuffle_buffer_mb > 0:
+            raise DataError(f"data.shuffle_buffer_mb={self.shuffle_buffer_mb} must be above 0 (megabytes of "
+                            "samples per stream's shuffle buffer); set e.g. data.shuffle_buffer_mb=256")
 
     @property
     def dataset_name(self) -> str:

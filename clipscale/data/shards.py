@@ -37,6 +37,9 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 CHUNK_BYTES = 1 << 20
 META_NAME = re.compile(r"__[^/]*__($|/)")  # webdataset's metadata members (`__key__`, ...)
 MAX_MEMBER_BYTES = 256 << 20  # a member claiming more is taken as a corrupt header
+MAX_IMAGE_BYTES = 64 << 20  # an image member over this is a bad sample (`oversized_image`), skipped unread
+MAX_CAPTION_BYTES = 1 << 20  # likewise a caption member (`oversized_caption`); a .json with metadata fits
+MAX_CAPTION_CHARS = 4096  # captions are cut to this before tokenizing (a context of 77-512 tokens needs far less)
 MAX_META_BYTES = 8 << 10  # GNU long-name and pax headers; also bounds the backtracking of the pax
 # parser of CPython < 3.11.10 (CVE-2024-6232), quadratic in a header's length: ~0.1 s at this cap
 META_TYPES = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE,
@@ -308,9 +311,11 @@ def _check_size(info: tarfile.TarInfo, limit: int) -> None:
                                 f"a corrupt header")
 
 
-def tar_members(stream: BinaryIO, select: Callable[[str], bool] = lambda name: True,
-                ) -> Iterator[tuple[str, bytes]]:
-    """(name, bytes) of the selected regular files of a tar stream, in archive order, read by `tarfile`.
+def tar_members(stream: BinaryIO, select: Callable[[str], bool] = lambda name: True, *,
+                max_bytes: Callable[[str], int] = lambda name: MAX_MEMBER_BYTES,
+                ) -> Iterator[tuple[str, bytes | None]]:
+    """(name, bytes) of the selected regular files of a tar stream, in archive order, read by `tarfile`;
+    (name, None) for a selected one larger than `max_bytes(name)`, which is skipped unread.
 
     Other members (unselected, links, directories, devices, sparse files, webdataset's `__meta__`)
     are skipped unread. Raises `tarfile.ReadError` (or another of `BAD_BYTES`) for a corrupt or cut
@@ -320,7 +325,7 @@ def tar_members(stream: BinaryIO, select: Callable[[str], bool] = lambda name: T
         while (info := tar.next()) is not None:
             tar.members = []  # a stream's members are never revisited: keep memory flat (as webdataset does)
             if info.type in FILE_TYPES and select(info.name) and not META_NAME.match(info.name):
-                yield info.name, tar.extractfile(info).read()
+                yield info.name, tar.extractfile(info).read() if info.size <= max_bytes(info.name) else None
 
 
 def extension(name: str) -> str:
@@ -335,7 +340,10 @@ def group_samples(stream: BinaryIO, *, caption: str) -> Iterator[dict[str, Any] 
     wanted = set(IMAGE_EXTENSIONS) | {caption_ext}
     seen: set[str] = set()
     current: dict[str, Any] = {}
-    for name, data in tar_members(stream, select=lambda name: extension(name) in wanted):
+    caps = {"caption": MAX_CAPTION_BYTES, "image": MAX_IMAGE_BYTES}
+    field_of = lambda name: "caption" if extension(name) == caption_ext else "image"  # noqa: E731
+    for name, data in tar_members(stream, select=lambda name: extension(name) in wanted,
+                                  max_bytes=lambda name: caps[field_of(name)]):
         key, _ = base_plus_ext(name)
         if key is None:
             continue
@@ -343,7 +351,7 @@ def group_samples(stream: BinaryIO, *, caption: str) -> Iterator[dict[str, Any] 
             yield complete_sample(current, seen=seen)
             current = {}
         current["__key__"] = key
-        field = "caption" if extension(name) == caption_ext else "image"
+        field = field_of(name)
         current[f"_{field}_count"] = current.get(f"_{field}_count", 0) + 1
         current[field] = data
     if current:
@@ -362,6 +370,10 @@ def complete_sample(sample: dict[str, Any], *, seen: set[str]) -> dict[str, Any]
         reason = "missing_image"
     elif "caption" not in sample:
         reason = "missing_caption"
+    elif sample["image"] is None:
+        reason = "oversized_image"
+    elif sample["caption"] is None:
+        reason = "oversized_caption"
     seen.add(key)
     if reason:
         return BadSample(reason, key)
@@ -369,7 +381,8 @@ def complete_sample(sample: dict[str, Any], *, seen: set[str]) -> dict[str, Any]
 
 
 def caption_text(data: bytes, *, caption: str) -> str:
-    """The caption of a sample from its `.txt` bytes or a field of its `.json`; BadSample if unusable."""
+    """The caption of a sample from its `.txt` bytes or a field of its `.json`, cut to MAX_CAPTION_CHARS;
+    BadSample if unusable."""
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
@@ -383,4 +396,4 @@ def caption_text(data: bytes, *, caption: str) -> str:
             raise BadSample("missing_caption", f"field {caption[5:]!r} is not a string")
     if not text.strip():
         raise BadSample("empty_caption")
-    return text
+    return text[:MAX_CAPTION_CHARS]

@@ -103,18 +103,36 @@ class SubBatch:
         return dataclasses.replace(self, images=self.images.pin_memory())
 
 
-def shuffled(samples: Iterator[dict], *, buffer: int, rng: random.Random) -> Iterator[dict]:
-    """Shuffle buffer over a finite iterator (drained at its end); deterministic given `rng`."""
+def sample_bytes(sample: dict[str, Any]) -> int:
+    """What a raw sample holds in a shuffle buffer: its image and caption bytes."""
+    return len(sample["image"]) + len(sample["caption"])
+
+
+def shuffled(samples: Iterator[dict], *, buffer: int, max_bytes: int, rng: random.Random) -> Iterator[dict]:
+    """Shuffle buffer over a finite iterator (drained at its end); deterministic given `rng`. It holds at
+    most `buffer` samples and at most `max_bytes` of them (`sample_bytes`; a single larger sample is held
+    alone): a sample that would pass the bytes bound first makes room by yielding random held ones."""
     if buffer <= 1:
         yield from samples
         return
     pool: list[dict] = []
+    held = 0
     for sample in samples:
+        size = sample_bytes(sample)
+        while pool and held + size > max_bytes:  # never taken while the bytes bound does not bind
+            i = rng.randrange(len(pool))
+            out = pool[i]
+            pool[i] = pool[-1]
+            pool.pop()
+            held -= sample_bytes(out)
+            yield out
         if len(pool) < buffer:
             pool.append(sample)
+            held += size
             continue
         i = rng.randrange(buffer)
         yield pool[i]
+        held += size - sample_bytes(pool[i])
         pool[i] = sample
     rng.shuffle(pool)
     yield from pool
@@ -139,7 +157,8 @@ class StreamReader:
             st.list_epoch, st.block, st.offset = st.list_epoch + 1, 0, 0
         raw = (sample for url in urls for sample in self._shard(url))
         rng = random.Random(f"shuffle/{self.plan.seed}/{self.stream}/{st.list_epoch}/{st.block}")
-        self.samples = shuffled(raw, buffer=self.cfg.shuffle_buffer, rng=rng)
+        self.samples = shuffled(raw, buffer=self.cfg.shuffle_buffer, max_bytes=int(self.cfg.shuffle_buffer_mb * 1e6),
+                                rng=rng)
         for _ in range(st.offset):  # resume: rebuild the shuffle buffer without decoding
             next(self.samples)
 

@@ -42,7 +42,8 @@ def cmd_make(args: argparse.Namespace) -> int:
     target = ShardTarget(samples_per_shard=args.samples_per_shard, shard_mb=args.shard_mb,
                          max_side=args.max_side, quality=args.quality)
     summary = make_shards(args.images, args.out, target=target, captions=args.captions,
-                          path_column=args.path_column, caption_column=args.caption_column, processes=args.processes)
+                          path_column=args.path_column, caption_column=args.caption_column,
+                          absolute_sources=args.absolute_sources, processes=args.processes)
     if args.report:
         write_json(args.report, summary)
     out = args.out.rstrip("/") or args.out
@@ -92,7 +93,7 @@ def cmd_reshard(args: argparse.Namespace) -> int:
 
     result = reshard(list_shards(args.shards), args.out, shards=args.shards_out, val_fraction=args.val_fraction,
                      seed=args.seed, caption=args.caption, drop_duplicate_images=not args.keep_duplicate_images,
-                     processes=args.processes)
+                     bucket_mb=args.bucket_mb, processes=args.processes)
     for split, sizes in result["splits"].items():
         print(f"{split or 'shards'}: {len(sizes)} shards, {sum(sizes):,} samples ({min(sizes)}-{max(sizes)} each)")
     print(f"dropped: {json.dumps(result['dropped']) if result['dropped'] else 'none'}")
@@ -162,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quality", type=int, help="re-encode every image as JPEG at this quality")
     p.add_argument("--report", help="write the summary with every skipped input and its reason as JSON here")
     p.add_argument("--show", type=int, default=5, help="skipped inputs listed")
+    p.add_argument("--absolute-sources", action="store_true",
+                   help="name each image's source by its absolute path or URL in KEY.json (default: relative to IMAGES)")
     p.add_argument("--processes", **processes)
     p.set_defaults(func=cmd_make)
 
@@ -191,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the shuffle")
     p.add_argument("--keep-duplicate-images", action="store_true",
                    help="keep byte-identical images under different keys (one image, several captions)")
+    p.add_argument("--bucket-mb", type=float, default=256.0,
+                   help="most MB of samples a process holds at once (shuffle buckets, dedup partitions)")
     p.add_argument("--caption", **caption)
     p.add_argument("--processes", **processes)
     p.set_defaults(func=cmd_reshard)

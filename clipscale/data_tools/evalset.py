@@ -23,18 +23,9 @@ import fsspec
 from clipscale.data.shards import BadSample, DataError, caption_text
 from clipscale.data_tools.inputs import encode_image, list_images, read_bytes, read_table, resolve
 from clipscale.data_tools.shardio import ShardWriter, parallel_map, read_shard, write_json, write_text
-from clipscale.evaluate.datasets import DEFAULT_TEMPLATES, check_not_splits
+from clipscale.evaluate.datasets import DEFAULT_TEMPLATES, check_not_splits, check_templates, read_templates  # noqa: F401 - the CLI's import
 
 log = logging.getLogger(__name__)
-
-
-def read_templates(path: str) -> list[str]:
-    """Prompt templates from a text file, one per line (blank lines ignored)."""
-    try:
-        with fsspec.open(path, "r", encoding="utf-8") as f:
-            return [line.strip() for line in f if line.strip()]
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"cannot read templates file {path}: {e}") from None
 
 
 def classification_items(folder: str) -> tuple[list[tuple[str, str]], list[str]]:
@@ -90,10 +81,7 @@ def write_eval_set(items: Iterable[tuple[str | bytes, str]], out: str, *, split:
                    samples_per_shard: int = 10_000, max_side: int | None = None, processes: int = 1) -> dict[str, Any]:
     """Write `items` (image URL or bytes, label text) as `out/split/*.tar` with `label` as the label's extension
     (`cls` or `txt`), plus classnames and templates for classification; returns a summary."""
-    templates = list(templates or DEFAULT_TEMPLATES)
-    bad = [t for t in templates if "{c}" not in t]
-    if bad:
-        raise DataError(f"templates {bad} lack the {{c}} class slot; write one template per line with {{c}}")
+    templates = list(check_templates(tuple(templates or DEFAULT_TEMPLATES), where="the templates"))
     fs, root = fsspec.core.url_to_fs(posixpath.join(out, split))
     if fs.exists(root) and fs.glob(posixpath.join(root, "*.tar")):
         raise DataError(f"{out}/{split} already holds shards; delete it or choose another output directory")

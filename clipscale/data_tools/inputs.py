@@ -10,7 +10,7 @@ import csv
 import io
 import json
 import posixpath
-from typing import Any
+from typing import Any, Iterator
 
 import fsspec
 from PIL import Image
@@ -22,65 +22,96 @@ from clipscale.data_tools.shardio import IMAGE_FORMATS
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
-def list_images(folder: str) -> list[str]:
-    """Every image file under `folder` (recursive), as sorted paths relative to it."""
+def walk_images(folder: str) -> Iterator[str]:
+    """Every image file under `folder` (recursive), as paths relative to it, in sorted order, one
+    directory listed at a time (so memory follows the largest directory, not the whole tree)."""
     fs, root = fsspec.core.url_to_fs(folder)
     if not fs.isdir(root):
         raise DataError(f"image folder {folder} does not exist or is not a directory")
-    found = [posixpath.relpath(p, root) for p in fs.find(root) if p.lower().endswith(IMAGE_SUFFIXES)]
+    found = False
+    for rel in _walk(fs, root, root):
+        found = True
+        yield rel
     if not found:
         raise DataError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-    return sorted(found)
+
+
+def _walk(fs: Any, root: str, directory: str) -> Iterator[str]:
+    # a directory sorts as NAME/, so the walk yields exactly the sorted order of the relative paths
+    entries = sorted(((posixpath.basename(e["name"].rstrip("/")) + ("/" if e["type"] == "directory" else ""), e)
+                      for e in fs.ls(directory, detail=True)), key=lambda pair: pair[0])
+    for name, entry in entries:
+        path = posixpath.join(directory, name.rstrip("/"))
+        if name.endswith("/"):
+            yield from _walk(fs, root, path)
+        elif name.lower().endswith(IMAGE_SUFFIXES):
+            yield posixpath.relpath(path, root)
+
+
+def list_images(folder: str) -> list[str]:
+    """Every image file under `folder` (recursive), as sorted paths relative to it."""
+    return list(walk_images(folder))
+
+
+def iter_table(path: str, *, columns: tuple[str, ...]) -> Iterator[dict[str, Any]]:
+    """Rows of a CSV, TSV, JSONL or parquet file (by suffix), each with the given columns, read as a stream."""
+    suffix = path.lower().rsplit(".", 1)[-1]
+    if suffix not in ("csv", "tsv", "jsonl", "json", "parquet"):
+        raise DataError(f"captions table {path}: unknown format {suffix!r}; use .csv, .tsv, .jsonl or .parquet")
+    first = True
+    try:
+        for row in _rows(path, suffix):
+            if first:
+                missing = [c for c in columns if c not in row]
+                if missing:
+                    raise DataError(f"captions table {path} has no column {missing[0]!r} (columns: {sorted(row)}); "
+                                    f"name the right one with --path-column / --caption-column")
+                first = False
+            yield row
+    except DataError:
+        raise
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise DataError(f"cannot read captions table {path}: {e}") from None
+    if first:
+        raise DataError(f"captions table {path} has no rows")
+
+
+def _rows(path: str, suffix: str) -> Iterator[dict[str, Any]]:
+    if suffix == "parquet":
+        import pyarrow.parquet as pq  # only needed for parquet tables
+
+        with fsspec.open(path, "rb") as f:
+            for batch in pq.ParquetFile(f).iter_batches():
+                yield from batch.to_pylist()
+        return
+    with fsspec.open(path, "r", encoding="utf-8", newline="") as f:
+        if suffix in ("csv", "tsv"):
+            yield from csv.DictReader(f, delimiter="\t" if suffix == "tsv" else ",")
+        else:
+            yield from (json.loads(line) for line in f if line.strip())
 
 
 def read_table(path: str, *, columns: tuple[str, ...]) -> list[dict[str, Any]]:
     """Rows of a CSV, TSV, JSONL or parquet file (by suffix), each with the given columns."""
-    suffix = path.lower().rsplit(".", 1)[-1]
-    try:
-        if suffix == "parquet":
-            import pyarrow.parquet as pq  # only needed for parquet tables
-
-            with fsspec.open(path, "rb") as f:
-                rows = pq.read_table(f).to_pylist()
-        else:
-            with fsspec.open(path, "r", encoding="utf-8", newline="") as f:
-                if suffix in ("csv", "tsv"):
-                    rows = list(csv.DictReader(f, delimiter="\t" if suffix == "tsv" else ","))
-                elif suffix in ("jsonl", "json"):
-                    rows = [json.loads(line) for line in f if line.strip()]
-                else:
-                    raise DataError(f"captions table {path}: unknown format {suffix!r}; use .csv, .tsv, "
-                                    ".jsonl or .parquet")
-    except (OSError, ValueError, UnicodeDecodeError) as e:
-        raise DataError(f"cannot read captions table {path}: {e}") from None
-    if not rows:
-        raise DataError(f"captions table {path} has no rows")
-    missing = [c for c in columns if c not in rows[0]]
-    if missing:
-        raise DataError(f"captions table {path} has no column {missing[0]!r} (columns: {sorted(rows[0])}); "
-                        f"name the right one with --path-column / --caption-column")
-    return rows
+    return list(iter_table(path, columns=columns))
 
 
-def table_pairs(folder: str, table: str, *, path_column: str, caption_column: str) -> list[tuple[str, str]]:
-    """(image URL, caption) per row of a captions table, paths resolved against `folder`."""
-    rows = read_table(table, columns=(path_column, caption_column))
-    return [(resolve(folder, str(row[path_column])), "" if row[caption_column] is None else str(row[caption_column]))
-            for row in rows]
+def table_pairs(folder: str, table: str, *, path_column: str, caption_column: str) -> Iterator[tuple[str, str]]:
+    """(image URL, caption) per row of a captions table, paths resolved against `folder`, as a stream."""
+    for row in iter_table(table, columns=(path_column, caption_column)):
+        yield resolve(folder, str(row[path_column])), "" if row[caption_column] is None else str(row[caption_column])
 
 
-def sidecar_pairs(folder: str) -> list[tuple[str, str | None]]:
-    """(image URL, caption from `stem.txt` beside it, None when there is none) for every image."""
+def sidecar_pairs(folder: str) -> Iterator[tuple[str, str | None]]:
+    """(image URL, caption from `stem.txt` beside it, None when there is none) for every image, as a stream."""
     fs, root = fsspec.core.url_to_fs(folder)
-    pairs: list[tuple[str, str | None]] = []
-    for rel in list_images(folder):
+    for rel in walk_images(folder):
         sidecar = posixpath.join(root, posixpath.splitext(rel)[0] + ".txt")
         try:
             caption = fs.cat_file(sidecar).decode("utf-8", "replace") if fs.exists(sidecar) else None
         except OSError as e:
             raise DataError(f"cannot read caption file {sidecar}: {e}") from None
-        pairs.append((resolve(folder, rel), caption))
-    return pairs
+        yield resolve(folder, rel), caption
 
 
 def resolve(folder: str, path: str) -> str:

@@ -17,10 +17,12 @@ import collections
 import dataclasses
 import functools
 import hashlib
+import itertools
 import json
 import logging
+import os
 import posixpath
-from typing import Any
+from typing import Any, Iterator
 
 import fsspec
 
@@ -58,14 +60,15 @@ def encode_input(job: tuple[int, str, str | None], *, max_side: int | None, qual
     """One input (index, image URL, caption) -> the sample's members, or the reason it is skipped."""
     index, url, caption = job
     if caption is None:
-        return {"index": index, "reason": "missing_caption"}
+        return {"index": index, "source": url, "reason": "missing_caption"}
     if not caption.strip():
-        return {"index": index, "reason": "empty_caption"}
+        return {"index": index, "source": url, "reason": "empty_caption"}
     try:
         ext, image, size = encode_image(read_bytes(url), max_side=max_side, quality=quality)
     except BadSample as e:
-        return {"index": index, "reason": e.reason}
-    return {"index": index, "ext": ext, "image": image, "caption": caption.strip().encode(), "size": size}
+        return {"index": index, "source": url, "reason": e.reason}
+    return {"index": index, "source": url, "ext": ext, "image": image, "caption": caption.strip().encode(),
+            "size": size}
 
 
 def shard_name(i: int) -> str:
@@ -77,34 +80,42 @@ def stats_name(i: int) -> str:
 
 
 def make_shards(folder: str, out: str, *, target: ShardTarget, captions: str | None = None,
-                path_column: str = "path", caption_column: str = "caption", processes: int = 1) -> dict[str, Any]:
+                path_column: str = "path", caption_column: str = "caption", absolute_sources: bool = False,
+                processes: int = 1) -> dict[str, Any]:
     """Write shards of `folder`'s images into `out`; returns {"shards", "samples", "failed": {reason: n},
-    "skipped": [[input path, reason], ...]}."""
+    "skipped": [[input, reason], ...]}. Each sample's `.json` (and each skipped input) names its image
+    relative to `folder` (`absolute_sources`: as an absolute path or URL)."""
     folder = folder.rstrip("/")
-    pairs = (table_pairs(folder, captions, path_column=path_column, caption_column=caption_column)
-             if captions else sidecar_pairs(folder))
+
+    def inputs() -> Iterator[tuple[str, str | None]]:  # streamed twice: memory does not grow with the inputs
+        return (table_pairs(folder, captions, path_column=path_column, caption_column=caption_column)
+                if captions else sidecar_pairs(folder))
+
     # the input list is part of the parameters: resuming over a changed list would shift the indices
-    inputs_sha1 = hashlib.sha1(json.dumps(pairs).encode()).hexdigest()
+    count, digest = 0, hashlib.sha1()
+    for pair in inputs():
+        count, _ = count + 1, digest.update(json.dumps(pair).encode() + b"\n")
     params = {"folder": folder, "captions": captions, "path_column": path_column, "caption_column": caption_column,
-              "inputs": len(pairs), "inputs_sha1": inputs_sha1, **dataclasses.asdict(target)}
+              "absolute_sources": absolute_sources, "inputs": count, "inputs_sha1": digest.hexdigest(),
+              **dataclasses.asdict(target)}
     check_resumable(out, params)
     shard, start = completed_shards(out)
     if start:
-        log.info("resuming %s at shard %d, input %d of %d", out, shard, start, len(pairs))
-    jobs = [(i, url, caption) for i, (url, caption) in enumerate(pairs) if i >= start]
+        log.info("resuming %s at shard %d, input %d of %d", out, shard, start, count)
+    jobs = ((i, url, caption) for i, (url, caption) in itertools.islice(enumerate(inputs()), start, None))
     encode = functools.partial(encode_input, max_side=target.max_side, quality=target.quality)
     writer, first, failed, skipped = None, start, collections.Counter(), []
     try:
-        for result in parallel_map(encode, jobs, processes=processes, desc="make", total=len(jobs), unit="image"):
+        for result in parallel_map(encode, jobs, processes=processes, desc="make", total=count - start, unit="image"):
             if "reason" in result:
                 failed[result["reason"]] += 1
-                skipped.append([relative(pairs[result["index"]][0], folder), result["reason"]])
+                skipped.append([source_name(result["source"], folder=folder, absolute=absolute_sources), result["reason"]])
                 continue
             if writer is not None and is_full(writer, target, len(result["image"]) + len(result["caption"])):
                 close_shard(writer, out, shard, first=first, end=result["index"], failed=failed, skipped=skipped)
                 writer, first, shard, failed, skipped = None, result["index"], shard + 1, collections.Counter(), []
             writer = writer or ShardWriter(posixpath.join(out, shard_name(shard)))
-            meta = {"source": relative(pairs[result["index"]][0], folder),
+            meta = {"source": source_name(result["source"], folder=folder, absolute=absolute_sources),
                     "width": result["size"][0], "height": result["size"][1]}
             writer.write(f"{result['index']:09d}", {result["ext"]: result["image"], "txt": result["caption"],
                                                     "json": json.dumps(meta).encode()})
@@ -113,14 +124,23 @@ def make_shards(folder: str, out: str, *, target: ShardTarget, captions: str | N
             writer.abort()
         raise
     if writer is not None:
-        close_shard(writer, out, shard, first=first, end=len(pairs), failed=failed, skipped=skipped)
+        close_shard(writer, out, shard, first=first, end=count, failed=failed, skipped=skipped)
         shard += 1
     return finish(out, shards=shard)
 
 
-def relative(source: str, folder: str) -> str:
-    """An input's path as the user knows it: relative to the image folder when inside it."""
-    return posixpath.relpath(source, folder) if source.startswith(folder + "/") else source
+def source_name(url: str, *, folder: str, absolute: bool) -> str:
+    """How a sample's `.json` names its image: relative to the input folder (`../` for a table's path
+    outside it; a file name alone for a URL elsewhere), since shards are shared; or, opted in, absolute."""
+    if absolute:
+        return url if "://" in url else os.path.abspath(url)
+    url_fs, url_path = fsspec.core.url_to_fs(url)
+    folder_fs, folder_path = fsspec.core.url_to_fs(folder)
+    if url_fs.protocol != folder_fs.protocol:
+        return posixpath.basename(url_path)
+    if "://" not in url and "://" not in folder:  # local: compare as absolute paths
+        url_path, folder_path = os.path.abspath(url_path), os.path.abspath(folder_path)
+    return posixpath.relpath(url_path, folder_path)
 
 
 def check_resumable(out: str, params: dict[str, Any]) -> None:

@@ -12,6 +12,7 @@ import io
 import itertools
 import json
 import posixpath
+import struct
 import tarfile
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
@@ -81,6 +82,18 @@ def member_key(key: str) -> str | None:
     return key
 
 
+USTAR = struct.Struct("100s8s8s8s12s12s8s1s100s6s2s32s32s8s8s155s12x")
+
+
+def ustar_header(name: bytes, size: int) -> bytes:
+    """The 512-byte ustar header `tarfile` writes for a regular file `name` (ASCII, <= 100 bytes) of `size`
+    bytes with ShardWriter's fixed metadata (mode 0644, uid/gid 0, mtime 0)."""
+    header = USTAR.pack(name, b"0000644\0", b"0000000\0", b"0000000\0", b"%011o\0" % size, b"00000000000\0",
+                        b" " * 8, tarfile.REGTYPE, b"", tarfile.POSIX_MAGIC[:6], tarfile.POSIX_MAGIC[6:], b"", b"",
+                        b"", b"", b"")
+    return header[:148] + b"%06o\0 " % sum(header) + header[156:]
+
+
 class ShardWriter:
     """One tar shard written to `.NAME.tmp` next to `path` and renamed to `path` by `commit()`.
 
@@ -100,9 +113,14 @@ class ShardWriter:
     def write(self, key: str, fields: dict[str, bytes]) -> None:
         """Add one sample: a member `{key}.{ext}` per field."""
         for ext, data in fields.items():
-            info = tarfile.TarInfo(f"{key}.{ext}")
-            info.size, info.mtime, info.mode = len(data), 0, 0o644
-            self.tar.addfile(info, io.BytesIO(data))
+            name = f"{key}.{ext}"
+            if name.isascii() and len(name) <= 100:  # the common case, 5x faster than tarfile's own header
+                self.tar.fileobj.write(ustar_header(name.encode(), len(data)) + data + b"\0" * (-len(data) % 512))
+                self.tar.offset += 512 + len(data) + (-len(data) % 512)
+            else:
+                info = tarfile.TarInfo(name)
+                info.size, info.mtime, info.mode = len(data), 0, 0o644
+                self.tar.addfile(info, io.BytesIO(data))
             self.bytes += 512 + len(data) + (-len(data) % 512)
         self.samples += 1
 

@@ -27,6 +27,7 @@ import hashlib
 import json
 import posixpath
 import re
+import string
 from typing import Any, Iterator
 
 import fsspec
@@ -45,6 +46,10 @@ LABEL_EXTENSIONS = ("cls", "txt", "json")
 SPLIT_NAMES = frozenset({"train", "test", "val", "validation"})
 DEFAULT_TEMPLATES = tuple(t("{c}") for t in zsm.SIMPLE_IMAGENET_TEMPLATES)  # open_clip's 7 ImageNet prompts
 READ_TIMEOUT_S = 300.0
+MAX_TEMPLATES = 1_000
+MAX_TEMPLATE_CHARS = 300
+MAX_EVAL_SHARDS = 100_000  # nshards.txt: more would be a typo, and each shard is listed up front
+MAX_METADATA_BYTES = 16 << 20  # classnames, templates, dataset type, nshards: text files far smaller than this
 
 
 class EvalDataError(DataError):
@@ -88,9 +93,10 @@ class EvalSet:
         fs, path = fsspec.core.url_to_fs(split_dir)
         nshards = _join(split_dir, "nshards.txt")
         if fs.isfile(posixpath.join(path, "nshards.txt")):
-            text = _read_text(nshards)
-            if not text.strip().isdigit():
-                raise EvalDataError(f"{nshards} holds {text.strip()[:40]!r}; write the number of shards")
+            text = _read_text(nshards, max_bytes=64).strip()
+            if not text.isdigit() or not 1 <= int(text) <= MAX_EVAL_SHARDS:
+                raise EvalDataError(f"{nshards} holds {text[:40]!r}; write the number of shards, 1 to "
+                                    f"{MAX_EVAL_SHARDS:,}")
             return [_join(split_dir, f"{i}.tar") for i in range(int(text))]
         shards = sorted((p for p in fs.glob(posixpath.join(path, "*.tar"))), key=_natural)
         if shards:
@@ -165,9 +171,17 @@ def _natural(path: str) -> list:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", posixpath.basename(path))]
 
 
-def _read_text(url: str) -> str:
-    with fsspec.open(url, "rt", encoding="utf-8") as f:
-        return f.read()
+def _read_text(url: str, *, max_bytes: int = MAX_METADATA_BYTES) -> str:
+    """A metadata file's text; an error naming it if it is larger than `max_bytes` or not UTF-8."""
+    with fsspec.open(url, "rb") as f:
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise EvalDataError(f"{url} is larger than {max_bytes:,} bytes, far more than this metadata needs; "
+                            "check that it is the right file")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise EvalDataError(f"{url} is not UTF-8 text ({e}); write it as UTF-8") from None
 
 
 def _exists(url: str) -> bool:
@@ -183,17 +197,32 @@ def _lines(url: str, *, what: str) -> tuple[str, ...]:
 
 
 def read_templates(url: str) -> tuple[str, ...]:
-    """Templates of a templates file, each checked to have exactly the `{c}` slot."""
-    templates = _lines(url, what="prompt templates such as 'a photo of a {c}.'")
+    """Templates of a templates file, one per line (blank lines ignored), checked by `check_templates`."""
+    try:
+        lines = _lines(url, what="prompt templates such as 'a photo of a {c}.'")
+    except OSError as e:
+        raise EvalDataError(f"cannot read templates file {url}: {e}") from None
+    return check_templates(lines, where=url)
+
+
+def check_templates(templates: tuple[str, ...], *, where: str) -> tuple[str, ...]:
+    """Templates whose only replacement fields are plain `{c}` slots (at least one; `{{`/`}}` for
+    braces), at most MAX_TEMPLATE_CHARS long and MAX_TEMPLATES in all: a prompt's length then stays
+    bounded (a field such as `{c:>50000000}` would build a 50 MB string per class)."""
+    if len(templates) > MAX_TEMPLATES:
+        raise EvalDataError(f"{where} holds {len(templates):,} templates, more than {MAX_TEMPLATES:,}; keep the "
+                            "prompts that matter (CLIP's ImageNet set has 80)")
     for number, template in enumerate(templates, 1):
         try:
-            ok = "{c}" in template and template.format(c="x") is not None
-        except (KeyError, IndexError, ValueError):
-            ok = False
-        if not ok:
-            raise EvalDataError(f"{url}: template {number} {template!r} needs a '{{c}}' slot for the class "
-                                "name and no other braces; write e.g. 'a photo of a {c}.'")
-    return templates
+            fields = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(template)
+                      if name is not None]
+        except ValueError:
+            fields = [("", "", None)]
+        if not fields or any(field != ("c", "", None) for field in fields) or len(template) > MAX_TEMPLATE_CHARS:
+            raise EvalDataError(f"{where}: template {number} {template[:80]!r} needs a '{{c}}' slot for the class "
+                                f"name, no other fields or format specs ('{{{{' and '}}}}' for literal braces) and at "
+                                f"most {MAX_TEMPLATE_CHARS} characters; write e.g. 'a photo of a {{c}}.'")
+    return tuple(templates)
 
 
 def open_eval_set(name: str, root: str) -> EvalSet:

@@ -48,7 +48,7 @@ def test_templates_without_a_slot_and_existing_shards_are_refused(tmp_path):
     (tmp_path / "tree/x").mkdir(parents=True)
     (tmp_path / "tree/x/1.jpg").write_bytes(image_bytes(0))
     items, names = classification_items(str(tmp_path / "tree"))
-    with pytest.raises(DataError, match=r"lack the \{c\} class slot"):
+    with pytest.raises(DataError, match=r"template 1 'a photo' needs a '\{c\}' slot"):
         write_eval_set(items, str(tmp_path / "out"), label="cls", classnames=names, templates=["a photo"])
     write_eval_set(items, str(tmp_path / "out"), label="cls", classnames=names)
     with pytest.raises(DataError, match="already holds shards"):
@@ -91,3 +91,17 @@ def test_split_folders_are_refused_as_classes_naming_the_right_usage(tmp_path, c
     assert not (tmp_path / "out").exists()
     assert main(["data", "eval-set", str(tree / "test"), str(tmp_path / "out"), "--processes", "1"]) == 0
     assert (tmp_path / "out/classnames.txt").read_text() == "cat\ndog\n"
+
+
+def test_eval_set_templates_follow_the_evaluation_rules(tmp_path, capsys):
+    (tmp_path / "tree/x").mkdir(parents=True)
+    (tmp_path / "tree/x/1.jpg").write_bytes(image_bytes(0))
+    (tmp_path / "t.txt").write_text("a {c}.\n{c}{c:>50000000}\n")  # a 50 MB prompt per class
+    assert main(["data", "eval-set", str(tmp_path / "tree"), str(tmp_path / "out"), "--templates",
+                 str(tmp_path / "t.txt"), "--processes", "1"]) == 2
+    assert "template 2 '{c}{c:>50000000}' needs a '{c}' slot for the class name, no other fields" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    items, names = classification_items(str(tmp_path / "tree"))
+    with pytest.raises(DataError, match="no other fields or format specs"):
+        write_eval_set(items, str(tmp_path / "out"), label="cls", classnames=names, templates=["{c:>9}"])

@@ -171,3 +171,18 @@ def test_parallel_make_writes_the_same_bytes(tmp_path):
                     max_side=14), processes=processes)
     for i in range(3):
         assert (tmp_path / f"p1/{i:06d}.tar").read_bytes() == (tmp_path / f"p2/{i:06d}.tar").read_bytes()
+
+
+def test_sources_are_named_relative_to_the_input_folder_unless_absolute_is_asked(tmp_path, monkeypatch):
+    image_folder(tmp_path / "img", 2, sidecars=False)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere/x.jpg").write_bytes(image_bytes(7))
+    rows = [{"path": "sub0/img000.jpg", "caption": "inside"},
+            {"path": str(tmp_path / "elsewhere/x.jpg"), "caption": "an absolute path outside the folder"}]
+    write_table(tmp_path / "captions.csv", rows, "csv")
+    monkeypatch.chdir(tmp_path)
+    for absolute, expected in ((False, ["sub0/img000.jpg", "../elsewhere/x.jpg"]),
+                               (True, [str(tmp_path / "img/sub0/img000.jpg"), str(tmp_path / "elsewhere/x.jpg")])):
+        out = tmp_path / f"shards_{absolute}"
+        make_shards("img", str(out), target=ShardTarget(), captions="captions.csv", absolute_sources=absolute)
+        assert [json.loads(s["json"])["source"] for s in wds_samples(shard_urls(out, 1))] == expected

@@ -1,4 +1,5 @@
 """`reshard`: the multiset of samples is kept (minus duplicates), shards are balanced and shuffled."""
+import collections
 import json
 
 import pytest
@@ -106,3 +107,81 @@ def test_parallel_reshard_writes_the_same_shards(tmp_path):
         for i in range(n):
             assert (tmp_path / f"p1/{split}/{i:06d}.tar").read_bytes() == \
                 (tmp_path / f"p2/{split}/{i:06d}.tar").read_bytes()
+
+
+def test_buckets_stay_under_bucket_mb_whatever_the_number_of_samples(tmp_path, monkeypatch):
+    write_dataset(tmp_path / "in", [150, 150])  # ~1.3 KB per sample in memory: ~400 KB in all
+    inputs = shard_list(tmp_path / "in", 2)
+    held = []
+    original = reshard_module.shuffled_leaf
+
+    def measured(leaf, **kw):
+        held.append(sum(len(s["__key__"]) + len(s["image"]) + len(s["caption"]) + reshard_module.SAMPLE_OVERHEAD
+                        for s in original(leaf, **kw)))
+        return original(leaf, **kw)
+
+    monkeypatch.setattr(reshard_module, "shuffled_leaf", measured)
+    monkeypatch.setattr(reshard_module, "MAX_OPEN", 2)  # step 1: two buckets of ~200 KB
+    result = reshard(inputs, str(tmp_path / "out"), shards=1, seed=1, bucket_mb=0.05)  # 50 KB
+    assert result == {"splits": {"": [300]}, "dropped": {}}
+    assert sample_multiset(shard_list(tmp_path / "out", 1)) == sample_multiset(inputs)
+    assert len(held) >= 12 and max(held) <= 50_000  # buckets split until each fits the bound
+
+
+def test_duplicates_are_found_across_split_partitions_and_buckets(tmp_path):
+    samples = []  # (key, image): every third sample repeats an image, some keys repeat 15 shards later
+    for i in range(300):
+        key = f"k{i - 150 if i >= 150 and i % 5 == 4 else i:04d}"
+        samples.append((key, image_bytes(i // 3 * 3 if i % 3 == 2 else i, size=8)))
+    inputs = [str(write_shard(tmp_path / f"{n:02d}.tar", [m for key, image in samples[n * 10:n * 10 + 10]
+                                                          for m in ((f"{key}.jpg", image), (f"{key}.txt", b"c"))]))
+              for n in range(30)]
+    result = reshard(inputs, str(tmp_path / "out"), shards=3, bucket_mb=0.02)
+    seen_keys, seen_images, kept = set(), set(), collections.Counter()
+    for key, image in samples:  # reference: kept iff the first occurrence of its key and of its image
+        if key not in seen_keys and image not in seen_images:
+            kept[key] += 1
+        seen_keys.add(key)
+        seen_images.add(image)
+    assert result["dropped"] == {"duplicate_key": 30, "duplicate_image": 300 - 30 - sum(kept.values())}
+    assert collections.Counter(s["__key__"] for s in wds_samples(shard_list(tmp_path / "out", 3))) == kept
+
+
+def test_dedup_partitions_split_until_they_fit(tmp_path):
+    from clipscale.data_tools.dedup import RecordWriter, digest, later_occurrences
+
+    values = [i % 7 if i % 2 else i for i in range(2000)]  # heavy repeats of 7 values, plus distinct ones
+    writer = RecordWriter(str(tmp_path / "records"))
+    for index, v in enumerate(values):
+        writer.add(digest(str(v).encode()), index=index, bucket=index % 3, pos=index)
+    later = []
+    later_occurrences(writer.close(), bound_bytes=2048, emit=lambda r: later.extend(r["index"].tolist()),
+                      scratch=str(tmp_path / "scratch"))
+    first = {}
+    for index, v in enumerate(values):
+        first.setdefault(v, index)
+    assert sorted(later) == [i for i, v in enumerate(values) if first[v] != i]
+    assert list((tmp_path / "scratch").iterdir())  # partitions over 2 KB were split
+
+
+def test_a_reshard_interrupted_while_settling_starts_that_step_over(tmp_path, monkeypatch):
+    write_dataset(tmp_path / "in", UNEVEN)
+    inputs = shard_list(tmp_path / "in", len(UNEVEN))
+    monkeypatch.setattr(reshard_module, "MAX_OPEN", 2)  # two buckets of ~28 KB, each split
+    reshard(inputs, str(tmp_path / "whole"), shards=3, seed=4, bucket_mb=0.01)
+    original, calls = reshard_module.split_bucket, []
+
+    def interrupted(*args, **kw):  # Ctrl-C while the second too-large bucket is split
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(*args, **kw)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(reshard_module, "split_bucket", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            reshard(inputs, str(tmp_path / "out"), shards=3, seed=4, bucket_mb=0.01)
+    assert (tmp_path / "out/.reshard/filled.json").exists() and not (tmp_path / "out/.reshard/buckets.json").exists()
+    reshard(inputs, str(tmp_path / "out"), shards=3, seed=4, bucket_mb=0.01)
+    for i in range(3):
+        assert (tmp_path / f"out/{i:06d}.tar").read_bytes() == (tmp_path / f"whole/{i:06d}.tar").read_bytes()

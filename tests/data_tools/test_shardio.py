@@ -51,3 +51,22 @@ def test_unknown_table_format_is_named(tmp_path):
     (tmp_path / "c.xlsx").write_bytes(b"")
     with pytest.raises(DataError, match="c.xlsx: unknown format 'xlsx'"):
         read_table(str(tmp_path / "c.xlsx"), columns=("path",))
+
+
+def test_shard_writer_writes_the_bytes_tarfile_writes(tmp_path):
+    import io
+    import tarfile
+
+    fields = [("k/a.jpg", b"x" * 700), ("k/a.txt", b""), ("\u00e9" * 3 + ".txt", b"unicode name"),
+              ("n" * 120 + ".txt", b"long name")]
+    reference = io.BytesIO()
+    with tarfile.open(fileobj=reference, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in fields:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = len(data), 0, 0o644
+            tar.addfile(info, io.BytesIO(data))
+    with ShardWriter(str(tmp_path / "s.tar")) as writer:
+        for name, data in fields:
+            key, ext = name.rsplit(".", 1)
+            writer.write(key, {ext: data})
+    assert (tmp_path / "s.tar").read_bytes() == reference.getvalue()

@@ -163,3 +163,42 @@ def test_a_shard_that_does_not_exist_counts_at_once_without_retries(tmp_path):
     keys, counters = read(str(tmp_path / "missing.tar"), retries=3, backoff_s=30.0)
     assert keys == [] and counters == {"unreadable_shard": 1}
     assert time.monotonic() - start < 5  # retrying would sleep 30 s first
+
+
+def test_oversized_image_and_caption_members_are_bad_samples_skipped_unread(tmp_path):
+    import tracemalloc
+
+    from clipscale.data.shards import MAX_CAPTION_BYTES, MAX_IMAGE_BYTES
+
+    spec = write_shard(tmp_path / "big.tar", good("a", 1) + [("huge.jpg", bytes(MAX_IMAGE_BYTES + 1)), ("huge.txt", b"x")]
+                       + [("long.jpg", image_bytes(2)), ("long.txt", b"w " * (MAX_CAPTION_BYTES // 2 + 1))]
+                       + good("b", 3))
+    counters = collections.Counter()
+    tracemalloc.start()
+    keys = [s["__key__"] for s in shard_samples(str(spec), caption="txt", counters=counters, retries=0,
+                                                 backoff_s=0.0, timeout_s=30.0)]
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert keys == ["a", "b"]
+    assert counters == {"oversized_image": 1, "oversized_caption": 1}
+    assert peak < MAX_IMAGE_BYTES // 2  # the reader's read-ahead (16 x 1 MiB chunks), never the 64 MiB image
+
+
+def test_long_captions_are_cut_before_tokenizing(tmp_path):
+    from clipscale.data.config import DataConfig
+    from clipscale.data.pipeline import build_train_loader
+    from clipscale.data.shards import MAX_CAPTION_CHARS
+    from tests.unit.test_pipeline import TOKENIZER
+
+    seen = []
+
+    def tokenizer(texts):
+        seen.extend(len(t) for t in texts)
+        return TOKENIZER(texts)
+
+    members = [m for i in range(4) for m in ((f"k{i}.jpg", image_bytes(i)), (f"k{i}.txt", b"long words " * 90_000))]
+    spec = str(write_shard(tmp_path / "long.tar", members))
+    cfg = DataConfig(train_shards=spec, num_streams=1, workers=0, shuffle_buffer=0, train_num_samples=4)
+    loader = build_train_loader(cfg, tokenizer=tokenizer, image_size=16, batch_size=4, rank=0, world_size=1, seed=0)
+    (batch,) = take(loader, 1)
+    assert len(batch.keys) == 4 and seen == [MAX_CAPTION_CHARS] * 4  # ~1 MB each, cut to the bound

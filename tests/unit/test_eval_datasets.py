@@ -66,6 +66,16 @@ def test_eval_hash_changes_with_prompts(tmp_path):
     (lambda r: (r / "zeroshot_classification_templates.txt").write_text("a photo\n"),
      r"template 1 'a photo' needs a '\{c\}' slot.*write e\.g\. 'a photo of a \{c\}\.'"),
     (lambda r: (r / "test" / "nshards.txt").write_text("two"), r"nshards\.txt holds 'two'; write the number of shards"),
+    (lambda r: (r / "test" / "nshards.txt").write_text("10000000000000"),
+     r"nshards\.txt holds '10000000000000'; write the number of shards, 1 to 100,000"),
+    (lambda r: (r / "test" / "nshards.txt").write_text("1" + " " * 100), r"nshards\.txt is larger than 64 bytes"),
+    (lambda r: (r / "zeroshot_classification_templates.txt").write_text("{c}{c:>50000000}\n"),
+     r"template 1 '\{c\}\{c:>50000000\}' needs a '\{c\}' slot for the class name, no other fields or format"),
+    (lambda r: (r / "zeroshot_classification_templates.txt").write_text("a {c!r} or {0} {x}\n"), r"template 1 .* needs"),
+    (lambda r: (r / "zeroshot_classification_templates.txt").write_text("a {c}" + "!" * 400 + "\n"),
+     r"at most 300 characters"),
+    (lambda r: (r / "zeroshot_classification_templates.txt").write_text("a {c}.\n" * 1001),
+     r"holds 1,001 templates, more than 1,000"),
     (lambda r: (r / "dataset_type.txt").write_text("segmentation"), r"dataset_type\.txt says 'segmentation'"),
 ])
 def test_bad_metadata_names_the_file_and_the_fix(tmp_path, edit, match):

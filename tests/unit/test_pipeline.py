@@ -272,3 +272,37 @@ def test_decoded_images_reach_the_batch_without_a_warning(tmp_path):
         warnings.simplefilter("error")
         (batch,) = take(make_loader(spec, num_streams=1, batch=4, train_num_samples=4), 1)
     assert host_images(batch).shape == (4, 3, 16, 16)
+
+
+def test_shuffle_buffer_is_bounded_in_bytes_too():
+    import random
+
+    from clipscale.data.streams import shuffled
+
+    rng = random.Random(0)
+    samples = [{"__key__": str(i), "image": bytes(rng.choice([10, 1_000, 400_000])), "caption": b"c"}
+               for i in range(300)]
+    pulled = []
+
+    def source():
+        for s in samples:
+            pulled.append(s)
+            yield s
+
+    out, worst = [], 0
+    for s in shuffled(source(), buffer=1_000, max_bytes=1_000_000, rng=random.Random(1)):
+        out.append(s)
+        held = sum(len(p["image"]) + 1 for p in pulled) - sum(len(o["image"]) + 1 for o in out)
+        worst = max(worst, held)  # bytes read but not yet handed on (the one just yielded excluded)
+    assert sorted(s["__key__"] for s in out) == sorted(s["__key__"] for s in samples)
+    assert [s["__key__"] for s in out] != [s["__key__"] for s in samples]
+    assert worst <= 1_000_000 + 400_001  # the buffer's bound, plus the sample just read; without the bound
+    # the buffer would hold all 300 samples (~40 MB)
+    same = list(shuffled(iter(samples), buffer=16, max_bytes=10**12, rng=random.Random(1)))
+    count_only = list(shuffled(iter(samples), buffer=16, max_bytes=10**9, rng=random.Random(1)))
+    assert same == count_only  # a bytes bound that never binds changes nothing
+
+
+def test_shuffle_buffer_mb_must_be_positive():
+    with pytest.raises(DataError, match="data.shuffle_buffer_mb=0 must be above 0"):
+        DataConfig(shuffle_buffer_mb=0)
