@@ -51,7 +51,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if launch.rank == 0:
         marker.unlink(missing_ok=True)
     try:
-        run_dir = train(cfg)
+        run_dir = train(cfg, allow_config_change=args.allow_config_change)
     except Preempted:
         if launch.rank == 0:  # tells slurm/train.sbatch to requeue: torchrun's exit code would not
             marker.write_text(f"{EXIT_PREEMPTED}\n")
@@ -189,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.global_batch_size=512")
     p.add_argument("--print-run-dir", action="store_true",
                    help="print the run directory the recipe and overrides resolve to, and exit")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="resume a run although its config changed in fields that change the trajectory "
+                        "(the earlier config is kept as config.N.json)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="zero-shot classification, retrieval, linear probe -> results.jsonl")

@@ -18,6 +18,7 @@ import logging
 import os
 import re
 import signal
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -159,6 +160,11 @@ def barrier() -> None:
         dist.barrier()
 
 
+def new_cpu_group() -> dist.ProcessGroup | None:
+    """A gloo group of all ranks for collectives run off the main thread (None without a process group)."""
+    return dist.new_group(backend="gloo") if dist.is_initialized() else None
+
+
 class _GatherWithGrad(torch.autograd.Function):
     """all_gather whose backward sums every rank's gradient for our slice.
 
@@ -212,3 +218,40 @@ def gather_objects(obj: object) -> list:
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def broadcast_object(obj: object) -> object:
+    """Rank 0's picklable `obj` on every rank (`obj` itself without a process group).
+
+    For decisions rank 0 takes alone (which checkpoint to load) so that ranks whose view of a
+    shared filesystem lags still act alike. The pickle travels between the ranks of this job only.
+    """
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def main_does(work: Callable[[], None], *, what: str) -> None:
+    """Collective: rank 0 runs `work`, and every rank raises if it failed.
+
+    Rank-0-only file work between barriers (renames, deletions, small files) would otherwise leave
+    the other ranks waiting in the next collective until the process-group timeout. Rank 0
+    re-raises its own exception; the others raise `MainRankError` with its message.
+    """
+    error, failure = None, None
+    if rank() == 0:
+        try:
+            work()
+        except Exception as e:  # reported to every rank below, then re-raised here
+            error, failure = e, f"{type(e).__name__}: {e}"
+    failure = broadcast_object(failure)
+    if error is not None:
+        raise error
+    if failure is not None:
+        raise MainRankError(f"rank 0 failed {what}: {failure}")
+
+
+class MainRankError(RuntimeError):
+    """Raised on every other rank when rank 0's part of a collective step failed."""

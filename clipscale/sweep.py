@@ -47,11 +47,11 @@ def sweep_points(recipe: str | Path, overrides: list[str]) -> list[SweepPoint]:
 
 
 def finished(cfg: Config) -> bool:
-    """Whether the run's latest complete checkpoint is its last step."""
+    """Whether the run's latest complete checkpoint has seen `train.total_samples`."""
     from clipscale.checkpoint import latest_checkpoint, read_meta  # torch: only when sweeping
 
     latest = latest_checkpoint(cfg.run_dir / "checkpoints")
-    return latest is not None and read_meta(latest)["step"] >= cfg.train.total_samples // cfg.train.global_batch_size
+    return latest is not None and read_meta(latest)["samples_seen"] >= cfg.train.total_samples
 
 
 def sbatch_commands(points: list[SweepPoint], *, args_dir: Path, scripts: Path, sbatch_args: list[str],
