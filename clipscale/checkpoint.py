@@ -6,7 +6,8 @@ Layout of `RUN_DIR/checkpoints/`:
         shard-*.safetensors DCP shards, one file per rank that wrote tensors: "model.*", "optim.*"
                             (per-parameter state), and plain data as JSON in uint8 tensors:
                             "progress", "loader", "grad_scaler", "rng_rank{r}" (one per rank)
-        meta.json           {"step", "samples_seen", "world_size", "config"}, written last
+        meta.json           {"step", "samples_seen", ... (the progress), "world_size", "emergency",
+                            "config"}: a summary for tools that do not load the state; written last
     step_000200.tmp/        being written; never loaded, removed by the next save
     step_000100.old/        a checkpoint being replaced by one of the same step; removed next
 
@@ -31,7 +32,7 @@ import random
 import re
 import shutil
 import warnings
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -302,7 +303,8 @@ class Checkpointer:
         # DCP's async save runs its collectives in a thread: on a group of their own, or they would
         # interleave with the training step's collectives on the default group.
         self.async_group = dist.new_cpu_group() if async_periodic else None
-        self.pending: tuple[Future, Path, dict[str, Any]] | None = None
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
+        self.pending: tuple[Future, Path] | None = None  # (completion of the asynchronous save, its path)
 
     def load(self, meta: dict[str, Any]) -> bool:
         """Load the checkpoint `choose_checkpoint` returned; returns whether this rank's RNG states were in it
@@ -317,31 +319,36 @@ class Checkpointer:
 
         An emergency save (non-finite stop, preemption) is synchronous and never deletes a
         checkpoint: the newest one before the trouble may be the last good weights. Any other save
-        runs asynchronously with `async_periodic`; `wait` completes it.
+        with `async_periodic` returns once the states are copied; the shards are written and the
+        checkpoint completed in a thread, and the next save (or `wait`) waits for it.
         """
-        step, samples_seen = progress.step, progress.samples_seen
         self.wait()
-        final = self.ckpt_dir / checkpoint_name(step)
+        final = self.ckpt_dir / checkpoint_name(progress.step)
         tmp = final.with_name(final.name + ".tmp")
         dist.main_does(lambda: self._prepare(tmp), what=f"preparing {tmp}")
-        meta = {"step": step, "samples_seen": samples_seen, "world_size": dist.world_size(), **self.meta,
-                "emergency": emergency}
+        meta = {**vars(progress), "world_size": dist.world_size(), "emergency": emergency, **self.meta}
         writer = HuggingFaceStorageWriter(str(tmp), save_distributed=True)
         if self.async_periodic and not emergency:
-            future = dcp.async_save(self.states, storage_writer=writer, process_group=self.async_group)
-            self.pending = (future, tmp, meta)
+            staged = dcp.async_save(self.states, storage_writer=writer, process_group=self.async_group)
+            self.pending = (self.executor.submit(self._complete, staged, tmp, meta), final)
             return
         dcp.save(self.states, storage_writer=writer)
-        self._finish(tmp, meta)
+        dist.main_does(lambda: self._publish(tmp, meta), what=f"completing checkpoint {final}")
+        log.info("saved checkpoint %s", final)
 
     def wait(self) -> None:
-        """Collective: complete the pending asynchronous save, if any."""
+        """Collective: wait for the pending asynchronous save, if any; raises on every rank if it failed."""
         if self.pending is None:
             return
-        future, tmp, meta = self.pending
-        self.pending = None
-        future.result()
-        self._finish(tmp, meta)
+        (pending, final), self.pending = self.pending, None
+        dist.each_does(pending.result, what=f"writing checkpoint {final}")
+        log.info("saved checkpoint %s", final)
+
+    def _complete(self, staged: Future, tmp: Path, meta: dict[str, Any]) -> None:
+        """In the save thread: once DCP's save returned on rank 0 every rank has written its shards."""
+        staged.result()
+        if dist.rank() == 0:
+            self._publish(tmp, meta)
 
     def _prepare(self, tmp: Path) -> None:
         """Rank 0: remove what killed saves left (`.tmp`, `.old`), then create `tmp`."""
@@ -350,14 +357,9 @@ class Checkpointer:
                 shutil.rmtree(p)
         tmp.mkdir(parents=True)
 
-    def _finish(self, tmp: Path, meta: dict[str, Any]) -> None:
-        """After every rank wrote its shards: meta.json, the rename, retention (rank 0's work)."""
-        dist.barrier()
+    def _publish(self, tmp: Path, meta: dict[str, Any]) -> None:
+        """Rank 0, after every rank wrote its shards: meta.json, the rename, retention."""
         final = tmp.with_name(tmp.name.removesuffix(".tmp"))
-        dist.main_does(lambda: self._publish(tmp, final, meta), what=f"completing checkpoint {final}")
-        log.info("saved checkpoint %s", final)
-
-    def _publish(self, tmp: Path, final: Path, meta: dict[str, Any]) -> None:
         write_synced(tmp / META, json.dumps(meta, indent=1))
         old = final.with_name(final.name + ".old")
         if final.exists():  # the same step saved again after a resume: the old one goes aside, not away

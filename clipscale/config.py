@@ -183,7 +183,7 @@ class Config:
 
 SAFE_TO_CHANGE = frozenset({
     # where outputs go and how they are reported
-    "run.output_dir", "log.wandb", "log.wandb_project", "log.progress_bar",
+    "run.output_dir", "run.name", "log.wandb", "log.wandb_project", "log.progress_bar",
     *(f"eval.{f.name}" for f in dataclasses.fields(EvalConfig)),
     # how often the loop logs, checkpoints and keeps checkpoints; when it gives up
     "train.log_every_steps", "train.checkpoint_every_samples", "train.keep_last", "train.keep_every_samples",

@@ -237,21 +237,29 @@ def main_does(work: Callable[[], None], *, what: str) -> None:
     """Collective: rank 0 runs `work`, and every rank raises if it failed.
 
     Rank-0-only file work between barriers (renames, deletions, small files) would otherwise leave
-    the other ranks waiting in the next collective until the process-group timeout. Rank 0
-    re-raises its own exception; the others raise `MainRankError` with its message.
+    the other ranks waiting in the next collective until the process-group timeout.
+    """
+    each_does(work if rank() == 0 else lambda: None, what=what)
+
+
+def each_does(work: Callable[[], None], *, what: str) -> None:
+    """Collective: every rank runs `work`; if it failed anywhere, every rank raises.
+
+    A rank that failed re-raises its own exception; the others raise `PeerRankError` naming the
+    first rank that failed and its error.
     """
     error, failure = None, None
-    if rank() == 0:
-        try:
-            work()
-        except Exception as e:  # reported to every rank below, then re-raised here
-            error, failure = e, f"{type(e).__name__}: {e}"
-    failure = broadcast_object(failure)
+    try:
+        work()
+    except Exception as e:  # reported to every rank below, then re-raised here
+        error, failure = e, f"{type(e).__name__}: {e}"
+    failures = gather_objects(failure)
     if error is not None:
         raise error
-    if failure is not None:
-        raise MainRankError(f"rank 0 failed {what}: {failure}")
+    for r, f in enumerate(failures):
+        if f is not None:
+            raise PeerRankError(f"rank {r} failed {what}: {f}")
 
 
-class MainRankError(RuntimeError):
-    """Raised on every other rank when rank 0's part of a collective step failed."""
+class PeerRankError(RuntimeError):
+    """Raised on the other ranks when one rank's part of a collective step failed."""
