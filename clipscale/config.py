@@ -129,10 +129,15 @@ class TrainConfig:
     so this also bounds how many steps pass before a stop signal or a non-finite streak is acted on."""
     checkpoint_every_samples: int = 12_800
     """Save a checkpoint every this many samples (and at the end)."""
+    async_checkpoint: bool = True
+    """Write periodic checkpoints in a background thread: the step waits only while the state is
+    copied (docs/benchmarks.md). Saves on a stop signal or a non-finite streak are synchronous."""
     keep_last: int = 0
-    """Keep only this many latest checkpoints (0 = keep all, needed for scaling evaluations)."""
+    """Keep only this many latest checkpoints (0 = keep all, needed for scaling evaluations).
+    Saves on a stop signal or a non-finite streak never delete any."""
     keep_every_samples: int = 0
-    """With keep_last, also keep checkpoints at multiples of this many samples (0 = none)."""
+    """With keep_last, also keep the first checkpoint at or after each multiple of this many samples
+    (0 = none)."""
     max_nonfinite_steps: int = 5
     """Stop (after saving) when this many consecutive steps had non-finite gradients (checked at
     log and checkpoint steps)."""
@@ -186,8 +191,8 @@ SAFE_TO_CHANGE = frozenset({
     "run.output_dir", "run.name", "log.wandb", "log.wandb_project", "log.progress_bar",
     *(f"eval.{f.name}" for f in dataclasses.fields(EvalConfig)),
     # how often the loop logs, checkpoints and keeps checkpoints; when it gives up
-    "train.log_every_steps", "train.checkpoint_every_samples", "train.keep_last", "train.keep_every_samples",
-    "train.max_nonfinite_steps",
+    "train.log_every_steps", "train.checkpoint_every_samples", "train.async_checkpoint", "train.keep_last",
+    "train.keep_every_samples", "train.max_nonfinite_steps",
     # how the same step is computed (the same math: parallelism, recomputation, gradient cache, tiling)
     "run.device", "train.parallel", "train.fsdp_reshard_after_forward", "train.grad_checkpointing",
     "train.compile", "train.compile_backend", "train.num_threads", "train.chunk_size", "loss.local_loss",

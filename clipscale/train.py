@@ -335,7 +335,8 @@ def build_checkpointer(cfg: Config, *, model, optimizer, loader, progress: Progr
     if scaler is not None and scaler.is_enabled():  # the exact loss scale continues
         states["grad_scaler"] = ckpt.PlainState(scaler.state_dict, scaler.load_state_dict)
     return ckpt.Checkpointer(
-        cfg.run_dir / "checkpoints", states=states, meta={"config": config_to_dict(cfg)}, async_periodic=True,
+        cfg.run_dir / "checkpoints", states=states, meta={"config": config_to_dict(cfg)},
+        async_periodic=cfg.train.async_checkpoint,
         policy=ckpt.RetentionPolicy(keep_last=cfg.train.keep_last, keep_every_samples=cfg.train.keep_every_samples))
 
 

@@ -20,6 +20,7 @@ from tests.helpers import REPO, free_port, run_cli
 
 pytestmark = pytest.mark.slow
 STOCHASTIC = "model.patch_dropout=0.5"  # open_clip's towers draw a patch mask every step
+SYNC_SAVES = "train.async_checkpoint=false"
 
 
 def args(data: dict, out: Path, name: str, *extra: str) -> list[str]:
@@ -110,15 +111,6 @@ def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: flo
     raise TimeoutError(f"step {step} not reached")
 
 
-def wait_for_checkpoint(run_dir: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
-    from clipscale.checkpoint import latest_checkpoint
-
-    deadline = time.time() + timeout
-    while latest_checkpoint(run_dir / "checkpoints") is None:
-        assert time.time() < deadline and proc.poll() is None, "no complete checkpoint"
-        time.sleep(0.05)
-
-
 @pytest.fixture(scope="module")
 def reference_run(synthetic_data, tmp_path_factory):
     """Uninterrupted 2-rank run of a model without random draws (compared across world sizes)."""
@@ -153,9 +145,10 @@ def test_patch_dropout_draws_random_numbers(stochastic_run, reference):
 
 @pytest.mark.parametrize("kill_after_step", [5, 13])
 def test_sigkill_and_resume_is_bitwise_identical(stochastic_run, synthetic_data, tmp_path, kill_after_step):
-    proc = torchrun(args(synthetic_data, tmp_path, "killed", STOCHASTIC))
+    # Synchronous saves: the checkpoint of step 4 is complete once step 5 runs (an asynchronous
+    # one completes a little later, and the short run might finish before the kill).
+    proc = torchrun(args(synthetic_data, tmp_path, "killed", STOCHASTIC, SYNC_SAVES))
     wait_for_step(tmp_path / "killed", kill_after_step, proc)
-    wait_for_checkpoint(tmp_path / "killed", proc)  # periodic saves complete in the background
     kill_tree(proc)  # the whole job: agent, ranks and loader workers, mid-step
     assert latest_step(tmp_path / "killed") < 20  # killed before the end: there is work to resume
     resumed = run_cli(*args(synthetic_data, tmp_path, "killed", STOCHASTIC), nproc=2)
