@@ -13,14 +13,16 @@ Layout of `RUN_DIR/checkpoints/`:
 
 Trust: loading parses JSON (meta.json, safetensors headers, the plain-data tensors) and copies raw
 tensor bytes; nothing from the directory is unpickled, so a tampered checkpoint cannot run code.
-A checkpoint directory holding anything else (a pickled DCP `.metadata`, `.distcp`, `.pt`) is
-refused before any file is read.
+A checkpoint directory holding anything besides meta.json and the shards (a pickled DCP
+`.metadata`, `.distcp` or `.pt` of an older clipscale, or a tampered file) is refused before any
+tensor is read.
 
 Every method of `Checkpointer` is collective. Rank 0 alone picks the checkpoint to load and
 broadcasts it (ranks on a shared filesystem may list it differently), and does the file work of
 a save (meta.json, rename, retention) reporting a failure to every rank (`dist.main_does`).
-Periodic saves run asynchronously (`dcp.async_save`: the step waits only for the copy of the
-state); the next save, emergency or final, waits for the pending one first.
+With `async_periodic` (`train.async_checkpoint`) periodic saves are asynchronous (`dcp.async_save`:
+the step waits only for the copy of the state) and the save thread completes the checkpoint once
+every rank wrote; the next save (emergency ones are synchronous) and the end of the run wait for it.
 """
 from __future__ import annotations
 
