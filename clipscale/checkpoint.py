@@ -282,10 +282,13 @@ def load_model_weights(path: Path, model: torch.nn.Module) -> None:
 def choose_checkpoint(ckpt_dir: Path) -> dict[str, Any] | None:
     """Collective: the meta.json of the newest complete checkpoint as rank 0 sees it, on every rank
     (None: none). Ranks of a shared filesystem may list it differently; they load what rank 0 chose."""
-    def newest() -> dict[str, Any] | None:
+    chosen: list[dict[str, Any] | None] = [None]
+
+    def newest() -> None:
         latest = latest_checkpoint(Path(ckpt_dir))
-        return None if latest is None else read_meta(latest)
-    return dist.broadcast_object(newest() if dist.rank() == 0 else None)
+        chosen[0] = None if latest is None else read_meta(latest)
+    dist.main_does(newest, what=f"reading the newest checkpoint of {ckpt_dir}")  # e.g. a corrupt meta.json
+    return dist.broadcast_object(chosen[0])
 
 
 class Checkpointer:
