@@ -10,6 +10,8 @@ Layout of `RUN_DIR/checkpoints/`:
                             "config"}: a summary for tools that do not load the state; written last
     step_000200.tmp/        being written; never loaded, removed by the next save
     step_000100.old/        a checkpoint being replaced by one of the same step; removed next
+    step_000050.pruned/     being deleted by retention (renamed first: a reader that listed it, such as
+                            `clipscale eval --watch`, finds it gone rather than half deleted)
 
 Trust: loading parses JSON (meta.json, safetensors headers, the plain-data tensors) and copies raw
 tensor bytes; nothing from the directory is unpickled, so a tampered checkpoint cannot run code.
@@ -59,7 +61,7 @@ log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
 META = "meta.json"
 COMPLETE = re.compile(r"step_(\d+)")
-LEFTOVER = re.compile(r"step_\d+\.(tmp|old)")
+LEFTOVER = re.compile(r"step_\d+\.(tmp|old|pruned)")
 SHARD = re.compile(r"shard-\d+-model-\d+-of-\d+\.safetensors")
 _FLAT_OPTIM = StateDictOptions(flatten_optimizer_state_dict=True)
 
@@ -73,7 +75,7 @@ def checkpoint_name(step: int) -> str:
 
 
 def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (`.tmp`, `.old` or meta-less directories are not complete)."""
+    """Complete checkpoints, oldest first: `step_N` directories with meta.json (not `.tmp`, `.old`, `.pruned`)."""
     if not ckpt_dir.is_dir():
         return []
     found = [p for p in ckpt_dir.iterdir() if COMPLETE.fullmatch(p.name) and (p / META).is_file()]
@@ -250,8 +252,9 @@ def saved_keys(path: Path) -> dict[str, torch.Size]:
     return {fqn: md.size for fqn, md in metadata.state_dict_metadata.items()}
 
 
-def load_states(path: Path, states: dict[str, Stateful]) -> set[str]:
-    """Collective: load `states` from checkpoint `path`; returns the names it held.
+def load_states(path: Path, states: dict[str, Stateful], *, no_dist: bool = False) -> set[str]:
+    """Collective (unless `no_dist`: this process alone): load `states` from checkpoint `path`;
+    returns the names it held.
 
     A plain-data state the checkpoint lacks is left alone (a rank the saving job did not have has
     no RNG states); a model or optimizer tensor it lacks is an error.
@@ -264,15 +267,28 @@ def load_states(path: Path, states: dict[str, Stateful]) -> set[str]:
                 template[name] = {"json": torch.empty(saved[f"{name}.json"], dtype=torch.uint8)}
         else:
             template[name] = state.state_dict()
-    dcp.load(template, storage_reader=HuggingFaceStorageReader(str(path)))
+    dcp.load(template, storage_reader=HuggingFaceStorageReader(str(path)), no_dist=no_dist)
     for name in template:
         states[name].load_state_dict(template[name])
     return set(template)
 
 
 def load_model_weights(path: Path, model: torch.nn.Module) -> None:
-    """Load only the model part of a checkpoint into an unwrapped model (one process)."""
-    load_states(path, {"model": ModelState(model)})
+    """Load only the model part of a checkpoint into an unwrapped model, in this process alone
+    (each rank of an evaluation loads the whole model for itself)."""
+    load_states(path, {"model": ModelState(model)}, no_dist=True)
+
+
+def load_weights_if_present(path: Path, model: torch.nn.Module) -> dict[str, Any] | None:
+    """`load_model_weights` and the meta, or None when the checkpoint is gone (pruned since it was listed)."""
+    try:
+        meta = read_meta(path)
+        load_model_weights(path, model)
+        return meta
+    except Exception:
+        if (path / META).is_file():  # still there under its name: a real error (a refused file, ...)
+            raise
+        return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,13 +298,10 @@ def load_model_weights(path: Path, model: torch.nn.Module) -> None:
 def choose_checkpoint(ckpt_dir: Path) -> dict[str, Any] | None:
     """Collective: the meta.json of the newest complete checkpoint as rank 0 sees it, on every rank
     (None: none). Ranks of a shared filesystem may list it differently; they load what rank 0 chose."""
-    chosen: list[dict[str, Any] | None] = [None]
-
-    def newest() -> None:
+    def newest() -> dict[str, Any] | None:
         latest = latest_checkpoint(Path(ckpt_dir))
-        chosen[0] = None if latest is None else read_meta(latest)
-    dist.main_does(newest, what=f"reading the newest checkpoint of {ckpt_dir}")  # e.g. a corrupt meta.json
-    return dist.broadcast_object(chosen[0])
+        return None if latest is None else read_meta(latest)
+    return dist.rank0_value(newest)  # what it raises (a corrupt meta.json) is raised on every rank
 
 
 class Checkpointer:
@@ -379,7 +392,10 @@ class Checkpointer:
         paths = {Saved(m["step"], m["samples_seen"]): p
                  for p in complete_checkpoints(self.ckpt_dir) for m in [read_meta(p)]}
         for gone in to_delete(list(paths), self.policy):
-            shutil.rmtree(paths[gone])
+            # Renamed first: a reader that listed it (`clipscale eval --watch`) finds it gone, not half deleted.
+            doomed = paths[gone].with_name(paths[gone].name + ".pruned")
+            os.replace(paths[gone], doomed)
+            shutil.rmtree(doomed)
 
 
 def write_synced(path: Path, text: str) -> None:

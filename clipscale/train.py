@@ -5,10 +5,12 @@
     clipscale train RECIPE train.global_batch_size=512 run.name=b512       # dotted overrides
 
 The run directory `RUN_DIR = run.output_dir/run.name` holds config.json, metrics.jsonl and
-checkpoints/; starting a run whose directory has a complete checkpoint resumes from it.
+checkpoints/ (and training.json while training: `clipscale.run_state`); starting a run whose
+directory has a complete checkpoint resumes from it.
 SIGUSR1 or SIGTERM: at the next log or checkpoint step (so within `train.log_every_steps` steps)
-a checkpoint is saved and every rank exits with `EXIT_PREEMPTED`, so a scheduler can requeue the
-job and the next start resumes. Steps in between run without a host-device sync.
+a checkpoint is saved, the `preempted` marker written and every rank exits with `EXIT_PREEMPTED`,
+so a scheduler can requeue the job and the next start resumes. Steps in between run without a
+host-device sync.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from pathlib import Path
 import torch
 
 from clipscale import checkpoint as ckpt
-from clipscale.compute import model_flops_per_sample
+from clipscale.compute import gmacs_per_sample, model_flops_per_sample
 from clipscale.config import Config, check_resume_config, config_to_dict, record_config
 from clipscale.data.pipeline import build_train_loader, merge_rank_states, normalize_images, sum_counters
 from clipscale.dist import (STOP_SIGNALS, DistInfo, destroy_distributed, gather_objects, gather_rows,
@@ -33,14 +35,16 @@ from clipscale.evaluate.runner import maybe_eval
 from clipscale.gradcache import gradcache_step
 from clipscale.loss import contrastive_loss
 from clipscale.metrics import MetricsLogger, StepTimer, mfu, peak_flops
-from clipscale.models import ModelBundle, build_model, count_params, gmacs_per_sample
-from clipscale.optim import build_optimizer, lr_at, set_lr, step_unless
-from clipscale.parallel import autocast, full_tensor, global_grad_norm, grad_scaler, parallelize, unwrap
+from clipscale.models import ModelBundle, build_model, count_params
+from clipscale.optim import build_optimizer, crossed, lr_at, set_lr, step_unless
+from clipscale.parallel import (autocast, full_tensor, global_grad_norm, grad_scaler, parallelize, step_precision,
+                                unwrap)
+from clipscale.run_state import PREEMPTED, training_marker
 
 log = logging.getLogger(__name__)
 MAX_LOGIT_SCALE = math.log(100)  # temperature floor of 0.01 (Radford et al. 2021)
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: saved on a signal, resume by starting again
-PREEMPTED_MARKER = "preempted"  # file in the run directory: the last launch saved and exited on a signal
+PREEMPTED_MARKER = PREEMPTED  # file in the run directory: the last launch saved and exited on a signal
 
 
 class Preempted(SystemExit):
@@ -128,7 +132,13 @@ def train(cfg: Config, *, allow_config_change: bool = False) -> Path:
     """
     info = init_distributed(device=cfg.run.device)
     try:
-        return _train(cfg, info, allow_config_change=allow_config_change)
+        with training_marker(cfg.run_dir, enabled=info.is_main):
+            try:
+                return _train(cfg, info, allow_config_change=allow_config_change)
+            except Preempted:
+                if info.is_main:  # before training.json goes: a watcher never sees the run as stopped
+                    (cfg.run_dir / PREEMPTED_MARKER).write_text(f"{EXIT_PREEMPTED}\n")
+                raise
     finally:
         destroy_distributed()
 
@@ -265,12 +275,12 @@ def train_step(model: torch.nn.Module, images: torch.Tensor, texts: torch.Tensor
     optimizer.zero_grad(set_to_none=True)
     scaling = scaler is not None and scaler.is_enabled()
     if cfg.train.chunk_size:
-        with autocast(cfg.train, device):
+        with autocast(device, step_precision(cfg.train)):
             loss = gradcache_step(model, images, texts, chunk_size=cfg.train.chunk_size, loss_cfg=cfg.loss,
                                   scale_loss=scaler.scale if scaling else None)
         timer.lap("forward_backward_s")
     else:
-        with autocast(cfg.train, device):
+        with autocast(device, step_precision(cfg.train)):
             out = model(images, texts)
         loss = contrastive_loss(cfg.loss, out["image_features"].float(), out["text_features"].float(),
                                 out["logit_scale"].float(), out.get("logit_bias"))
@@ -305,11 +315,6 @@ def gather_step_stats(result: StepResult, tally: SkipTally, *, model, loader, st
                      max_streak=int(max(max_streak)), stop=any(stop),
                      logit_scale=full_tensor(unwrap(model).logit_scale).exp().item(),
                      data=data_counters(loader))
-
-
-def crossed(samples_seen: int, batch: int, every: int) -> bool:
-    """True when the last step crossed a multiple of `every` samples."""
-    return every > 0 and samples_seen // every > (samples_seen - batch) // every
 
 
 def global_loader_state(loader) -> dict:

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from clipscale import checkpoint as ckpt
+from clipscale.compute import gmacs_per_sample
 from clipscale.config import ConfigError, load_config, validate_for_world
 from clipscale.metrics import mfu, peak_flops
-from clipscale.models import build_model, gmacs_per_sample
+from clipscale.models import build_model
 from tests.helpers import run_cli
 
 

@@ -94,15 +94,19 @@ def test_incomplete_checkpoints_are_never_loaded(tmp_path):
     (tmp_path / "step_000003").mkdir()  # no meta.json
     (tmp_path / "step_000004.old").mkdir()  # killed while replacing a checkpoint
     (tmp_path / "step_000004.old" / "meta.json").write_text("{}")
+    (tmp_path / "step_000005.pruned").mkdir()  # being deleted by retention
+    (tmp_path / "step_000005.pruned" / "meta.json").write_text("{}")
     assert ckpt.latest_checkpoint(tmp_path).name == "step_000001"
     assert ckpt.choose_checkpoint(tmp_path)["step"] == 1
 
 
 def test_a_save_removes_what_killed_saves_left(tmp_path):
-    """Leftovers of other steps (`.tmp` from a killed save, `.old` from a killed replacement) go."""
+    """Leftovers of other steps (`.tmp` from a killed save, `.old` from a killed replacement,
+    `.pruned` from a killed retention) go."""
     save_steps(tmp_path, [1])
     (tmp_path / "step_000002.tmp").mkdir()
     (tmp_path / "step_000001.old").mkdir()
+    (tmp_path / "step_000000.pruned").mkdir()
     save_steps(tmp_path, [3])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000001", "step_000003"]
 
@@ -233,4 +237,6 @@ def test_a_checkpoint_with_a_pickle_is_refused_without_running_it(tmp_path):
     assert isinstance(e.value, InputError)
     with pytest.raises(ckpt.CheckpointError):
         ckpt.load_model_weights(tmp_path / "ckpts" / "step_000001", fresh)
+    with pytest.raises(ckpt.CheckpointError):  # still there under its name: refused, not taken for pruned
+        ckpt.load_weights_if_present(tmp_path / "ckpts" / "step_000001", fresh)
     assert not marker.exists()

@@ -98,3 +98,13 @@ def test_sweep_with_bad_key_fails_before_any_run(tmp_path):
     recipe = write(tmp_path, '[sweep]\nm = [ { "model.vision_widht" = 3 } ]\n')
     with pytest.raises(ConfigError, match="did you mean 'vision_width'"):
         load_sweep(recipe)
+
+
+def test_shipped_recipes_resolve_by_name_and_an_unknown_name_lists_them(tmp_path, monkeypatch):
+    from clipscale.config import RECIPES
+
+    monkeypatch.chdir(tmp_path)  # outside the repository
+    assert load_config("vit_g14_laion2b").run.name == load_config("vit_g14_laion2b.toml").run.name == "vit_g14_laion2b"
+    assert (RECIPES / "tiny_cpu.toml").is_file()
+    with pytest.raises(ConfigError, match=r"recipe not found: nosuch; pass a TOML file or one of .*'tiny_cpu'"):
+        load_config("nosuch")

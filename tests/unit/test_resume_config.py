@@ -26,9 +26,10 @@ def test_a_trajectory_change_is_refused_naming_each_difference():
 
 def test_safe_changes_pass_and_are_reported():
     cfg = load_config(None, ["train.total_samples=51200", "train.parallel=fsdp", "eval.every_samples=0",
-                             'eval.datasets=["a=b"]', "train.keep_last=2"])
+                             'eval.datasets=["a=b"]', "train.keep_last=2", "run.accelerator=H100", "data.name=mine"])
     changes = check_resume_config(saved(), cfg, allow_change=False)
-    assert set(changes) == {"train.total_samples", "train.parallel", "eval.datasets", "train.keep_last"}
+    assert set(changes) == {"train.total_samples", "train.parallel", "eval.datasets", "train.keep_last",
+                            "run.accelerator", "data.name"}
 
 
 def test_every_start_config_is_kept_in_order(tmp_path):

@@ -181,3 +181,14 @@ def test_skip_tally_counts_skips_and_the_longest_streak_on_the_device():
     tally.reset()  # a sync point: counts restart, the running streak carries on
     tally.add(torch.tensor(True))
     assert (tally.skipped.item(), tally.streak.item(), tally.max_streak.item()) == (1, 2, 2)
+
+
+def test_progress_bar_shows_no_loss_before_the_first_logged_one(tmp_path, capsys):
+    metrics = MetricsLogger(tmp_path, load_config(None, []).log, enabled=True, total_steps=2, config={})
+    metrics.log({"step": 0, "params": 10, "gmacs_per_sample": 0.5})  # what training logs before its first step
+    metrics.advance()
+    assert not metrics.bar.postfix
+    metrics.log({"step": 1, "loss": 1.5})
+    assert metrics.bar.postfix == "loss=1.5000"
+    metrics.close()
+    assert "nan" not in capsys.readouterr().err
