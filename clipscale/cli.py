@@ -65,7 +65,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     launch = launch_env()
     validate_for_world(cfg, launch.world_size)  # before any process group
-    run_dir = train(cfg)  # on a signal it writes RUN/preempted, which slurm/train.sbatch requeues on
+    # on a signal it writes RUN/preempted, which slurm/train.sbatch requeues on
+    run_dir = train(cfg, allow_config_change=args.allow_config_change)
     if launch.rank == 0:
         print(f"run directory: {run_dir}")
     return 0
@@ -291,6 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.global_batch_size=512")
     p.add_argument("--print-run-dir", action="store_true",
                    help="print the run directory the recipe and overrides resolve to, and exit")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="resume a run although its config changed in fields that change the trajectory "
+                        "(the earlier config is kept as config.N.json)")
     p.set_defaults(func=cmd_train)
 
     p = verb("eval", help="zero-shot classification, retrieval, linear probe -> results.jsonl")

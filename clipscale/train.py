@@ -27,7 +27,7 @@ import torch
 
 from clipscale import checkpoint as ckpt
 from clipscale.compute import gmacs_per_sample, model_flops_per_sample
-from clipscale.config import Config, config_to_dict, save_config
+from clipscale.config import Config, check_resume_config, config_to_dict, record_config
 from clipscale.data.pipeline import build_train_loader, merge_rank_states, normalize_images, sum_counters
 from clipscale.dist import (STOP_SIGNALS, DistInfo, destroy_distributed, gather_objects, gather_rows,
                             init_distributed, stop_when_launcher_dies)
@@ -124,13 +124,17 @@ class StopSignal:
         self.requested = True
 
 
-def train(cfg: Config) -> Path:
-    """Train according to `cfg`; returns the run directory. Collective under torchrun."""
+def train(cfg: Config, *, allow_config_change: bool = False) -> Path:
+    """Train according to `cfg`; returns the run directory. Collective under torchrun.
+
+    A run directory with a checkpoint resumes from it; a config that differs from the
+    checkpoint's in a field outside `config.SAFE_TO_CHANGE` is refused unless `allow_config_change`.
+    """
     info = init_distributed(device=cfg.run.device)
     try:
         with training_marker(cfg.run_dir, enabled=info.is_main):
             try:
-                return _train(cfg, info)
+                return _train(cfg, info, allow_config_change=allow_config_change)
             except Preempted:
                 if info.is_main:  # before training.json goes: a watcher never sees the run as stopped
                     (cfg.run_dir / PREEMPTED_MARKER).write_text(f"{EXIT_PREEMPTED}\n")
@@ -139,11 +143,16 @@ def train(cfg: Config) -> Path:
         destroy_distributed()
 
 
-def _train(cfg: Config, info: DistInfo) -> Path:
+def _train(cfg: Config, info: DistInfo, *, allow_config_change: bool) -> Path:
     run_dir = cfg.run_dir
+    resume_from = ckpt.choose_checkpoint(run_dir / "checkpoints")  # rank 0's choice, on every rank
+    if resume_from is not None:  # every rank decides alike on the same meta
+        for key, (old, new) in check_resume_config(resume_from["config"], cfg,
+                                                   allow_change=allow_config_change).items():
+            log.warning("resuming with %s changed: %r -> %r", key, old, new)
     if info.is_main:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.json")
+        record_config(cfg, run_dir)
     configure_threads(cfg, info)
     stop_signal = StopSignal()
     torch.manual_seed(cfg.run.seed)  # identical initialisation on every rank
@@ -156,11 +165,14 @@ def _train(cfg: Config, info: DistInfo) -> Path:
         batch_size=cfg.train.global_batch_size // info.world_size, rank=info.rank,
         world_size=info.world_size, seed=cfg.run.seed, device=info.device,
     )
-    progress, rng_restored = resume(run_dir / "checkpoints", model=model, optimizer=optimizer, loader=loader,
-                                    scaler=scaler)
+    progress = Progress()
+    checkpointer = build_checkpointer(cfg, model=model, optimizer=optimizer, loader=loader, scaler=scaler,
+                                      progress=progress)
+    rng_restored = resume_from is not None and checkpointer.load(resume_from)
     if not rng_restored:  # fresh start, or a rank the checkpoint's world did not have
         torch.manual_seed(cfg.run.seed * 1000 + info.rank + progress.step)  # per-rank stochastic layers
-    total_steps = cfg.train.total_samples // cfg.train.global_batch_size
+    # total_samples is the contract; the step count only feeds the progress bar (the batch may have changed)
+    total_steps = progress.step + -(-(cfg.train.total_samples - progress.samples_seen) // cfg.train.global_batch_size)
     metrics = MetricsLogger(run_dir, cfg.log, enabled=info.is_main, total_steps=total_steps,
                             config=config_to_dict(cfg), start_step=progress.step)
     gmacs = gmacs_per_sample(bundle)
@@ -170,8 +182,9 @@ def _train(cfg: Config, info: DistInfo) -> Path:
     start, t0 = progress.samples_seen, time.perf_counter()
     try:
         run_loop(cfg, info, model=model, optimizer=optimizer, loader=loader, bundle=bundle, scaler=scaler,
-                 progress=progress, total_steps=total_steps, metrics=metrics, stop_signal=stop_signal,
+                 progress=progress, checkpointer=checkpointer, metrics=metrics, stop_signal=stop_signal,
                  flops_per_sample=model_flops_per_sample(cfg.model))
+        checkpointer.wait()  # the last checkpoint is complete before the run says it is done
     finally:
         metrics.close()
     log.info("done: run=%s steps=%d samples_seen=%d skipped_steps=%d samples_per_s=%.1f minutes=%.2f",
@@ -181,9 +194,9 @@ def _train(cfg: Config, info: DistInfo) -> Path:
 
 
 def run_loop(cfg: Config, info: DistInfo, *, model, optimizer, loader, bundle: ModelBundle,
-             progress: Progress, total_steps: int, metrics: MetricsLogger, stop_signal: StopSignal,
-             flops_per_sample: float, scaler: torch.amp.GradScaler | None = None) -> None:
-    """Steps until `total_steps`, with no host sync except at sync points: log steps and checkpoint
+             progress: Progress, checkpointer: ckpt.Checkpointer, metrics: MetricsLogger,
+             stop_signal: StopSignal, flops_per_sample: float, scaler: torch.amp.GradScaler | None = None) -> None:
+    """Steps until `train.total_samples` are seen, with no host sync except at sync points: log steps and checkpoint
     steps, where every rank gathers the step statistics, agrees on the skip streak and the stop
     flag, maybe saves, and rank 0 logs. A stop signal is therefore acted on at the next sync point
     (at most `train.log_every_steps` steps later)."""
@@ -193,7 +206,7 @@ def run_loop(cfg: Config, info: DistInfo, *, model, optimizer, loader, bundle: M
     peak = peak_flops(torch.cuda.get_device_name(info.device)) if info.device.type == "cuda" else None
     global_batch, t = cfg.train.global_batch_size, cfg.train
     t_log, samples_at_log = time.perf_counter(), progress.samples_seen
-    while progress.step < total_steps:
+    while progress.samples_seen < t.total_samples:
         timer.sync = (progress.step + 1) % t.log_every_steps == 0  # exact phase times on log steps
         # A new DataLoader iterator draws its base seed from the global RNG; forking keeps that draw
         # out of the model's random stream, or a resumed run would see other dropout masks.
@@ -211,7 +224,7 @@ def run_loop(cfg: Config, info: DistInfo, *, model, optimizer, loader, bundle: M
         progress.samples_seen += global_batch
         metrics.advance()
 
-        last = progress.step == total_steps
+        last = progress.samples_seen >= t.total_samples
         checkpoint_due = crossed(progress.samples_seen, global_batch, t.checkpoint_every_samples) or last
         maybe_eval(cfg, model=unwrap(model), bundle=bundle, step=progress.step, samples_seen=progress.samples_seen,
                    batch_size=global_batch, checkpoint_due=checkpoint_due)
@@ -221,13 +234,13 @@ def run_loop(cfg: Config, info: DistInfo, *, model, optimizer, loader, bundle: M
         tally.reset()
         progress.skipped_steps += stats.skipped
         if stats.max_streak >= t.max_nonfinite_steps:
-            save(cfg, model=model, optimizer=optimizer, loader=loader, progress=progress, scaler=scaler)
+            checkpointer.save(progress, emergency=True)
             raise NonFiniteLoss(
                 f"{stats.max_streak} consecutive steps with non-finite loss or gradients before step "
                 f"{progress.step}; saved the weights (the non-finite updates were skipped). Lower "
                 f"optim.lr_peak, set optim.grad_clip_norm, or use train.precision='bf16'")
         if checkpoint_due or stats.stop:
-            save(cfg, model=model, optimizer=optimizer, loader=loader, progress=progress, scaler=scaler)
+            checkpointer.save(progress, emergency=stats.stop)
         elapsed = time.perf_counter() - t_log
         per_device = (progress.samples_seen - samples_at_log) / elapsed / info.world_size
         t_log, samples_at_log = time.perf_counter(), progress.samples_seen
@@ -316,32 +329,20 @@ def data_counters(loader) -> dict[str, float]:
     return {f"data_{k}": v for k, v in sum_counters(st["totals"] for st in streams).items()}
 
 
-def save(cfg: Config, *, model, optimizer, loader, progress: Progress,
-         scaler: torch.amp.GradScaler | None = None) -> None:
-    meta = {"samples_seen": progress.samples_seen, "skipped_steps": progress.skipped_steps,
-            "loader": global_loader_state(loader), "config": config_to_dict(cfg)}
-    if scaler is not None and scaler.is_enabled():
-        meta["grad_scaler"] = scaler.state_dict()  # plain floats/ints: resume keeps the exact scale
-    ckpt.save_checkpoint(cfg.run_dir / "checkpoints", model=model, optimizer=optimizer, step=progress.step,
-                         meta=meta, keep_last=cfg.train.keep_last,
-                         keep_every_samples=cfg.train.keep_every_samples)
-
-
-def resume(ckpt_dir: Path, *, model, optimizer, loader,
-           scaler: torch.amp.GradScaler | None = None) -> tuple[Progress, bool]:
-    """Load the newest complete checkpoint, if any; returns the progress and whether this rank's
-    RNG states were restored (they must then not be reseeded, or stochastic layers diverge)."""
-    latest = ckpt.latest_checkpoint(ckpt_dir)
-    if latest is None:
-        return Progress(), False
-    meta = ckpt.load_checkpoint(latest, model=model, optimizer=optimizer)
-    rng_restored = ckpt.restore_rng(latest)
-    loader.load_state_dict(meta["loader"])
-    if scaler is not None and scaler.is_enabled() and "grad_scaler" in meta:
-        scaler.load_state_dict(meta["grad_scaler"])
-    log.info("resumed from %s (step %d, %d samples)", latest, meta["step"], meta["samples_seen"])
-    return Progress(step=meta["step"], samples_seen=meta["samples_seen"],
-                    skipped_steps=meta.get("skipped_steps", 0)), rng_restored
+def build_checkpointer(cfg: Config, *, model, optimizer, loader, progress: Progress,
+                       scaler: torch.amp.GradScaler | None = None) -> ckpt.Checkpointer:
+    """The job's training state as the checkpointer's Statefuls (each rank's RNG states are added by it)."""
+    states = {
+        "model": ckpt.ModelState(model), "optim": ckpt.OptimizerState(model, optimizer),
+        "progress": ckpt.PlainState(lambda: dataclasses.asdict(progress), lambda d: vars(progress).update(d)),
+        "loader": ckpt.PlainState(lambda: global_loader_state(loader), loader.load_state_dict),
+    }
+    if scaler is not None and scaler.is_enabled():  # the exact loss scale continues
+        states["grad_scaler"] = ckpt.PlainState(scaler.state_dict, scaler.load_state_dict)
+    return ckpt.Checkpointer(
+        cfg.run_dir / "checkpoints", states=states, meta={"config": config_to_dict(cfg)},
+        async_periodic=cfg.train.async_checkpoint,
+        policy=ckpt.RetentionPolicy(keep_last=cfg.train.keep_last, keep_every_samples=cfg.train.keep_every_samples))
 
 
 def configure_threads(cfg: Config, info: DistInfo) -> None:

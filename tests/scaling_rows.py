@@ -60,7 +60,7 @@ def write_training_run(root: Path, *, name: str, params: float, total_samples: i
                        noise: float = 0.005) -> Path:
     """A finished run directory (config.json, metrics.jsonl, results.jsonl) of a cosine schedule;
     off_law multiplies its final error (1.0: on ND_LAW)."""
-    from clipscale.config import Config, OptimConfig, RunConfig, TrainConfig, save_config
+    from clipscale.config import Config, OptimConfig, RunConfig, TrainConfig, record_config
     from clipscale.optim import lr_at
     from clipscale.scaling.forecast import schedule_areas
 
@@ -70,7 +70,7 @@ def write_training_run(root: Path, *, name: str, params: float, total_samples: i
                  train=TrainConfig(global_batch_size=batch, total_samples=total_samples))
     run_dir = root / name
     run_dir.mkdir(parents=True)
-    save_config(cfg, run_dir / "config.json")
+    record_config(cfg, run_dir)
     steps = np.arange(1, total_samples // batch + 1)
     lr = np.array([lr_at(int(s) * batch, cfg=cfg.optim, total_samples=total_samples) for s in steps])
     s1, s2 = schedule_areas(lr=lr, warmup_steps=4)

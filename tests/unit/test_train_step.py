@@ -13,7 +13,8 @@ from clipscale.dist import DistInfo
 from clipscale.metrics import MetricsLogger, StepTimer
 from clipscale.models import build_model
 from clipscale.optim import build_optimizer
-from clipscale.train import NonFiniteLoss, Preempted, Progress, SkipTally, StopSignal, run_loop, train_step
+from clipscale.train import (NonFiniteLoss, Preempted, Progress, SkipTally, StopSignal, build_checkpointer, run_loop,
+                             train_step)
 
 
 class RandomBatches:
@@ -31,6 +32,9 @@ class RandomBatches:
 
     def state_dict(self):
         return {"streams": []}
+
+    def load_state_dict(self, state):
+        assert state == {"streams": []}
 
     def counters(self):
         return {}
@@ -75,10 +79,12 @@ def test_a_streak_of_non_finite_steps_saves_and_stops(tmp_path):
         bundle.model.text_projection.fill_(float("inf"))  # every loss from now on is NaN
     (cfg.run_dir / "checkpoints").mkdir(parents=True)
     metrics = MetricsLogger(cfg.run_dir, cfg.log, enabled=False, total_steps=10, config={})
+    progress, loader = Progress(), RandomBatches(8, 32, 32)
+    checkpointer = build_checkpointer(cfg, model=bundle.model, optimizer=opt, loader=loader, progress=progress)
     with pytest.raises(NonFiniteLoss, match="3 consecutive steps with non-finite loss"):
-        run_loop(cfg, DistInfo(), model=bundle.model, optimizer=opt, loader=RandomBatches(8, 32, 32),
-                 bundle=bundle, progress=Progress(), total_steps=10, metrics=metrics,
-                 stop_signal=StopSignal(), flops_per_sample=1.0)
+        run_loop(cfg, DistInfo(), model=bundle.model, optimizer=opt, loader=loader, bundle=bundle,
+                 progress=progress, checkpointer=checkpointer, metrics=metrics, stop_signal=StopSignal(),
+                 flops_per_sample=1.0)
     saved = ckpt.latest_checkpoint(cfg.run_dir / "checkpoints")
     meta = ckpt.read_meta(saved)
     assert meta["step"] == 3 and meta["skipped_steps"] == 3
@@ -158,10 +164,12 @@ def test_a_stop_signal_is_acted_on_at_the_next_log_step(tmp_path):
     metrics = MetricsLogger(cfg.run_dir, cfg.log, enabled=False, total_steps=10, config={})
     stop_signal = StopSignal()
     stop_signal.requested = True  # as if SIGUSR1 arrived during step 1
+    progress, loader = Progress(), RandomBatches(8, 32, 32)
+    checkpointer = build_checkpointer(cfg, model=bundle.model, optimizer=opt, loader=loader, progress=progress)
     with pytest.raises(Preempted):
-        run_loop(cfg, DistInfo(), model=bundle.model, optimizer=opt, loader=RandomBatches(8, 32, 32),
-                 bundle=bundle, progress=Progress(), total_steps=10, metrics=metrics,
-                 stop_signal=stop_signal, flops_per_sample=1.0)
+        run_loop(cfg, DistInfo(), model=bundle.model, optimizer=opt, loader=loader, bundle=bundle,
+                 progress=progress, checkpointer=checkpointer, metrics=metrics, stop_signal=stop_signal,
+                 flops_per_sample=1.0)
     assert ckpt.read_meta(ckpt.latest_checkpoint(cfg.run_dir / "checkpoints"))["step"] == 4
 
 
