@@ -4,3 +4,7 @@ sweeps): the command line prints their message, which names the input and the fi
 
 class InputError(ValueError):
     """Bad input; the message names the key, file or value and what to change."""
+
+
+class DataError(InputError):
+    """Shards cannot be used as configured; the message names the spec or file."""

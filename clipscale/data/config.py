@@ -6,7 +6,7 @@ import re
 
 GENERIC_DIRS = ("train", "training", "shards", "tars", "wds", "webdataset", "data")
 
-from clipscale.data.shards import DataError
+from clipscale.errors import DataError  # not from data.shards: a config must load without torch
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -30,7 +30,7 @@ from webdataset.gopen import Pipe
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import base_plus_ext
 
-from clipscale.errors import InputError
+from clipscale.errors import DataError, InputError  # noqa: F401 - DataError: also imported from here
 
 log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -48,10 +48,6 @@ FILE_TYPES = (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE)  # sparse fil
 # What corrupt or cut bytes make tarfile and the decompressors raise (a chain of pax headers recurses).
 BAD_BYTES = (tarfile.TarError, EOFError, ValueError, RecursionError, zlib.error, lzma.LZMAError)
 JOIN_TIMEOUT_S = 5.0  # how long closing a shard waits for its reader thread to end
-
-
-class DataError(InputError):
-    """Shards cannot be used as configured; the message names the spec or file."""
 
 
 class BadSample(Exception):
