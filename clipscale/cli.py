@@ -38,24 +38,23 @@ def _recipe_and_overrides(args: argparse.Namespace) -> tuple[str | None, list[st
 
 def cmd_train(args: argparse.Namespace) -> int:
     from clipscale.config import load_config, validate_for_world
+    from clipscale.data.pipeline import check_data
     from clipscale.dist import launch_env
-    from clipscale.train import EXIT_PREEMPTED, PREEMPTED_MARKER, Preempted, train
+    from clipscale.train import train
 
-    cfg = load_config(*_recipe_and_overrides(args))
-    if args.print_run_dir:
-        print(cfg.run_dir.resolve())
-        return 0
     launch = launch_env()
-    validate_for_world(cfg, launch.world_size)  # before any process group
-    marker = cfg.run_dir / PREEMPTED_MARKER
-    if launch.rank == 0:
-        marker.unlink(missing_ok=True)
-    try:
-        run_dir = train(cfg)
-    except Preempted:
-        if launch.rank == 0:  # tells slurm/train.sbatch to requeue: torchrun's exit code would not
-            marker.write_text(f"{EXIT_PREEMPTED}\n")
+    try:  # every check that can fail before any process group, run directory or model exists
+        cfg = load_config(*_recipe_and_overrides(args))
+        if args.print_run_dir:
+            print(cfg.run_dir.resolve())
+            return 0
+        validate_for_world(cfg, launch.world_size)
+        check_data(cfg.data, global_batch_size=cfg.train.global_batch_size, world_size=launch.world_size)
+    except InputError:
+        if launch.rank != 0:
+            return 2  # every rank ran the same checks: rank 0 alone reports the error
         raise
+    run_dir = train(cfg)
     if launch.rank == 0:
         print(f"run directory: {run_dir}")
     return 0
@@ -295,3 +294,6 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as e:
         print(f"clipscale: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C before training installs its own handler: no traceback
+        print("clipscale: interrupted", file=sys.stderr)
+        return 130

@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import logging
+import multiprocessing
+import os
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -25,7 +28,7 @@ from clipscale.data.config import DataConfig
 from clipscale.data.decode import JpegCrop, decode_jpegs_on
 from clipscale.data.shards import DataError, check_first_shards, expand_sources, read_sizes, shard_weights
 from clipscale.data.streams import StreamPlan, StreamReader, StreamState, SubBatch
-from clipscale.dist import ignore_stop_signals
+from clipscale.dist import init_loader_worker
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 2
@@ -65,9 +68,17 @@ class Batch:
 
 def normalize_images(images: torch.Tensor, *, mean, std) -> torch.Tensor:
     """uint8 (B, 3, H, W) -> float32 normalised, once per batch on the batch's device."""
-    mean = torch.tensor(mean, device=images.device, dtype=torch.float32).view(1, 3, 1, 1) * 255
-    std = torch.tensor(std, device=images.device, dtype=torch.float32).view(1, 3, 1, 1) * 255
+    mean, std = _pixel_stats(tuple(mean), tuple(std), images.device)
     return (images.float() - mean) / std
+
+
+@functools.lru_cache(maxsize=8)
+def _pixel_stats(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(1, 3, 1, 1) mean and std in uint8 pixel units on `device`, built once: a tensor made from a
+    Python list is a blocking host-to-device copy, which every step would otherwise pay."""
+    def pixels(values):
+        return torch.tensor(values, dtype=torch.float32).view(1, 3, 1, 1).mul(255).to(device)
+    return pixels(mean), pixels(std)
 
 
 class SharedBuffers:
@@ -139,9 +150,18 @@ class TrainLoader:
         dataset = _WorkerStreams(self.plan, self.cfg, states={s: self.states[s] for s in self.streams},
                                  image_size=self.image_size, tokenizer=self.tokenizer, free=free)
         loader = DataLoader(dataset, batch_size=None, num_workers=self.cfg.workers, pin_memory=self.pin_memory,
-                            worker_init_fn=ignore_stop_signals,  # the training process saves and stops
+                            worker_init_fn=functools.partial(init_loader_worker, parent_pid=os.getpid()),
                             persistent_workers=False, prefetch_factor=2 if self.cfg.workers else None)
         parts = iter(loader)
+        try:
+            yield from self._batches(parts, free)
+        finally:
+            # Closing this generator shuts the workers down now (a sentinel each, then a join), not
+            # whenever an exception's traceback lets the DataLoader iterator go: a rank on its way
+            # out would otherwise wait for workers that wait for it.
+            del parts
+
+    def _batches(self, parts: Iterator, free: torch.Tensor) -> Iterator[Batch]:
         lent: list[tuple[int, int, StorageWeakRef]] = []  # (row of `free`, slot, the slot's storage)
         while True:
             lent = self._reclaim(lent, free)
@@ -196,6 +216,14 @@ class TrainLoader:
         return sum_counters(self.totals[s] for s in self.streams if s in self.totals)
 
 
+def kill_loader_workers() -> None:
+    """SIGKILL this process's DataLoader workers that outlived their loader's shutdown (stuck in a
+    shard read), so that the interpreter's exit, which joins them, is bounded. They hold no state."""
+    for worker in multiprocessing.active_children():
+        worker.kill()
+        worker.join()
+
+
 def sum_counters(counters) -> dict[str, int]:
     total: collections.Counter = collections.Counter()
     for c in counters:
@@ -211,20 +239,28 @@ def merge_rank_states(states: list[dict[str, Any]]) -> dict[str, Any]:
 
 def build_train_loader(cfg: DataConfig, *, tokenizer: Callable, image_size: int, batch_size: int,
                        rank: int, world_size: int, seed: int, device: torch.device = CPU) -> TrainLoader:
-    """Validate the shard spec and stream layout against the launch, then build the loader of batches
-    for the training `device` (batches for a CUDA device arrive in pinned memory)."""
+    """Validate the shard spec and stream layout against the launch (`check_data`), then build the loader
+    of batches for the training `device` (batches for a CUDA device arrive in pinned memory)."""
     check_decode_device(cfg, device=device)
-    sources = expand_sources(cfg.train_shards)
+    sources = check_data(cfg, global_batch_size=batch_size * world_size, world_size=world_size)
     urls = [u for source in sources for u in source]
-    check_first_shards(sources, spec=cfg.train_shards)
-    check_layout(cfg, num_shards=len(urls), batch_size=batch_size, world_size=world_size)
     weights = shard_weights(sources, cfg.train_weights, spec=cfg.train_shards)
-    if cfg.train_weights and not cfg.resampled:
-        raise DataError("data.train_weights needs data.resampled=true: exact epochs read every shard once")
     sub_batch = batch_size * world_size // cfg.num_streams
     plan = StreamPlan(urls, sizes=shard_sizes(cfg, urls), weights=weights, cfg=cfg, sub_batch=sub_batch, seed=seed)
     return TrainLoader(plan, cfg, tokenizer=tokenizer, image_size=image_size, rank=rank, world_size=world_size,
                        device=device)
+
+
+def check_data(cfg: DataConfig, *, global_batch_size: int, world_size: int) -> list[list[str]]:
+    """The shard spec (its first shards exist) and the stream layout against the launch; cheap enough
+    to run on every rank before the process group starts. Returns the shard URLs of each source."""
+    sources = expand_sources(cfg.train_shards)
+    check_first_shards(sources, spec=cfg.train_shards)
+    check_layout(cfg, num_shards=sum(map(len, sources)), batch_size=global_batch_size // world_size,
+                 world_size=world_size)
+    if cfg.train_weights and not cfg.resampled:
+        raise DataError("data.train_weights needs data.resampled=true: exact epochs read every shard once")
+    return sources
 
 
 def shard_sizes(cfg: DataConfig, urls: list[str]) -> list[int]:

@@ -1,6 +1,10 @@
 """The optimizer step's guards: non-finite steps are skipped on the device, a streak of them stops
 the run, and a step reads no value back from the device (the loop syncs on log steps only)."""
+import contextlib
 import itertools
+import logging
+import os
+import signal
 
 import pytest
 import torch
@@ -13,7 +17,7 @@ from clipscale.dist import DistInfo
 from clipscale.metrics import MetricsLogger, StepTimer
 from clipscale.models import build_model
 from clipscale.optim import build_optimizer
-from clipscale.train import NonFiniteLoss, Preempted, Progress, SkipTally, StopSignal, run_loop, train_step
+from clipscale.train import NonFiniteLoss, Preempted, Progress, Run, SkipTally, StopSignal, run_loop, train_step
 
 
 class RandomBatches:
@@ -45,6 +49,14 @@ def setup(tmp_path, *overrides):
     return cfg, bundle, build_optimizer(bundle.model, cfg.optim)
 
 
+def make_run(cfg, bundle, opt, *, stop_signal=None, loader=None) -> Run:
+    """The loop's parts around a model on one process (no run directory writes but checkpoints)."""
+    (cfg.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    metrics = MetricsLogger(cfg.run_dir, cfg.log, enabled=False, total_steps=10, config={})
+    return Run(cfg=cfg, info=DistInfo(), model=bundle.model, optimizer=opt, loader=loader or RandomBatches(8, 32, 32),
+               bundle=bundle, metrics=metrics, stop_signal=stop_signal or StopSignal(), flops_per_sample=1.0)
+
+
 def assert_never_stepped(opt):
     """AdamW's state is that of an optimizer that has not stepped: step 0, zero moments."""
     for state in opt.state.values():
@@ -73,12 +85,8 @@ def test_a_streak_of_non_finite_steps_saves_and_stops(tmp_path):
     cfg, bundle, opt = setup(tmp_path, "train.log_every_steps=3")  # the streak is checked on log steps
     with torch.no_grad():
         bundle.model.text_projection.fill_(float("inf"))  # every loss from now on is NaN
-    (cfg.run_dir / "checkpoints").mkdir(parents=True)
-    metrics = MetricsLogger(cfg.run_dir, cfg.log, enabled=False, total_steps=10, config={})
     with pytest.raises(NonFiniteLoss, match="3 consecutive steps with non-finite loss"):
-        run_loop(cfg, DistInfo(), model=bundle.model, optimizer=opt, loader=RandomBatches(8, 32, 32),
-                 bundle=bundle, progress=Progress(), total_steps=10, metrics=metrics,
-                 stop_signal=StopSignal(), flops_per_sample=1.0)
+        run_loop(make_run(cfg, bundle, opt), Progress())
     saved = ckpt.latest_checkpoint(cfg.run_dir / "checkpoints")
     meta = ckpt.read_meta(saved)
     assert meta["step"] == 3 and meta["skipped_steps"] == 3
@@ -154,15 +162,12 @@ def test_a_step_reads_no_device_value(tmp_path, overrides):
 
 def test_a_stop_signal_is_acted_on_at_the_next_log_step(tmp_path):
     cfg, bundle, opt = setup(tmp_path, "train.log_every_steps=4")
-    (cfg.run_dir / "checkpoints").mkdir(parents=True)
-    metrics = MetricsLogger(cfg.run_dir, cfg.log, enabled=False, total_steps=10, config={})
     stop_signal = StopSignal()
-    stop_signal.requested = True  # as if SIGUSR1 arrived during step 1
+    stop_signal.received = signal.SIGUSR1  # as if SIGUSR1 arrived during step 1
     with pytest.raises(Preempted):
-        run_loop(cfg, DistInfo(), model=bundle.model, optimizer=opt, loader=RandomBatches(8, 32, 32),
-                 bundle=bundle, progress=Progress(), total_steps=10, metrics=metrics,
-                 stop_signal=stop_signal, flops_per_sample=1.0)
+        run_loop(make_run(cfg, bundle, opt, stop_signal=stop_signal), Progress())
     assert ckpt.read_meta(ckpt.latest_checkpoint(cfg.run_dir / "checkpoints"))["step"] == 4
+    assert (cfg.run_dir / "preempted").read_text().strip() == "75"  # written before any rank exits
 
 
 def test_skip_tally_counts_skips_and_the_longest_streak_on_the_device():
@@ -173,3 +178,58 @@ def test_skip_tally_counts_skips_and_the_longest_streak_on_the_device():
     tally.reset()  # a sync point: counts restart, the running streak carries on
     tally.add(torch.tensor(True))
     assert (tally.skipped.item(), tally.streak.item(), tally.max_streak.item()) == (1, 2, 2)
+
+
+def test_the_signal_handler_only_records_and_the_sync_point_logs(tmp_path, caplog):
+    """A handler that logs can re-enter a half-done write to the same stream: it records the signal,
+    and the loop logs it at the sync point where it acts on it."""
+    cfg, bundle, opt = setup(tmp_path, "train.log_every_steps=2")
+    stop_signal = StopSignal()
+    with caplog.at_level(logging.DEBUG):
+        os.kill(os.getpid(), signal.SIGTERM)  # the real handler, run by the interpreter
+        assert stop_signal.requested and caplog.records == []
+        with pytest.raises(Preempted):
+            run_loop(make_run(cfg, bundle, opt, stop_signal=stop_signal), Progress())
+    assert "received SIGTERM: saving and stopping at step 2" in caplog.text
+
+
+class CountingBatches(RandomBatches):
+    """Counts the iterators the loop opens and closes: each holds DataLoader workers in training."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.opened = self.closed = 0
+
+    def __iter__(self):
+        self.opened += 1
+        try:
+            yield from super().__iter__()
+        finally:
+            self.closed += 1
+
+
+@pytest.mark.parametrize("stop", ["end", "preempted", "non-finite"])
+def test_the_loop_closes_its_batch_iterator_on_every_exit(tmp_path, stop):
+    """Closing the iterator is what shuts the loader's workers down at once (issue: a rank leaving on
+    an error waited forever at exit for a worker that its live iterator kept waiting)."""
+    cfg, bundle, opt = setup(tmp_path, "train.log_every_steps=2", "train.total_samples=32")
+    loader, stop_signal = CountingBatches(8, 32, 32), StopSignal()
+    if stop == "preempted":
+        stop_signal.received = signal.SIGUSR1
+    if stop == "non-finite":
+        with torch.no_grad():
+            bundle.model.text_projection.fill_(float("inf"))
+    with contextlib.suppress(Preempted, NonFiniteLoss):
+        run_loop(make_run(cfg, bundle, opt, stop_signal=stop_signal, loader=loader), Progress())
+    assert (loader.opened, loader.closed) == (1, 1)
+
+
+def test_evaluation_runs_only_when_due(tmp_path, monkeypatch):
+    """`maybe_eval` is called at the steps crossing eval.every_samples, not at every step."""
+    from clipscale import train as train_module
+
+    calls = []
+    monkeypatch.setattr(train_module, "maybe_eval", lambda cfg, **kw: calls.append(kw["step"]))
+    cfg, bundle, opt = setup(tmp_path, "train.log_every_steps=5", "eval.every_samples=20")
+    run_loop(make_run(cfg, bundle, opt), Progress())
+    assert calls == [3, 5, 8, 10]  # 8 samples a step: 24, 40, 64, 80 cross multiples of 20
