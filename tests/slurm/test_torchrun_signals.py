@@ -215,3 +215,17 @@ def alive(pid: int) -> bool:
 
 def children(pid: int) -> list[int]:
     return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _ppid(p) == pid]
+
+
+def test_a_frozen_peer_fails_the_collective_after_the_configured_timeout(synthetic_data, tmp_path):
+    """Rank 1 stops (SIGSTOP: its connections stay open, it never answers). Rank 0 gives up on its next
+    collective after train.collective_timeout_s, exits with the error, and torchrun ends the job."""
+    run_dir = tmp_path / "frozen"
+    proc = start_torchrun(synthetic_data, run_dir, "train.collective_timeout_s=5")
+    try:
+        wait_for_checkpoint(proc, run_dir)
+        os.kill(max(children(proc.pid), key=rank_of), signal.SIGSTOP)
+        output = wait_until_gone(run_dir, "freezing rank 1", proc, timeout_s=180)
+        assert "[rank0]" in output and "timed out" in output.lower(), output[-4000:]
+    finally:
+        cleanup(run_dir, proc)

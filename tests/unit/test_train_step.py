@@ -233,3 +233,15 @@ def test_evaluation_runs_only_when_due(tmp_path, monkeypatch):
     cfg, bundle, opt = setup(tmp_path, "train.log_every_steps=5", "eval.every_samples=20")
     run_loop(make_run(cfg, bundle, opt), Progress())
     assert calls == [3, 5, 8, 10]  # 8 samples a step: 24, 40, 64, 80 cross multiples of 20
+
+
+def test_sync_points_are_log_checkpoint_and_evaluation_steps():
+    from clipscale.train import due_after
+
+    cfg = load_config(None, ["train.global_batch_size=24", "train.total_samples=240", "train.log_every_steps=4",
+                             "train.checkpoint_every_samples=100", "eval.every_samples=50"])
+    due = {step: due_after(step, step * 24, cfg=cfg, last=step == 10) for step in range(1, 11)}
+    assert [s for s, d in due.items() if d.log] == [4, 8]
+    assert [s for s, d in due.items() if d.checkpoint] == [5, 9, 10]  # 120, 216 cross 100, 200; and the end
+    assert [s for s, d in due.items() if d.eval] == [3, 5, 7, 9]  # 72, 120, 168, 216 cross 50, 100, 150, 200
+    assert [s for s, d in due.items() if d.sync] == [3, 4, 5, 7, 8, 9, 10]
