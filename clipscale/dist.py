@@ -88,7 +88,7 @@ def slurm_port(job_id: int) -> int:
     return 20000 + job_id % 10000
 
 
-def init_distributed(*, device: str = "auto", timeout_s: float = 600.0) -> DistInfo:
+def init_distributed(*, device: str = "auto", timeout_s: float = 1800.0) -> DistInfo:
     """Start the default process group when launched with several ranks (see `launch_env`).
 
     `device="auto"` picks CUDA (NCCL) when available, else CPU (gloo). A collective that waits

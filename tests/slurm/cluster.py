@@ -90,7 +90,7 @@ SlurmdLogFile={root}/slurmd.%n.log
 SlurmdPidFile={root}/slurmd.%n.pid
 KillWait=30
 SlurmdParameters=config_overrides
-MinJobAge=600
+MinJobAge=3600
 {nodes}PartitionName=debug Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE State=UP
 """
 
