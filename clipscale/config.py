@@ -406,13 +406,14 @@ def validate_for_world(cfg: Config, world_size: int) -> None:
         )
 
 
-def load_sweep(recipe: str | Path) -> list[tuple[str, list[str]]]:
+def load_sweep(recipe: str | Path, extra: typing.Sequence[str] = ()) -> list[tuple[str, list[str]]]:
     """Expand a sweep recipe into (run name, overrides) pairs.
 
     A sweep recipe is a normal recipe plus a `[sweep]` table whose entries are axes: lists of
     override sets `{ name = "w64", "model.vision_width" = 64, ... }`. Runs are the product of
     the axes, named `<run.name>-<name>-<name>...`. Each run's overrides start with `sweep={}`, so
-    `clipscale train RECIPE *overrides` trains exactly that run.
+    `clipscale train RECIPE *overrides` trains exactly that run. Each run is validated with the
+    `extra` overrides (data paths, batch size) the caller applies to every run after its own.
     """
     import itertools
 
@@ -420,7 +421,7 @@ def load_sweep(recipe: str | Path) -> list[tuple[str, list[str]]]:
     axes = tree.get("sweep")
     if not isinstance(axes, dict) or not axes:
         raise ConfigError(f"{recipe}: no [sweep] table with axes")
-    base = load_config(recipe, [SWEEP_POINT]).run.name
+    base = load_config(recipe, [SWEEP_POINT, *extra]).run.name
     options: list[list[tuple[str, list[str]]]] = []
     for axis, entries in axes.items():
         if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
@@ -435,7 +436,7 @@ def load_sweep(recipe: str | Path) -> list[tuple[str, list[str]]]:
     for combo in itertools.product(*options):
         name = "-".join([base] + [label for label, _ in combo])
         overrides = [SWEEP_POINT] + [o for _, ovs in combo for o in ovs] + [f"run.name={_toml_value(name)}"]
-        load_config(recipe, overrides)  # fail now, naming the key, not minutes into the sweep
+        load_config(recipe, [*overrides, *extra])  # fail now, naming the key, not minutes into the sweep
         runs.append((name, overrides))
     return runs
 

@@ -156,3 +156,13 @@ def test_every_numeric_field_has_a_range():
     numeric = {f"{section}.{field}" for section, cls in typing.get_type_hints(Config).items()
                for field, tp in typing.get_type_hints(cls).items() if {int, float} & {tp, *typing.get_args(tp)}}
     assert numeric - free - set(RANGES) == set()
+
+
+def test_sweep_points_are_validated_with_the_overrides_applied_to_every_run(tmp_path):
+    """A point shorter than the recipe's batch is valid once the sweep's own overrides shrink the batch."""
+    recipe = write(tmp_path, '[run]\nname = "g"\n[train]\nglobal_batch_size = 256\ntotal_samples = 512\n'
+                             '[sweep]\nsamples = [{ name = "s64", "train.total_samples" = 64 }]\n')
+    with pytest.raises(ConfigError, match="less than one global batch"):
+        load_sweep(recipe)
+    [(name, overrides)] = load_sweep(recipe, ["train.global_batch_size=32"])
+    assert name == "g-s64" and load_config(recipe, [*overrides, "train.global_batch_size=32"]).train.total_samples == 64
