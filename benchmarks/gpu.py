@@ -72,7 +72,7 @@ def cases(profile: dict[str, Any], *, device: str, out: Path) -> list[tuple[str,
               f"train.parallel={parallel}", f"train.grad_checkpointing={str(ckpt).lower()}", f"run.device={device}",
               *profile["step_options"], "--out", str(out / f"step_{parallel}_ckpt_{'on' if ckpt else 'off'}.json")])
             for parallel in ("ddp", "fsdp") for ckpt in (False, True)]
-    loader = [py, "-m", "clipscale", "bench", "loader", *profile["loader"]]
+    loader = [py, "-m", "clipscale", "bench", "loader", *profile["loader"], "--device", device]
     return [*step,
             ("gradcache", [py, "-m", "benchmarks.gradcache", *profile["gradcache"], "--device", device,
                            "--out", str(out / "gradcache.json")]),

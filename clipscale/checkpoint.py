@@ -7,6 +7,7 @@ Layout of `RUN_DIR/checkpoints/`:
         meta.json           {"step", "samples_seen", "loader", "config"} (written last)
         rng_rank{r}.pt      per-rank RNG states as tensors and plain data (loaded with weights_only)
     step_000200.tmp/        being written; never loaded, removed on the next save
+    step_000050.pruned/     being deleted by retention (renamed first, so it vanishes at once)
 
 A checkpoint is written under a `.tmp` name by all ranks and renamed by rank 0 after a barrier,
 so a job killed mid-save leaves the previous checkpoint as the newest complete one. The scan of
@@ -20,6 +21,7 @@ import logging
 import os
 import pickle
 import random
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -47,11 +49,10 @@ def checkpoint_name(step: int) -> str:
 
 
 def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (a `.tmp` or meta-less directory is not complete)."""
+    """Complete checkpoints, oldest first: `step_N` directories with meta.json (not `.tmp`, not `.pruned`)."""
     if not ckpt_dir.is_dir():
         return []
-    found = [p for p in ckpt_dir.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp")
-             and (p / META).is_file()]
+    found = [p for p in ckpt_dir.glob("step_*") if re.fullmatch(r"step_\d+", p.name) and (p / META).is_file()]
     return sorted(found, key=lambda p: int(p.name.split("_")[1]))
 
 
@@ -144,7 +145,10 @@ def _prune(ckpt_dir: Path, *, keep_last: int, keep_every_samples: int) -> None:
     for old in complete_checkpoints(ckpt_dir)[:-keep_last]:
         samples = read_meta(old)["samples_seen"]
         if not (keep_every_samples and samples % keep_every_samples == 0):
-            shutil.rmtree(old)
+            # Renamed first: a reader that listed it (clipscale eval --watch) finds it gone, not half deleted.
+            doomed = old.with_name(f"{old.name}.pruned")
+            os.replace(old, doomed)
+            shutil.rmtree(doomed)
 
 
 def load_checkpoint(path: Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -164,6 +168,18 @@ def load_model_weights(path: Path, model: torch.nn.Module) -> None:
     state = {"model": get_model_state_dict(model)}
     dcp.load(state, checkpoint_id=str(path))
     model.load_state_dict(state["model"])
+
+
+def load_weights_if_present(path: Path, model: torch.nn.Module) -> dict[str, Any] | None:
+    """`load_model_weights` and the meta, or None when the checkpoint is gone (pruned since it was listed)."""
+    try:
+        meta = read_meta(path)
+        load_model_weights(path, model)
+        return meta
+    except Exception:
+        if (path / META).is_file():  # still there under its name: a real error
+            raise
+        return None
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

@@ -2,20 +2,36 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import logging
-import os
 import shlex
 import sys
 from pathlib import Path
 
+from clipscale.config import ConfigError
 from clipscale.errors import InputError
 
 BENCHMARKS = ("loader", "step")
+PASSTHROUGH = ("data", "bench")  # verbs whose options their own parsers read
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every option's help beside it with its default (when it has one), the description as written."""
+
+    def __init__(self, prog: str, **kwargs) -> None:
+        super().__init__(prog, **{"max_help_position": 44, **kwargs})
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text, default = action.help or "", action.default
+        if default is None or default is False or default in ("", [], argparse.SUPPRESS) or "default" in text \
+                or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 def _setup_logging() -> None:
-    from clipscale.dist import launch_env
+    from clipscale.launch import launch_env
 
     rank = launch_env().rank
     logging.basicConfig(
@@ -38,23 +54,25 @@ def _recipe_and_overrides(args: argparse.Namespace) -> tuple[str | None, list[st
 
 def cmd_train(args: argparse.Namespace) -> int:
     from clipscale.config import load_config, validate_for_world
-    from clipscale.data.pipeline import check_data
-    from clipscale.dist import launch_env
-    from clipscale.train import train
+    from clipscale.launch import launch_env
 
     launch = launch_env()
     try:  # every check that can fail before any process group, run directory or model exists
         cfg = load_config(*_recipe_and_overrides(args))
-        if args.print_run_dir:
+        if args.print_run_dir:  # every sbatch start asks this: no torch import
             print(cfg.run_dir.resolve())
             return 0
+        from clipscale.data.pipeline import check_data
+
         validate_for_world(cfg, launch.world_size)
         check_data(cfg.data, global_batch_size=cfg.train.global_batch_size, world_size=launch.world_size)
     except InputError:
         if launch.rank != 0:
             return 2  # every rank ran the same checks: rank 0 alone reports the error
         raise
-    run_dir = train(cfg)
+    from clipscale.train import train
+
+    run_dir = train(cfg)  # on a signal it writes RUN/preempted, which slurm/train.sbatch requeues on
     if launch.rank == 0:
         print(f"run directory: {run_dir}")
     return 0
@@ -81,7 +99,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                       dataset=args.dataset, cfg=EvalConfig(**overrides), device=args.device)
         else:
             rows = [r for t in args.targets for r in evaluate_target(
-                t, overrides=overrides, device=args.device, out=args.out, poll_s=args.poll_s if args.watch else None)]
+                t, overrides=overrides, device=args.device, out=args.out, poll_s=args.poll_s if args.watch else None,
+                idle_timeout_s=args.idle_timeout_s)]
     finally:
         destroy_distributed()
     if info.is_main:
@@ -92,7 +111,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_results(args: argparse.Namespace) -> int:
-    from clipscale.evaluate.results import RESULTS, write_csv
+    from clipscale.results import RESULTS, write_csv
 
     missing = [s for s in args.sources if not (Path(s).is_file() or (Path(s) / RESULTS).is_file())]
     if missing:
@@ -107,8 +126,11 @@ def cmd_results(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from clipscale.sweep import run_sweep
+    from clipscale.sweep import run_local, run_sweep
 
+    if args.local:
+        run_local(args.recipe, list(args.overrides), nproc=args.nproc, parallel=args.parallel, dry_run=args.dry_run)
+        return 0
     run_sweep(args.recipe, list(args.overrides), dry_run=args.dry_run, scripts=args.scripts,
               sbatch_args=shlex.split(args.sbatch_args), eval_sbatch_args=shlex.split(args.eval_sbatch_args),
               eval_args=shlex.split(args.eval_args))
@@ -120,7 +142,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
     fits = fit_results(args.results, out_dir=args.out, metric=args.metric, eval_dataset=args.eval_dataset,
                        task=args.task, x=args.x, form=args.form, frontier=args.frontier, by=args.by,
-                       holdout=args.holdout, checkpoints=args.checkpoints, n_bootstrap=args.bootstrap)
+                       holdout=args.holdout, checkpoints=args.checkpoints, error=args.error, eval_hash=args.eval_hash,
+                       n_bootstrap=args.bootstrap)
     print(format_fits(fits))
     print(f"fits: {Path(args.out) / 'fits.json'}  plots: {Path(args.out)}/fit_*.png, .pdf")
     return 0
@@ -142,7 +165,7 @@ def cmd_data(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from clipscale.demo import run_demo
 
-    run_demo(out=Path(args.out), recipe=Path(args.recipe), nproc=args.nproc)
+    run_demo(out=Path(args.out), recipe=args.recipe, nproc=args.nproc)
     return 0
 
 
@@ -155,8 +178,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     cfg = load_config(*_recipe_and_overrides(args))
     budget = plan(cfg, gpus=args.gpus, gpu_mem_gib=args.gpu_mem, peak_tflops=args.peak_tflops, mfu=args.mfu)
     print(format_plan(budget))
-    Path(args.out).write_text(json.dumps(budget, indent=2) + "\n")
-    print(f"plan: {args.out}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(budget, indent=2) + "\n")
+        print(f"plan: {args.out}")
     return 0
 
 
@@ -180,43 +204,51 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="clipscale", description=__doc__)
+    parser = argparse.ArgumentParser(prog="clipscale", description=__doc__, formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+    verb = functools.partial(sub.add_parser, formatter_class=HelpFormatter)
 
-    p = sub.add_parser("train", help="train a model (under torchrun for several processes)")
-    p.add_argument("recipe", nargs="?", help="recipe TOML (default: the embedded tiny CPU run)")
+    p = verb("train", help="train a model (under torchrun for several processes)")
+    p.add_argument("recipe", nargs="?", help="recipe TOML or shipped recipe name (default: the embedded tiny CPU run)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.global_batch_size=512")
     p.add_argument("--print-run-dir", action="store_true",
                    help="print the run directory the recipe and overrides resolve to, and exit")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="zero-shot classification, retrieval, linear probe -> results.jsonl")
+    p = verb("eval", help="zero-shot classification, retrieval, linear probe -> results.jsonl")
     p.add_argument("targets", nargs="*", help="run directories (every checkpoint), checkpoints or exported models")
     p.add_argument("--data", action="append", metavar="NAME=PATH",
                    help="evaluation set in CLIP_benchmark's layout, repeatable (default: each run's eval.datasets)")
-    p.add_argument("--tasks", help="comma-separated zeroshot,retrieval,linear_probe (default: eval.tasks)")
+    p.add_argument("--tasks", help="comma-separated zeroshot,retrieval,linear_probe,loss (default: eval.tasks)")
     p.add_argument("--model", help="open_clip architecture of published weights (with --pretrained FILE)")
     p.add_argument("--pretrained", help="local open_clip weights file for --model")
     p.add_argument("--name", help="run name in the rows of --model weights (default: the weights file name)")
     p.add_argument("--dataset", default="unknown", help="upstream training data of --model weights")
     p.add_argument("--out", help="results file for models outside a run directory")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--workers", type=int, help="image-decoding DataLoader workers per process")
-    p.add_argument("--precision", choices=("fp32", "bf16"))
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: this rank's GPU if any")
+    p.add_argument("--batch-size", type=int, help="images per forward (default: eval.batch_size)")
+    p.add_argument("--workers", type=int, help="image-decoding DataLoader workers per process (default: eval.num_workers)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), help="(default: eval.precision)")
     p.add_argument("--watch", action="store_true", help="evaluate checkpoints as they appear until the run's last")
     p.add_argument("--poll-s", type=float, default=60.0, help="--watch: seconds between looks for new checkpoints")
+    p.add_argument("--idle-timeout-s", type=float, default=3600.0,
+                   help="--watch: stop when nothing in the run (metrics, checkpoints) changed for this long; it also "
+                        "stops when training exited or died on this host")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("results", help="flatten the results of many runs into one CSV")
+    p = verb("results", help="flatten the results of many runs into one CSV")
     p.add_argument("sources", nargs="+", help="run directories or results.jsonl files")
     p.add_argument("--csv", nargs="?", const="-", default="-", help="CSV file to write (default: stdout)")
     p.set_defaults(func=cmd_results)
 
-    p = sub.add_parser("sweep", help="submit a recipe's [sweep] grid as a SLURM job array, eval chained")
-    p.add_argument("recipe", help="recipe TOML with a [sweep] table")
+    p = verb("sweep", help="a recipe's [sweep] grid: a SLURM job array or torchrun here (--local), eval chained")
+    p.add_argument("recipe", help="recipe TOML (or shipped recipe name) with a [sweep] table")
     p.add_argument("overrides", nargs="*", help="dotted overrides for every point, e.g. data.train_shards=...")
-    p.add_argument("--dry-run", action="store_true", help="print the sbatch commands instead of submitting them")
+    p.add_argument("--dry-run", action="store_true", help="print the commands instead of running them; writes nothing")
+    p.add_argument("--local", action="store_true",
+                   help="train the unfinished points with torchrun on this machine, then evaluate them")
+    p.add_argument("--nproc", type=int, default=1, help="--local: processes per point (torchrun --nproc_per_node)")
+    p.add_argument("--parallel", type=int, default=1, help="--local: points trained at the same time")
     p.add_argument("--sbatch-args", default="",
                    help='sbatch options of the training array, e.g. "--nodes=2 --gpus-per-node=8"')
     p.add_argument("--eval-sbatch-args", default="", help="sbatch options of the eval job")
@@ -224,71 +256,86 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scripts", help="folder holding train.sbatch and eval.sbatch (default: clipscale's slurm/)")
     p.set_defaults(func=cmd_sweep)
 
-    p = sub.add_parser("fit", help="fit scaling laws to evaluation results, with bootstrap intervals")
+    p = verb("fit", help="fit scaling laws to evaluation results, with bootstrap intervals")
     p.add_argument("results", nargs="+", help="results.jsonl / CSV files, run directories or globs")
-    p.add_argument("--metric", required=True, help="e.g. acc1, mean_per_class_recall, image_retrieval_recall@5")
+    p.add_argument("--metric", required=True, help="e.g. acc1, image_retrieval_recall@5, loss")
+    p.add_argument("--error", choices=("value", "1-value"),
+                   help="what to fit: the metric as it is (value) or 1 - metric (default: 1-value for accuracies "
+                        "and recalls, value for loss/*_loss/error/*_error; required for any other metric)")
     p.add_argument("--eval-dataset", help="e.g. imagenet1k (needed when the metric spans several)")
     p.add_argument("--task", help="zeroshot_classification | zeroshot_retrieval | linear_probe")
     p.add_argument("--x", default="compute_gmacs", choices=("compute_gmacs", "samples_seen", "params"),
                    help="axis: compute_gmacs = forward GMACs per pair x samples seen (Cherti et al. 2023)")
-    p.add_argument("--form", default="power", choices=("power", "saturating", "nd"))
+    p.add_argument("--form", default="power", choices=("power", "saturating", "nd"),
+                   help="law: error = A*C^alpha, + E (saturating), or in params and data (nd)")
     p.add_argument("--frontier", help="none | strict | bins:K (default bins:5; none for nd)")
     p.add_argument("--by", default=[], type=lambda s: s.split(","), help="comma-separated columns: one fit each")
     p.add_argument("--holdout", type=int, default=0, help="fit without the K highest-x rows and check them")
     p.add_argument("--checkpoints", choices=("final", "all"), default="final",
                    help="fit each run's final checkpoint (default) or every checkpoint")
+    p.add_argument("--eval-hash", help="prompt set to fit (a unique prefix is enough; default: the newest of each "
+                   "task and eval dataset, with a note naming the others)")
     p.add_argument("--bootstrap", type=int, default=400, help="bootstrap replicates")
     p.add_argument("--out", default="fits", help="output directory for fits.json and the plots")
     p.set_defaults(func=cmd_fit)
 
-    p = sub.add_parser("predict", help="predicted error (and nd's compute-optimal split) at compute budgets")
+    p = verb("predict", help="predicted error (and nd's compute-optimal split) at compute budgets")
     p.add_argument("fits", help="fits.json, or the directory holding it")
     p.add_argument("--budget", type=float, action="append", required=True, help="in the fit's x units; repeatable")
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("data", help="prepare shards: sizes, make, validate, inspect, reshard, synth, eval-set",
+    p = verb("data", help="prepare shards: sizes, make, validate, inspect, reshard, synth, eval-set",
                        add_help=False)
     p.add_argument("data_args", nargs=argparse.REMAINDER, help="`clipscale data --help` lists the verbs")
     p.set_defaults(func=cmd_data)
 
-    p = sub.add_parser("demo", help="synthetic data -> scaling grid under torchrun -> eval -> fit")
-    p.add_argument("--out", default="runs/demo")
-    p.add_argument("--recipe", default=str(Path(__file__).resolve().parents[1] / "recipes" / "scaling_tiny.toml"))
+    p = verb("demo", help="synthetic data -> scaling grid under torchrun -> eval -> fit")
+    p.add_argument("--out", default="runs/demo", help="directory for the data, runs and fit")
+    p.add_argument("--recipe", default="scaling_tiny", help="sweep recipe TOML or shipped recipe name")
     p.add_argument("--nproc", type=int, default=2, help="processes per run (torchrun)")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("plan", help="compute, memory per GPU and time of a run, before running it")
-    p.add_argument("recipe", nargs="?", help="recipe TOML (default: the embedded tiny CPU run)")
+    p = verb("plan", help="compute, memory per GPU and time of a run, before running it")
+    p.add_argument("recipe", nargs="?", help="recipe TOML or shipped recipe name (default: the embedded tiny CPU run)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.name=ViT-L-14")
     p.add_argument("--gpus", type=int, required=True, help="number of GPUs (world size)")
     p.add_argument("--gpu-mem", type=float, required=True, help="memory per GPU in GiB")
-    p.add_argument("--peak-tflops", type=float, default=989.0,
-                   help="peak dense 16-bit TFLOP/s per GPU (default: H100 SXM, 989)")
+    p.add_argument("--peak-tflops", type=float,
+                   help="peak dense 16-bit TFLOP/s per GPU (default: that of the recipe's run.accelerator)")
     p.add_argument("--mfu", type=float, default=0.4, help="expected model FLOPs utilisation")
-    p.add_argument("--out", default="plan.json", help="JSON output file")
+    p.add_argument("--out", help="also write the plan as JSON to this file")
     p.set_defaults(func=cmd_plan)
 
-    p = sub.add_parser("export", help="export a checkpoint to open_clip (hf-hub layout) or its image tower to timm")
+    p = verb("export", help="export a checkpoint to open_clip (hf-hub layout) or its image tower to timm")
     p.add_argument("checkpoint", help="checkpoint directory, or a run directory (its latest checkpoint)")
-    p.add_argument("--out", required=True)
-    p.add_argument("--format", choices=("open_clip", "timm"), default="open_clip")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--format", choices=("open_clip", "timm"), default="open_clip",
+                   help="open_clip: the whole model; timm: the image tower")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("bench", help=f"benchmarks on your storage and GPUs, writing JSON: {', '.join(BENCHMARKS)}")
-    p.add_argument("name", choices=BENCHMARKS)
-    p.add_argument("bench_args", nargs=argparse.REMAINDER)
+    p = verb("bench", help=f"benchmarks on your storage and GPUs, writing JSON: {', '.join(BENCHMARKS)}")
+    p.add_argument("name", choices=BENCHMARKS, help="the benchmark; `clipscale bench NAME --help` lists its options")
+    p.add_argument("bench_args", nargs=argparse.REMAINDER, help="options of the benchmark")
     p.set_defaults(func=cmd_bench)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    _setup_logging()
-    parser = build_parser()
+def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Options anywhere among a verb's positionals (`train RECIPE --print-run-dir run.name=x`)."""
+    verbs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    if argv and argv[0] in verbs and argv[0] not in PASSTHROUGH:
+        return verbs[argv[0]].parse_intermixed_args(argv[1:], argparse.Namespace(command=argv[0]))
     args, unknown = parser.parse_known_args(argv)
     if args.command == "data":  # the data tools parse their own options, `clipscale data --help` included
         args.data_args = unknown + args.data_args
     elif unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    _setup_logging()
+    args = parse_args(build_parser(), sys.argv[1:] if argv is None else list(argv))
     try:
         return args.func(args)
     except InputError as e:

@@ -22,7 +22,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from clipscale.config import ModelConfig, TrainConfig
-from clipscale.models import SCALAR_PARAMETERS, count_params, create_model, resolve_architecture
+from clipscale.models import SCALAR_PARAMETERS, ModelBundle, count_params, create_model, resolve_architecture
 
 aten = torch.ops.aten
 LINEAR_OPS = (aten.mm, aten.addmm, aten.convolution)
@@ -82,6 +82,16 @@ def _count(key: str) -> ModelCompute:
         gmacs_per_sample_no_attn=TowerSplit(image=image_linear / 1e9, text=text_linear / 1e9,
                                             total=(image_linear + text_linear) / 1e9),
     )
+
+
+def gmacs_per_sample(bundle: ModelBundle) -> float:
+    """Forward GMACs for one image-text pair including attention (the scaling-law convention)."""
+    return model_compute(bundle.config).gmacs_per_sample.total
+
+
+def gmacs_per_sample_no_attn(bundle: ModelBundle) -> float:
+    """Forward GMACs for one image-text pair of linear layers and patch embedding (timm's convention)."""
+    return model_compute(bundle.config).gmacs_per_sample_no_attn.total
 
 
 def _forward_macs(encode, inputs: torch.Tensor) -> tuple[float, float]:

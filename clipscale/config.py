@@ -23,7 +23,6 @@ else:  # pragma: no cover
 
 from clipscale.data.config import DataConfig
 from clipscale.errors import InputError
-from clipscale.loss import LossConfig
 
 
 class ConfigError(InputError):
@@ -40,6 +39,8 @@ class RunConfig:
     """Seed for model init, data order and augmentation."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """`auto` uses CUDA (NCCL) when available, else CPU (gloo)."""
+    accelerator: str | None = None
+    """GPU the recipe was written for (`A100`, `H100`, ...): `clipscale plan` takes its peak TFLOP/s from it."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -79,6 +80,23 @@ class ModelConfig:
     """Initial log logit scale (None = open_clip's ln(1/0.07); SigLIP uses ln(10))."""
     init_logit_bias: float | None = None
     """Initial logit bias; setting it adds the learnable bias SigLIP needs (SigLIP uses -10)."""
+
+
+# The loss config sits here, not in loss.py, so that reading a config imports no torch.
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LossConfig:
+    kind: Literal["clip", "siglip"] = "clip"
+    """CLIP InfoNCE (softmax) or SigLIP (sigmoid) loss."""
+    local_loss: bool = False
+    """Each rank computes its own rows against all gathered columns (open_clip --local-loss)."""
+    tiled: bool = False
+    """Compute the loss block by block, never materialising the B x B logits (Inf-CL)."""
+    tile_size: int = 1024
+    """Rows and columns per block of the tiled loss; memory grows as tile_size**2."""
+
+    def __post_init__(self) -> None:
+        if self.tile_size <= 0:
+            raise ValueError(f"loss.tile_size={self.tile_size} must be positive: set e.g. loss.tile_size=1024")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -146,8 +164,9 @@ class TrainConfig:
 class EvalConfig:
     datasets: tuple[str, ...] = ("synthetic=data/synthetic/zeroshot",)
     """Evaluation sets as NAME=PATH (directory or fsspec URL in CLIP_benchmark's layout)."""
-    tasks: tuple[str, ...] = ("zeroshot_classification", "zeroshot_retrieval")
-    """Tasks, each run on the sets it fits: zeroshot_classification, zeroshot_retrieval, linear_probe."""
+    tasks: tuple[str, ...] = ("zeroshot_classification", "zeroshot_retrieval", "contrastive_loss")
+    """Tasks, each run on the sets it fits: zeroshot_classification, linear_probe (class sets),
+    zeroshot_retrieval, contrastive_loss (caption sets: the held-out loss of the run's kind)."""
     batch_size: int = 256
     """Images per forward, per process."""
     num_workers: int = 2
@@ -156,6 +175,14 @@ class EvalConfig:
     """Encode in fp32, or under bf16 autocast."""
     every_samples: int = 0
     """Evaluate during training every this many samples, on all ranks (0 = never)."""
+    loss_batch_size: int = 256
+    """Image-caption pairs per batch of the held-out contrastive loss (summed over ranks; the loss
+    depends on it, so it is part of the rows' eval_hash)."""
+
+    def __post_init__(self) -> None:
+        if self.loss_batch_size < 2:
+            raise ConfigError(f"eval.loss_batch_size={self.loss_batch_size} must be at least 2 (a contrastive "
+                             "batch needs negatives): set e.g. eval.loss_batch_size=256")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -280,10 +307,25 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+RECIPES = Path(__file__).parent / "recipes"
+"""The published recipes shipped with clipscale (the repository's recipes/, linked into the package)."""
+
+
+def resolve_recipe(recipe: str | Path) -> Path:
+    """A recipe file: `recipe` itself when it is a file, else the shipped recipe of that name
+    (`vit_g14_laion2b` or `vit_g14_laion2b.toml`), so an installed clipscale finds its recipes."""
+    path = Path(recipe)
+    if path.is_file():
+        return path
+    shipped = RECIPES / path.with_suffix(".toml").name
+    if path.parent == Path(".") and shipped.is_file():
+        return shipped
+    names = sorted(p.stem for p in RECIPES.glob("*.toml"))
+    raise ConfigError(f"recipe not found: {recipe}; pass a TOML file or one of the shipped recipes {names}")
+
+
 def read_toml(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"recipe not found: {path}")
+    path = resolve_recipe(path)
     try:
         return tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:

@@ -4,22 +4,15 @@ Every stage writes to disk and the next reads it back, exactly as separate SLURM
 """
 from __future__ import annotations
 
-import logging
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-from clipscale.config import load_sweep
 
-log = logging.getLogger(__name__)
-
-
-def run_demo(*, out: Path, recipe: Path, nproc: int) -> None:
+def run_demo(*, out: Path, recipe: str | Path, nproc: int) -> None:
     from clipscale.data.synthetic import write_synthetic_dataset
-    from clipscale.evaluate.runner import evaluate_run
     from clipscale.scaling import fit_results
+    from clipscale.sweep import run_local
 
     t0 = time.perf_counter()
     out = out.resolve()
@@ -27,36 +20,24 @@ def run_demo(*, out: Path, recipe: Path, nproc: int) -> None:
     print(f"[demo] synthetic data: {specs['train']}", flush=True)
     runs_dir = out / "runs"
     data_overrides = [
-        f'data.train_shards="{specs["train"]}"', f'eval.datasets=["synthetic={specs["zeroshot"]}"]',
+        f'data.train_shards="{specs["train"]}"', 'data.name="synthetic"',
+        f'eval.datasets=["synthetic={specs["zeroshot"]}"]',
         f'run.output_dir="{runs_dir}"',
     ]
-    run_dirs = []
-    for name, overrides in load_sweep(recipe):
-        print(f"[demo] training {name} on {nproc} processes", flush=True)
-        launch_torchrun(recipe, overrides + data_overrides, nproc=nproc)
-        run_dirs.append(runs_dir / name)
-    for run_dir in run_dirs:
-        evaluate_run(run_dir)
+    run_dirs = run_local(recipe, data_overrides, nproc=nproc)  # `clipscale sweep --local`: train, evaluate
     fits = fit_results(run_dirs, out_dir=out / "fit", metric="acc1", task="zeroshot_classification")
     chance = 1 / len((Path(specs["zeroshot"]) / "classnames.txt").read_text().splitlines())
     print_summary(run_dirs, fits=fits, chance=chance, out=out, seconds=time.perf_counter() - t0)
 
 
-def launch_torchrun(recipe: Path, overrides: list[str], *, nproc: int) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           "--standalone", "-m", "clipscale", "train", str(recipe), *overrides,
-           "log.progress_bar=false"]
-    subprocess.run(cmd, check=True)
-
-
 def print_summary(run_dirs: list[Path], *, fits: list, chance: float, out: Path, seconds: float) -> None:
-    from clipscale.evaluate.results import read_results
+    from clipscale.results import read_rows
     from clipscale.scaling import format_fits
 
     print(f"\n[demo] zero-shot classification of each run's final checkpoint (chance {chance:.3f})")
     print(f"{'run':28s} {'params':>9s} {'samples':>8s} {'compute_gmacs':>13s} {'acc1':>6s} {'acc5':>6s}")
     for run_dir in run_dirs:
-        rows = [r for r in read_results(run_dir) if r["task"] == "zeroshot_classification"]
+        rows = [r for r in read_rows(run_dir) if r["task"] == "zeroshot_classification"]
         final = max(r["step"] for r in rows)
         value = {r["metric"]: r["value"] for r in rows if r["step"] == final}
         last = next(r for r in rows if r["step"] == final)

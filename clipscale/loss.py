@@ -12,29 +12,11 @@ running log-sum-exps, backward recomputing each block. Memory is O(B*D + tile^2)
 """
 from __future__ import annotations
 
-import dataclasses
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
 
+from clipscale.config import LossConfig
 from clipscale.dist import gather_with_grad, rank
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class LossConfig:
-    kind: Literal["clip", "siglip"] = "clip"
-    """CLIP InfoNCE (softmax) or SigLIP (sigmoid) loss."""
-    local_loss: bool = False
-    """Each rank computes its own rows against all gathered columns (open_clip --local-loss)."""
-    tiled: bool = False
-    """Compute the loss block by block, never materialising the B x B logits (Inf-CL)."""
-    tile_size: int = 1024
-    """Rows and columns per block of the tiled loss; memory grows as tile_size**2."""
-
-    def __post_init__(self) -> None:
-        if self.tile_size <= 0:
-            raise ValueError(f"loss.tile_size={self.tile_size} must be positive: set e.g. loss.tile_size=1024")
 
 
 def contrastive_loss(

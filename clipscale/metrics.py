@@ -66,8 +66,8 @@ class MetricsLogger:
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         log.info(" ".join(f"{k}={_fmt(v)}" for k, v in record.items()))
-        if self.bar is not None:
-            self.bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}", refresh=False)
+        if self.bar is not None and "loss" in record:  # the step-0 record (params, GMACs) has no loss yet
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
         if self.wandb_run is not None:
             self.wandb_run.log(record, step=record.get("step"))
 

@@ -1,7 +1,7 @@
 """Model construction through open_clip (and timm image towers): architecture, transforms, tokenizer.
 
 What the model *is* lives here; how it is sharded and wrapped lives in parallel.py, what it costs
-in compute.py.
+in compute.py (which imports this module, never the reverse).
 """
 from __future__ import annotations
 
@@ -205,18 +205,3 @@ def build_model(cfg: ModelConfig, *, device: torch.device | str = "cpu") -> Mode
 
 def count_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-# compute.py builds models with this module, so the per-bundle shortcuts import it when called.
-def gmacs_per_sample(bundle: ModelBundle) -> float:
-    """Forward GMACs for one image-text pair including attention (the scaling-law convention)."""
-    from clipscale.compute import model_compute
-
-    return model_compute(bundle.config).gmacs_per_sample.total
-
-
-def gmacs_per_sample_no_attn(bundle: ModelBundle) -> float:
-    """Forward GMACs for one image-text pair of linear layers and patch embedding (timm's convention)."""
-    from clipscale.compute import model_compute
-
-    return model_compute(bundle.config).gmacs_per_sample_no_attn.total

@@ -68,3 +68,8 @@ def lr_at(samples_seen: int, *, cfg: OptimConfig, total_samples: int) -> float:
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
+
+
+def crossed(samples_seen: int, batch: int, every: int) -> bool:
+    """True when the last step (of `batch` samples) crossed a multiple of `every` samples (0: never)."""
+    return every > 0 and samples_seen // every > (samples_seen - batch) // every

@@ -10,6 +10,7 @@ import logging
 import math
 
 import torch
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.tensor import DTensor
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
@@ -22,14 +23,36 @@ log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def has_blocks(tower: torch.nn.Module | None) -> bool:
+    return hasattr(getattr(tower, "transformer", None), "resblocks")
+
+
+def block_lists(model: torch.nn.Module) -> list[torch.nn.ModuleList]:
+    """The residual-block lists of an open_clip model's towers: `visual`, and the text transformer
+    (the model itself for CLIP, `text` for CustomTextCLIP); a timm or HF tower has none."""
+    towers = (getattr(model, "visual", None), model, getattr(model, "text", None))
+    return [t.transformer.resblocks for t in towers if has_blocks(t)]
+
+
 def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """Residual blocks of both towers of an open_clip CLIP model: the FSDP2 sharding units."""
-    blocks = []
-    for tower in (getattr(model, "visual", None), model):
-        transformer = getattr(tower, "transformer", None)
-        if transformer is not None and hasattr(transformer, "resblocks"):
-            blocks.extend(transformer.resblocks)
-    return blocks
+    """Residual blocks of both towers: the FSDP2 sharding units (and the activation-checkpointing units)."""
+    return [block for blocks in block_lists(model) for block in blocks]
+
+
+def checkpoint_blocks(model: torch.nn.Module) -> None:
+    """Recompute every transformer block in backward (a timm image tower checkpoints its own blocks).
+
+    The checkpoint wraps each block inside its FSDP2 unit, as torchtitan applies it: FSDP2 casts a
+    unit's inputs to the compute dtype in forward but not when backward recomputes the unit, so a
+    checkpoint around the unit (open_clip's `set_grad_checkpointing`) recomputes bf16 weights on the
+    saved fp32 input, which CUDA's layer norm refuses (CPU's mixed-dtype kernels hide it).
+    """
+    for blocks in block_lists(model):
+        for i, block in enumerate(blocks):
+            blocks[i] = checkpoint_wrapper(block)  # state-dict keys stay the block's own
+    for tower in (getattr(model, "visual", None), getattr(model, "text", None)):
+        if tower is not None and not has_blocks(tower):
+            tower.set_grad_checkpointing(True)
 
 
 def parallelize(model: torch.nn.Module, cfg: TrainConfig, info: DistInfo) -> torch.nn.Module:
@@ -42,7 +65,7 @@ def parallelize(model: torch.nn.Module, cfg: TrainConfig, info: DistInfo) -> tor
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores (H100/A100)
         torch.backends.cudnn.allow_tf32 = True
     if cfg.grad_checkpointing:
-        model.set_grad_checkpointing(True)
+        checkpoint_blocks(model)
     if cfg.parallel == "fsdp":
         model = shard_fsdp(model, precision=cfg.precision, reshard_after_forward=cfg.fsdp_reshard_after_forward)
     elif info.world_size > 1:
@@ -71,11 +94,17 @@ def shard_fsdp(model: torch.nn.Module, *, precision: str, reshard_after_forward:
     return model
 
 
-def autocast(cfg: TrainConfig, device: torch.device) -> contextlib.AbstractContextManager:
-    """Autocast for DDP / single-process runs; FSDP2 handles dtypes through its policy."""
-    if cfg.precision == "fp32" or cfg.parallel == "fsdp":
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """Autocast to `precision` ("bf16", "fp16") on `device`; "fp32" runs as it is. The one autocast of
+    training (`step_precision`) and evaluation."""
+    if precision == "fp32":
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=DTYPES[cfg.precision])
+    return torch.autocast(device_type=device.type, dtype=DTYPES[precision])
+
+
+def step_precision(cfg: TrainConfig) -> str:
+    """What a training step autocasts to: DDP / one process autocast; FSDP2 handles dtypes through its policy."""
+    return "fp32" if cfg.parallel == "fsdp" else cfg.precision
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

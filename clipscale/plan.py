@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from clipscale.compute import hardware_flops_per_sample, model_compute, model_flops_per_sample
-from clipscale.config import Config, ConfigError, ModelConfig, validate_for_world
-from clipscale.data.pipeline import check_layout
+from clipscale.config import Config, ConfigError, ModelConfig, resolve_recipe, validate_for_world
+from clipscale.data.pipeline import resolve_num_streams
 from clipscale.data.shards import DataError, expand_sources
 from clipscale.models import create_model, resolve_architecture
 
@@ -40,22 +40,38 @@ LOSS_TILED_COPIES = 4
 GATHERED_BLOCKS = 2  # FSDP2: the block computing and the one prefetched
 BLOCK_LISTS = ("resblocks", "blocks")  # open_clip and timm transformer block lists
 STATED_GPUS = re.compile(r"^#\s*gpus:\s*([\d,\s]+)$", re.MULTILINE)
+# Dense 16-bit tensor-core peak TFLOP/s per GPU (vendors' datasheets, SXM parts), by `run.accelerator`.
+PEAK_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0, "B200": 2250.0}
 
 
 def stated_gpus(recipe: str | Path) -> list[int]:
     """The GPU counts a recipe states it is meant for, from its `# gpus: 8, 16` comment line."""
-    match = STATED_GPUS.search(Path(recipe).read_text())
+    match = STATED_GPUS.search(resolve_recipe(recipe).read_text())
     if match is None:
         raise ConfigError(f"recipe {recipe} states no GPU counts; add a comment line like '# gpus: 8, 16'")
     return [int(n) for n in match.group(1).replace(",", " ").split()]
+
+
+def peak_tflops_of(cfg: Config, given: float | None) -> tuple[float, str]:
+    """(peak TFLOP/s per GPU, where it came from): `given` (--peak-tflops), else the recipe's `run.accelerator`."""
+    if given is not None:
+        return given, "--peak-tflops"
+    accelerator = cfg.run.accelerator
+    if accelerator is None:
+        raise ConfigError(f"the step time needs the GPU's peak: set run.accelerator (one of {sorted(PEAK_TFLOPS)}) "
+                          "or pass --peak-tflops (dense 16-bit TFLOP/s per GPU)")
+    if accelerator not in PEAK_TFLOPS:
+        raise ConfigError(f"run.accelerator={accelerator!r} has no known peak; choose one of {sorted(PEAK_TFLOPS)} "
+                          "or pass --peak-tflops (dense 16-bit TFLOP/s per GPU)")
+    return PEAK_TFLOPS[accelerator], f"run.accelerator={accelerator}"
 
 
 def validate_launch(cfg: Config, world_size: int) -> None:
     """The checks `train` runs before starting `world_size` ranks: config and data layout."""
     validate_for_world(cfg, world_size)
     num_shards = sum(len(urls) for urls in expand_sources(cfg.data.train_shards))
-    check_layout(cfg.data, num_shards=num_shards, batch_size=cfg.train.global_batch_size // world_size,
-                 world_size=world_size)
+    resolve_num_streams(cfg.data, num_shards=num_shards, batch_size=cfg.train.global_batch_size // world_size,
+                        world_size=world_size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,13 +204,14 @@ def largest_chunk(cfg: Config, *, world_size: int, gpu_mem_bytes: float) -> int:
     return max(0, min(local_batch, int((gpu_mem_bytes - fixed["total"] + per_sample) // per_sample)))
 
 
-def plan(cfg: Config, *, gpus: int, gpu_mem_gib: float, peak_tflops: float, mfu: float) -> dict[str, Any]:
+def plan(cfg: Config, *, gpus: int, gpu_mem_gib: float, peak_tflops: float | None, mfu: float) -> dict[str, Any]:
     """The budget of `cfg` on `gpus` GPUs: compute, steps, memory per GPU (GiB), time at `mfu`.
 
-    Config errors raise; a data layout that does not suit `gpus` is reported in `launch_check`
+    The peak is `peak_tflops`, else that of the recipe's `run.accelerator`. Config errors raise; a data layout that does not suit `gpus` is reported in `launch_check`
     (the budget does not depend on it).
     """
     validate_for_world(cfg, gpus)
+    peak_tflops, peak_from = peak_tflops_of(cfg, peak_tflops)
     try:
         validate_launch(cfg, gpus)
         launch_check = "ok"
@@ -215,7 +232,7 @@ def plan(cfg: Config, *, gpus: int, gpu_mem_gib: float, peak_tflops: float, mfu:
     as_configured = memory_per_gpu(cfg, world_size=gpus)["total"] / GIB
     return {
         "model": cfg.model.name, "launch_check": launch_check, "gpus": gpus, "gpu_mem_gib": gpu_mem_gib,
-        "peak_tflops": peak_tflops, "mfu": mfu,
+        "peak_tflops": peak_tflops, "peak_tflops_from": peak_from, "mfu": mfu,
         **c.to_dict(),
         "model_flops_per_sample": model_flops,
         "hardware_flops_per_sample": hardware_flops_per_sample(cfg.model, t, world_size=gpus),
@@ -236,7 +253,7 @@ def format_plan(p: dict[str, Any]) -> str:
     split = lambda d, f: "  ".join(f"{k}={f(v)}" for k, v in d.items())  # noqa: E731
     lines = [
         f"model {p['model']} on {p['gpus']} GPUs x {p['gpu_mem_gib']:g} GiB, "
-        f"{p['peak_tflops']:g} TFLOP/s peak at MFU {p['mfu']:g}",
+        f"{p['peak_tflops']:g} TFLOP/s peak ({p['peak_tflops_from']}) at MFU {p['mfu']:g}",
         f"params (M)                 {split(p['params'], lambda v: f'{v / 1e6:.2f}')}",
         f"GMACs/pair with attention  {split(p['gmacs_per_sample'], lambda v: f'{v:.2f}')}",
         f"GMACs/pair linear only     {split(p['gmacs_per_sample_no_attn'], lambda v: f'{v:.2f}')}",

@@ -5,11 +5,12 @@
     clipscale train RECIPE train.global_batch_size=512 run.name=b512       # dotted overrides
 
 The run directory `RUN_DIR = run.output_dir/run.name` holds config.json, metrics.jsonl and
-checkpoints/; starting a run whose directory has a complete checkpoint resumes from it.
+checkpoints/ (and training.json while training: `clipscale.run_state`); starting a run whose
+directory has a complete checkpoint resumes from it.
 SIGUSR1, SIGTERM or SIGINT (Ctrl-C): at the next sync point (so within `train.log_every_steps`
-steps) a checkpoint is saved and every rank exits with `EXIT_PREEMPTED`, so a scheduler can requeue
-the job and the next start resumes; a second Ctrl-C stops at once. Steps between sync points run
-without a host-device sync.
+steps) a checkpoint is saved, the `preempted` marker written and every rank exits with
+`EXIT_PREEMPTED`, so a scheduler can requeue the job and the next start resumes; a second Ctrl-C
+stops at once. Steps between sync points run without a host-device sync.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from typing import Any
 import torch
 
 from clipscale import checkpoint as ckpt
-from clipscale.compute import model_flops_per_sample
+from clipscale.compute import gmacs_per_sample, model_flops_per_sample
 from clipscale.config import Config, config_to_dict, save_config
 from clipscale.data.pipeline import (build_train_loader, kill_loader_workers, merge_rank_states, normalize_images,
                                     sum_counters)
@@ -36,14 +37,16 @@ from clipscale.evaluate.runner import maybe_eval
 from clipscale.gradcache import gradcache_step
 from clipscale.loss import contrastive_loss
 from clipscale.metrics import MetricsLogger, StepTimer, mfu, peak_flops
-from clipscale.models import ModelBundle, build_model, count_params, gmacs_per_sample
-from clipscale.optim import build_optimizer, lr_at, set_lr, step_unless
-from clipscale.parallel import autocast, full_tensor, global_grad_norm, grad_scaler, parallelize, unwrap
+from clipscale.models import ModelBundle, build_model, count_params
+from clipscale.optim import build_optimizer, crossed, lr_at, set_lr, step_unless
+from clipscale.parallel import (autocast, full_tensor, global_grad_norm, grad_scaler, parallelize, step_precision,
+                                unwrap)
+from clipscale.run_state import PREEMPTED, training_marker
 
 log = logging.getLogger(__name__)
 MAX_LOGIT_SCALE = math.log(100)  # temperature floor of 0.01 (Radford et al. 2021)
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: saved on a signal, resume by starting again
-PREEMPTED_MARKER = "preempted"  # file in the run directory: the last launch saved and exited on a signal
+PREEMPTED_MARKER = PREEMPTED  # file in the run directory: the last launch saved and exited on a signal
 
 
 class Preempted(SystemExit):
@@ -189,25 +192,26 @@ def _train(cfg: Config, info: DistInfo) -> Path:
     if info.is_main:  # only now: a start that fails to build leaves no run directory behind
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.json")
-        (run_dir / PREEMPTED_MARKER).unlink(missing_ok=True)  # only this start's stop may ask for a requeue
-    progress, rng_restored = resume(run_dir / "checkpoints", model=model, optimizer=optimizer, loader=loader,
-                                    scaler=scaler)
-    if not rng_restored:  # fresh start, or a rank the checkpoint's world did not have
-        torch.manual_seed(cfg.run.seed * 1000 + info.rank + progress.step)  # per-rank stochastic layers
-    total_steps = cfg.train.total_samples // cfg.train.global_batch_size
-    metrics = MetricsLogger(run_dir, cfg.log, enabled=info.is_main, total_steps=total_steps,
-                            config=config_to_dict(cfg), start_step=progress.step)
-    gmacs = gmacs_per_sample(bundle)
-    if progress.step == 0:
-        metrics.log({"step": 0, "params": count_params(unwrap(model)), "gmacs_per_sample": gmacs,
-                     "world_size": info.world_size})
-    start, t0 = progress.samples_seen, time.perf_counter()
-    run = Run(cfg=cfg, info=info, model=model, optimizer=optimizer, loader=loader, bundle=bundle, metrics=metrics,
-              stop_signal=stop_signal, flops_per_sample=model_flops_per_sample(cfg.model), scaler=scaler)
-    try:
-        run_loop(run, progress)
-    finally:
-        metrics.close()
+    # training.json while the run trains (rank 0); the start removes a previous one's preempted marker
+    with training_marker(run_dir, enabled=info.is_main):
+        progress, rng_restored = resume(run_dir / "checkpoints", model=model, optimizer=optimizer, loader=loader,
+                                        scaler=scaler)
+        if not rng_restored:  # fresh start, or a rank the checkpoint's world did not have
+            torch.manual_seed(cfg.run.seed * 1000 + info.rank + progress.step)  # per-rank stochastic layers
+        total_steps = cfg.train.total_samples // cfg.train.global_batch_size
+        metrics = MetricsLogger(run_dir, cfg.log, enabled=info.is_main, total_steps=total_steps,
+                                config=config_to_dict(cfg), start_step=progress.step)
+        gmacs = gmacs_per_sample(bundle)
+        if progress.step == 0:
+            metrics.log({"step": 0, "params": count_params(unwrap(model)), "gmacs_per_sample": gmacs,
+                         "world_size": info.world_size})
+        start, t0 = progress.samples_seen, time.perf_counter()
+        run = Run(cfg=cfg, info=info, model=model, optimizer=optimizer, loader=loader, bundle=bundle, metrics=metrics,
+                  stop_signal=stop_signal, flops_per_sample=model_flops_per_sample(cfg.model), scaler=scaler)
+        try:
+            run_loop(run, progress)
+        finally:
+            metrics.close()
     log.info("done: run=%s steps=%d samples_seen=%d skipped_steps=%d samples_per_s=%.1f minutes=%.2f",
              cfg.run.name, progress.step, progress.samples_seen, progress.skipped_steps,
              (progress.samples_seen - start) / (time.perf_counter() - t0), (time.perf_counter() - t0) / 60)
@@ -291,9 +295,10 @@ def log_step(run: Run, progress: Progress, meters: Meters, *, stats: StepStats, 
 
 
 def stop_preempted(run: Run, progress: Progress) -> None:
-    """After the stop's checkpoint: rank 0 writes the `preempted` marker, which tells slurm/train.sbatch
-    to requeue (torchrun's exit code cannot), before any rank exits: a launcher that kills the
-    other ranks once one exits (`srun --kill-on-bad-exit=1`) cannot race the marker."""
+    """After the stop's checkpoint: rank 0 writes the `preempted` marker (the one place it is written),
+    which tells slurm/train.sbatch to requeue (torchrun's exit code cannot), before any rank exits:
+    a launcher that kills the other ranks once one exits (`srun --kill-on-bad-exit=1`) cannot race
+    the marker, and a watcher sees it before training.json goes (`clipscale.run_state`)."""
     if run.info.is_main:
         (run.cfg.run_dir / PREEMPTED_MARKER).write_text(f"{EXIT_PREEMPTED}\n")
     barrier()
@@ -318,12 +323,12 @@ def train_step(model: torch.nn.Module, images: torch.Tensor, texts: torch.Tensor
     optimizer.zero_grad(set_to_none=True)
     scaling = scaler is not None and scaler.is_enabled()
     if cfg.train.chunk_size:
-        with autocast(cfg.train, device):
+        with autocast(device, step_precision(cfg.train)):
             loss = gradcache_step(model, images, texts, chunk_size=cfg.train.chunk_size, loss_cfg=cfg.loss,
                                   scale_loss=scaler.scale if scaling else None)
         timer.lap("forward_backward_s")
     else:
-        with autocast(cfg.train, device):
+        with autocast(device, step_precision(cfg.train)):
             out = model(images, texts)
         loss = contrastive_loss(cfg.loss, out["image_features"].float(), out["text_features"].float(),
                                 out["logit_scale"].float(), out.get("logit_bias"))
@@ -358,11 +363,6 @@ def gather_step_stats(result: StepResult, tally: SkipTally, *, model, loader, st
                      max_streak=int(max(max_streak)), stop=any(stop),
                      logit_scale=full_tensor(unwrap(model).logit_scale).exp().item(),
                      data=data_counters(loader))
-
-
-def crossed(samples_seen: int, batch: int, every: int) -> bool:
-    """True when the last step crossed a multiple of `every` samples."""
-    return every > 0 and samples_seen // every > (samples_seen - batch) // every
 
 
 def global_loader_state(loader) -> dict:

@@ -5,7 +5,9 @@
 
 Runs `build_train_loader` as training does on one rank (ViT-B-32 tokenizer, 224 px random resized
 crops, one stream per worker, uint8 batches) and counts samples/s after a warm-up of one batch per
-worker; per worker core = samples/s / workers. Shards are drawn with replacement by default
+worker; per worker core = samples/s / workers. With `--device cuda` every batch is also joined on
+the GPU (`Batch.images_on`, where `data.decode_device=cuda` decodes its JPEGs) and the time
+includes that, as in training. Shards are drawn with replacement by default
 (`data.resampled=true`), so no sample count is needed; any `data.*` override applies. The
 comparison with other pipelines is `python -m benchmarks.loader` in the repository.
 """
@@ -18,6 +20,7 @@ import statistics
 from typing import Any, Iterator
 
 import open_clip
+import torch
 
 from clipscale.bench import environment, measure, time_batches, write_json
 from clipscale.config import load_config
@@ -32,12 +35,14 @@ DEFAULT_OVERRIDES = ("data.resampled=true",)
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="clipscale bench loader", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shards", required=True, help="brace-expanded shard spec (path, fsspec URL, pipe:)")
+    p.add_argument("--shards", required=True, help="shards: a directory, a glob or a brace spec (path, fsspec URL, pipe:)")
     p.add_argument("overrides", nargs="*", help="data.KEY=VALUE overrides of the loader config")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers (one stream each)")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--samples", type=int, default=2048, help="samples timed per round")
     p.add_argument("--repeats", type=int, default=2, help="timed rounds")
+    p.add_argument("--device", default="cpu", help="training device the batches are for: cpu, or cuda "
+                   "(batches joined there; needed for data.decode_device=cuda)")
     p.add_argument("--out", help="JSON file to write")
     args = p.parse_args(argv)
     for name in ("workers", "batch", "samples", "repeats"):
@@ -58,12 +63,18 @@ def loader_config(shards: str, *, workers: int, overrides: list[str]) -> DataCon
     return dataclasses.replace(data, train_shards=shards, workers=workers, num_streams=workers)
 
 
-def loader_batches(cfg: DataConfig, *, batch: int, tokenizer) -> Iterator[int]:
-    """Batch sizes of clipscale's train loader on one rank (images arrive in per-stream uint8 parts,
-    which the trainer joins on its device)."""
+def loader_batches(cfg: DataConfig, *, batch: int, tokenizer, device: torch.device) -> Iterator[int]:
+    """Batch sizes of clipscale's train loader on one rank. Images arrive in per-stream uint8 parts,
+    which the trainer joins on its device: on CUDA that join (and any device JPEG decode) is timed too."""
     loader = build_train_loader(cfg, tokenizer=tokenizer, image_size=CROP_PX, batch_size=batch, rank=0,
-                                world_size=1, seed=0)
-    return (sum(len(part) for part in b.image_parts) for b in loader)
+                                world_size=1, seed=0, device=device)
+    for b in loader:
+        if device.type == "cuda":
+            b.images_on(device)
+            torch.cuda.synchronize(device)  # host sync: the batch is ready, as the step would need it
+            yield b.texts.shape[0]
+        else:
+            yield sum(len(part) for part in b.image_parts)
 
 
 def time_loader(batches: Iterator[int], *, workers: int, samples: int) -> dict[str, float]:
@@ -75,9 +86,10 @@ def time_loader(batches: Iterator[int], *, workers: int, samples: int) -> dict[s
     return {**figures, "samples_per_s_per_core": figures["samples_per_s"] / workers}
 
 
-def clipscale_rate(cfg: DataConfig, *, batch: int, samples: int, tokenizer) -> dict[str, float]:
+def clipscale_rate(cfg: DataConfig, *, batch: int, samples: int, tokenizer,
+                   device: torch.device = torch.device("cpu")) -> dict[str, float]:
     """One timed run of the train loader, with the CPU share other processes took meanwhile."""
-    return measure(lambda: time_loader(loader_batches(cfg, batch=batch, tokenizer=tokenizer),
+    return measure(lambda: time_loader(loader_batches(cfg, batch=batch, tokenizer=tokenizer, device=device),
                                        workers=cfg.workers, samples=samples))
 
 
@@ -87,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = open_clip.get_tokenizer("ViT-B-32")
     rounds = []
     for i in range(args.repeats):
-        rounds.append(clipscale_rate(cfg, batch=args.batch, samples=args.samples, tokenizer=tokenizer))
+        rounds.append(clipscale_rate(cfg, batch=args.batch, samples=args.samples, tokenizer=tokenizer,
+                                     device=torch.device(args.device)))
         log.info("round %d: %.1f samples/s, %.1f per worker core (other processes used %.0f%% of the CPUs)", i,
                  rounds[-1]["samples_per_s"], rounds[-1]["samples_per_s_per_core"],
                  100 * rounds[-1]["other_processes_cpu_fraction"])

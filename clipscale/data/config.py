@@ -2,21 +2,28 @@
 from __future__ import annotations
 
 import dataclasses
+import re
+
+GENERIC_DIRS = ("train", "training", "shards", "tars", "wds", "webdataset", "data")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DataConfig:
     train_shards: str = "data/synthetic/train/{000000..000007}.tar"
     """Shard spec: path, fsspec URL or `pipe:COMMAND`, brace-expanded; several sources joined by `::`."""
+    name: str | None = None
+    """Upstream dataset name, the results table's `dataset` (None: the shards' directory name, see
+    `dataset_name`)."""
     train_weights: tuple[float, ...] | None = None
     """Sampling weight of each `::` source, per shard (resampled mode only); default: all 1."""
     train_num_samples: int | None = None
     """Samples in the shards, when neither sizes.json nor _info.json lists them (exact epochs only)."""
     resampled: bool = False
     """Draw shards with replacement (no epochs) instead of exact shuffled epochs."""
-    num_streams: int = 4
-    """Logical data streams; fixed per run so batches do not depend on world size or workers.
-    Must be a multiple of world size x workers and divide the global batch."""
+    num_streams: int | None = None
+    """Logical data streams; set it to keep batches the same whatever the world size or workers. Must be
+    a multiple of world size x workers, divide the global batch and (exact epochs) not exceed the shards.
+    Unset: the largest such count up to max(4, world size x workers), logged at start-up."""
     workers: int = 1
     """DataLoader worker processes per rank."""
     shuffle_buffer: int = 1_000
@@ -40,3 +47,22 @@ class DataConfig:
     """A shard that delivers no bytes for this long counts as stalled."""
     max_failed_shards: int = 16
     """Stop with an error when this many shards in a row cannot be read."""
+
+    @property
+    def dataset_name(self) -> str:
+        """`name`, or the name of the directory holding each `::` source's shards, skipping generic ones
+        (data/laion400m/{00000..41407}.tar -> laion400m; data/synthetic/train/{0..7}.tar -> synthetic)."""
+        return self.name or default_dataset_name(self.train_shards)
+
+
+def default_dataset_name(spec: str) -> str:
+    """The dataset name a shard spec suggests: see `DataConfig.dataset_name`; sources joined by `+`."""
+    names = []
+    for source in spec.split("::"):
+        if source.startswith("pipe:"):  # pipe:COMMAND ... URL: the last word with a path in it
+            source = next((word for word in reversed(source.split()) if "/" in word), source)
+        folders = [part for part in re.split(r"/+", source)[:-1] if part and not part.endswith(":")]
+        while len(folders) > 1 and folders[-1].lower() in GENERIC_DIRS:
+            folders.pop()
+        names.append(folders[-1] if folders else source)
+    return "+".join(dict.fromkeys(names))

@@ -1,6 +1,7 @@
 """The streaming training loader: shards -> logical streams -> world-size-invariant batches.
 
-The data is split into `num_streams` logical streams S, fixed by the recipe (see
+The data is split into `num_streams` logical streams S, fixed by the recipe or else by the data
+and the launch (`resolve_num_streams`; see
 `clipscale.data.streams` for how shards are dealt to streams). Each step every stream contributes
 a sub-batch of B_global / S samples; rank r owns streams [r*S/W, (r+1)*S/W) and its batch is
 their sub-batches in stream order; a rank's dataloader workers own its streams round-robin. The
@@ -14,6 +15,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import json
 import logging
 import multiprocessing
 import os
@@ -28,11 +30,12 @@ from clipscale.data.config import DataConfig
 from clipscale.data.decode import JpegCrop, decode_jpegs_on
 from clipscale.data.shards import DataError, check_first_shards, expand_sources, read_sizes, shard_weights
 from clipscale.data.streams import StreamPlan, StreamReader, StreamState, SubBatch
-from clipscale.dist import init_loader_worker
+from clipscale.dist import init_loader_worker, rank0_value
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 2
 STATE_FIELDS = {f.name for f in dataclasses.fields(StreamState)}
+DEFAULT_STREAMS = 4  # data.num_streams when the recipe leaves it unset and the launch allows it
 POOL_SLOTS = 6  # shared image buffers per stream: in flight (prefetch 2), held by the trainer (2), spare
 CPU = torch.device("cpu")
 
@@ -50,11 +53,6 @@ class Batch:
     texts: torch.Tensor  # (B, L) int64
     keys: list[str]
     jpegs: list[tuple[int, JpegCrop]] = dataclasses.field(default_factory=list)  # (row, JPEG) decoded on the device
-
-    @property
-    def images(self) -> torch.Tensor:
-        """(B, 3, H, W) uint8 on the host."""
-        return self.images_on(CPU)
 
     def images_on(self, device: torch.device) -> torch.Tensor:
         """(B, 3, H, W) uint8 on `device`: each part copied there, then joined there, and the JPEGs left
@@ -143,7 +141,6 @@ class TrainLoader:
         self.streams = list(range(rank * per_rank, (rank + 1) * per_rank))
         self.states = [StreamState() for _ in range(cfg.num_streams)]
         self.totals: dict[int, dict[str, int]] = {}
-        self.buffers = collections.Counter()  # sub-batches received in a pooled shared buffer / a one-off one
 
     def __iter__(self) -> Iterator[Batch]:
         free = torch.ones(len(self.streams), POOL_SLOTS, dtype=torch.uint8).share_memory_()
@@ -173,7 +170,6 @@ class TrainLoader:
                 self.totals[sb.stream] = sb.state["totals"]
                 if sb.slot >= 0:
                     lent.append((self.streams.index(sb.stream), sb.slot, StorageWeakRef(sb.images.untyped_storage())))
-                self.buffers["pooled" if sb.slot >= 0 else "one_off"] += 1
             texts = torch.from_numpy(np.concatenate([sb.texts for sb in subs]))  # (B, L)
             jpegs = [(i * self.plan.sub_batch + row, jpeg) for i, sb in enumerate(subs) for row, jpeg in sb.jpegs]
             batch = Batch(image_parts=[sb.images for sb in subs], texts=texts.pin_memory() if self.pin_memory else texts,
@@ -206,14 +202,10 @@ class TrainLoader:
                             f"reads version {STATE_VERSION}")
         for key in ("num_streams", "resampled"):
             if state[key] != getattr(self.cfg, key):
-                raise DataError(f"checkpoint loader state has {key}={state[key]}, the config has "
-                                f"data.{key}={getattr(self.cfg, key)}; resume with the same data.{key}")
+                raise DataError(f"checkpoint loader state has {key}={state[key]}, this launch has "
+                                f"data.{key}={getattr(self.cfg, key)}; resume with data.{key}={json.dumps(state[key])}")
         self.states = [StreamState(**{k: v for k, v in st.items() if k in STATE_FIELDS}) for st in state["streams"]]
         self.totals = {s: st.get("totals", {}) for s, st in enumerate(state["streams"])}
-
-    def counters(self) -> dict[str, int]:
-        """Sample counters (good `samples` and bad ones per reason) of this rank's streams."""
-        return sum_counters(self.totals[s] for s in self.streams if s in self.totals)
 
 
 def kill_loader_workers() -> None:
@@ -239,28 +231,54 @@ def merge_rank_states(states: list[dict[str, Any]]) -> dict[str, Any]:
 
 def build_train_loader(cfg: DataConfig, *, tokenizer: Callable, image_size: int, batch_size: int,
                        rank: int, world_size: int, seed: int, device: torch.device = CPU) -> TrainLoader:
-    """Validate the shard spec and stream layout against the launch (`check_data`), then build the loader
-    of batches for the training `device` (batches for a CUDA device arrive in pinned memory)."""
+    """Validate the shard spec and stream layout against the launch (as `check_data` did before the
+    process group), then build the loader of batches for the training `device` (batches for a CUDA
+    device arrive in pinned memory). Collective: rank 0 lists the shards and reads their sizes once,
+    and every rank uses its list."""
     check_decode_device(cfg, device=device)
-    sources = check_data(cfg, global_batch_size=batch_size * world_size, world_size=world_size)
+    sources, sizes = rank0_value(lambda: list_shards(cfg))
     urls = [u for source in sources for u in source]
+    num_streams = resolve_layout(cfg, num_shards=len(urls), batch_size=batch_size, world_size=world_size)
+    if rank == 0 and cfg.num_streams is None:
+        log.info("data.num_streams=%d (unset by the recipe: it follows %d shards, world size %d x %d workers and the "
+                 "global batch %d); set it to keep batches the same across launches", num_streams, len(urls),
+                 world_size, max(cfg.workers, 1), batch_size * world_size)
+    cfg = dataclasses.replace(cfg, num_streams=num_streams)
     weights = shard_weights(sources, cfg.train_weights, spec=cfg.train_shards)
-    sub_batch = batch_size * world_size // cfg.num_streams
-    plan = StreamPlan(urls, sizes=shard_sizes(cfg, urls), weights=weights, cfg=cfg, sub_batch=sub_batch, seed=seed)
+    plan = StreamPlan(urls, sizes=sizes, weights=weights, cfg=cfg, sub_batch=batch_size * world_size // num_streams,
+                      seed=seed)
+    if rank == 0 and not cfg.resampled:
+        quota, total = plan.quota(0) * num_streams, sum(sizes)
+        log.info("exact epochs: %d streams x %d samples = %d of the %d samples of %d shards per epoch; the other %d "
+                 "are left to later epochs (a stream's quota is the smallest stream's share, in whole sub-batches)",
+                 num_streams, quota // num_streams, quota, total, len(urls), max(total - quota, 0))
     return TrainLoader(plan, cfg, tokenizer=tokenizer, image_size=image_size, rank=rank, world_size=world_size,
                        device=device)
 
 
-def check_data(cfg: DataConfig, *, global_batch_size: int, world_size: int) -> list[list[str]]:
-    """The shard spec (its first shards exist) and the stream layout against the launch; cheap enough
-    to run on every rank before the process group starts. Returns the shard URLs of each source."""
-    sources = expand_sources(cfg.train_shards)
-    check_first_shards(sources, spec=cfg.train_shards)
-    check_layout(cfg, num_shards=sum(map(len, sources)), batch_size=global_batch_size // world_size,
-                 world_size=world_size)
+def check_data(cfg: DataConfig, *, global_batch_size: int, world_size: int) -> int:
+    """What `build_train_loader` checks of the data, without a process group: the shard spec (its
+    first shards exist, their sizes are known), data.train_weights and the stream layout against the
+    launch. Cheap enough for every rank to run before the process group starts, so that a bad spec
+    fails at once on every rank. Returns data.num_streams, resolved when the recipe leaves it unset."""
+    sources, _ = list_shards(cfg)
+    return resolve_layout(cfg, num_shards=sum(map(len, sources)), batch_size=global_batch_size // world_size,
+                          world_size=world_size)
+
+
+def resolve_layout(cfg: DataConfig, *, num_shards: int, batch_size: int, world_size: int) -> int:
+    """data.num_streams for this launch (`resolve_num_streams`), after data.train_weights is checked."""
     if cfg.train_weights and not cfg.resampled:
         raise DataError("data.train_weights needs data.resampled=true: exact epochs read every shard once")
-    return sources
+    return resolve_num_streams(cfg, num_shards=num_shards, batch_size=batch_size, world_size=world_size)
+
+
+def list_shards(cfg: DataConfig) -> tuple[list[list[str]], list[int]]:
+    """(shard URLs per `::` source, samples per shard) of `data.train_shards`; the first shard of each
+    source checked to exist."""
+    sources = expand_sources(cfg.train_shards)
+    check_first_shards(sources, spec=cfg.train_shards)
+    return sources, shard_sizes(cfg, [u for source in sources for u in source])
 
 
 def shard_sizes(cfg: DataConfig, urls: list[str]) -> list[int]:
@@ -286,20 +304,36 @@ def check_decode_device(cfg: DataConfig, *, device: torch.device) -> None:
                         f"{device} ({visible}); set data.decode_device='cpu'")
 
 
-def check_layout(cfg: DataConfig, *, num_shards: int, batch_size: int, world_size: int) -> None:
+def resolve_num_streams(cfg: DataConfig, *, num_shards: int, batch_size: int, world_size: int) -> int:
+    """`data.num_streams`, checked against the launch and the data; when the recipe leaves it unset, the
+    largest multiple of world size x workers, up to max(DEFAULT_STREAMS, world size x workers), that
+    divides the global batch and (exact epochs) is at most the number of shards."""
+    if cfg.num_streams is not None:
+        check_layout(cfg, num_streams=cfg.num_streams, num_shards=num_shards, batch_size=batch_size,
+                     world_size=world_size)
+        return cfg.num_streams
+    unit = world_size * max(cfg.workers, 1)
+    limit = max(DEFAULT_STREAMS, unit) if cfg.resampled else min(max(DEFAULT_STREAMS, unit), num_shards)
+    fits = [n for n in range(unit, limit + 1, unit) if batch_size * world_size % n == 0]
+    if not fits:  # not even world size x workers fits: say why as for a recipe's value
+        check_layout(cfg, num_streams=unit, num_shards=num_shards, batch_size=batch_size, world_size=world_size)
+    return fits[-1]
+
+
+def check_layout(cfg: DataConfig, *, num_streams: int, num_shards: int, batch_size: int, world_size: int) -> None:
     workers = max(cfg.workers, 1)
-    if cfg.num_streams % (world_size * workers):
+    if num_streams % (world_size * workers):
         raise DataError(
-            f"data.num_streams={cfg.num_streams} must be a multiple of world size x data.workers = "
+            f"data.num_streams={num_streams} must be a multiple of world size x data.workers = "
             f"{world_size} x {workers}; set data.num_streams to a multiple of {world_size * workers}"
         )
-    if (batch_size * world_size) % cfg.num_streams:
+    if (batch_size * world_size) % num_streams:
         raise DataError(
             f"the global batch {batch_size * world_size} must be a multiple of data.num_streams="
-            f"{cfg.num_streams}; change train.global_batch_size or data.num_streams"
+            f"{num_streams}; change train.global_batch_size or data.num_streams"
         )
-    if num_shards < cfg.num_streams and not cfg.resampled:
+    if num_shards < num_streams and not cfg.resampled:
         raise DataError(
-            f"data.train_shards has {num_shards} shards, fewer than data.num_streams={cfg.num_streams}; "
+            f"data.train_shards has {num_shards} shards, fewer than data.num_streams={num_streams}; "
             f"lower data.num_streams, reshard into more shards or set data.resampled=true"
         )

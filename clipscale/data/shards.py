@@ -63,12 +63,37 @@ class ShardStalled(OSError):
     """A shard delivered no bytes within `read_timeout_s`."""
 
 
-def expand_sources(spec: str) -> list[list[str]]:
-    """`a/{000..009}.tar::b/x.tar` -> shard URLs per `::`-separated source (brace-expanded)."""
-    sources = [expand_urls(part) for part in spec.split("::")]
+def expand_sources(spec: str, *, field: str = "data.train_shards") -> list[list[str]]:
+    """`a/{000..009}.tar::b/*.tar::c/` -> shard URLs per `::`-separated source, in a stable order: braces
+    expanded (in their order), fsspec globs and directories (their `*.tar`) listed sorted. `field`
+    names the spec in errors."""
+    sources = [[url for part in expand_urls(source) for url in _listed(part, spec=spec, field=field)]
+               for source in spec.split("::")]
     if not all(sources):
-        raise DataError(f"data.train_shards={spec!r}: a `::` source expands to no shard")
+        raise DataError(f"{field}={spec!r}: a `::` source expands to no shard")
     return sources
+
+
+def _listed(url: str, *, spec: str, field: str) -> list[str]:
+    """The shard URLs one expanded name stands for: a glob's matches, a directory's `*.tar`, else itself
+    (a missing shard is reported when it is checked or read)."""
+    if url.startswith("pipe:"):
+        return [url]
+    is_glob = "*" in url or (not url.startswith(("http://", "https://")) and re.search(r"[?\[]", url))
+    if not is_glob and url.endswith(".tar"):
+        return [url]
+    fs, path = fsspec.core.url_to_fs(url)
+    if is_glob:
+        pattern, what = path, "matches no file"
+    elif fs.isdir(path):
+        pattern, what = posixpath.join(path, "*.tar"), "is a directory holding no *.tar shards"
+    else:
+        return [url]
+    matches = sorted(fs.unstrip_protocol(p) if "://" in url else p for p in fs.glob(pattern))
+    if not matches:
+        raise DataError(f"{field}={spec!r}: {url} {what}; check the path, or give a directory of shards, a glob "
+                        "such as dir/*.tar or a brace spec such as dir/{000000..000009}.tar")
+    return matches
 
 
 def shard_weights(sources: list[list[str]], weights: tuple[float, ...] | None, *, spec: str) -> list[float]:

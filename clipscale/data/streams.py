@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import default_collate
+from torch.utils.data import get_worker_info
 
 from clipscale.data.config import DataConfig
 from clipscale.data.decode import JpegCrop, decode_crop
@@ -223,10 +223,13 @@ class StreamReader:
         images, captions, keys = zip(*(self._take() for _ in range(size)))
         state = dataclasses.replace(self.state, consumed=dict(self.consumed), read=dict(self.read_base))
         jpegs = [(row, image) for row, image in enumerate(images) if isinstance(image, JpegCrop)]
-        blank = torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8) if jpegs else None
-        tensors = [blank if isinstance(image, JpegCrop) else torch.from_numpy(image) for image in images]
-        # without `out`, default_collate still stacks straight into shared memory in a dataloader
-        # worker, so handing the batch to the training process copies nothing more
+        if out is None:
+            out = torch.empty(size, 3, self.image_size, self.image_size, dtype=torch.uint8)
+            if get_worker_info() is not None:  # handed to the training process without another copy
+                out.share_memory_()
+        rows = out.numpy()  # (size, 3, H, W): each image is copied once, into its row; decoded images
+        for row, image in enumerate(images):  # may be read-only (PIL's), which torch.from_numpy warns of
+            rows[row] = 0 if isinstance(image, JpegCrop) else image
         return SubBatch(stream=self.stream, state={**dataclasses.asdict(state), "totals": dict(self.totals())},
-                        images=default_collate(tensors) if out is None else torch.stack(tensors, out=out),
-                        texts=self.tokenizer(list(captions)).numpy(), keys=list(keys), slot=slot, jpegs=jpegs)
+                        images=out, texts=self.tokenizer(list(captions)).numpy(), keys=list(keys), slot=slot,
+                        jpegs=jpegs)

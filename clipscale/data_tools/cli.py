@@ -8,11 +8,14 @@
     clipscale data eval-set imagenet_val/ evalsets/imagenet
     clipscale data synth data/synthetic
 
-A SHARDS argument is a directory of `*.tar` (e.g. img2dataset output) or a brace spec; any fsspec URL.
+A SHARDS argument is written as data.train_shards is: a directory of `*.tar` (e.g. img2dataset output),
+a glob (`shards/*.tar`) or a brace spec; any fsspec URL. `validate` exits 1 if a sample is bad and
+nothing was fixed, 0 once `--fix` wrote the clean shards.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -34,14 +37,27 @@ def cmd_sizes(args: argparse.Namespace) -> int:
 
 def cmd_make(args: argparse.Namespace) -> int:
     from clipscale.data_tools.make import ShardTarget, make_shards
+    from clipscale.data_tools.shardio import write_json
 
     target = ShardTarget(samples_per_shard=args.samples_per_shard, shard_mb=args.shard_mb,
                          max_side=args.max_side, quality=args.quality)
     summary = make_shards(args.images, args.out, target=target, captions=args.captions,
                           path_column=args.path_column, caption_column=args.caption_column, processes=args.processes)
-    print(f"{summary['shards']} shards, {summary['samples']:,} samples in {args.out} "
-          f"(spec {args.out}/{{000000..{summary['shards'] - 1:06d}}}.tar); skipped: {summary['failed'] or 'none'}")
+    if args.report:
+        write_json(args.report, summary)
+    out = args.out.rstrip("/") or args.out
+    print(f"{summary['shards']} shards, {summary['samples']:,} samples in {out}; "
+          f"skipped: {summary['failed'] or 'none'}")
+    for source, reason in summary["skipped"][: args.show]:
+        print(f"skipped: {source} {reason}")
+    print(train_hint(out, summary["shards"]))
     return 0
+
+
+def train_hint(spec: str, shards: int) -> str:
+    """How to train on shards just written: the spec, and the stream bound the shard count sets."""
+    return (f"train on them: clipscale train RECIPE data.train_shards={spec}  ({shards} shards: data.num_streams "
+            f"follows them when the recipe leaves it unset, and must not exceed {shards} when it sets it)")
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -56,7 +72,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     for shard in report["shards"]:
         for key, reason in shard["bad"][: args.show]:
             print(f"bad: {shard['url']} {key} {reason}")
-    return 1 if report["bad"] else 0
+    return 1 if report["bad"] and not args.fix else 0
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -80,6 +96,8 @@ def cmd_reshard(args: argparse.Namespace) -> int:
     for split, sizes in result["splits"].items():
         print(f"{split or 'shards'}: {len(sizes)} shards, {sum(sizes):,} samples ({min(sizes)}-{max(sizes)} each)")
     print(f"dropped: {json.dumps(result['dropped']) if result['dropped'] else 'none'}")
+    train, out = "train" if "train" in result["splits"] else "", args.out.rstrip("/") or args.out
+    print(train_hint(f"{out}/{train}" if train else out, len(result["splits"][train])))
     return 0
 
 
@@ -118,32 +136,38 @@ def cmd_eval_set(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clipscale data", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    from clipscale.cli import HelpFormatter
+
     sub = parser.add_subparsers(dest="verb", required=True)
+    verb = functools.partial(sub.add_parser, formatter_class=HelpFormatter)
     processes = {"type": int, "default": os.cpu_count() or 1, "help": "worker processes (default: all cores)"}
     caption = {"default": "txt", "help": "caption member: txt, or json:FIELD for a field of key.json"}
 
-    p = sub.add_parser("sizes", help="write sizes.json (from img2dataset's *_stats.json, else by counting)")
-    p.add_argument("shards")
+    p = verb("sizes", help="write sizes.json (from img2dataset's *_stats.json, else by counting)")
+    p.add_argument("shards", help="a directory of *.tar or a brace spec")
     p.add_argument("--count", action="store_true", help="count samples even where *_stats.json exists")
     p.add_argument("--caption", **caption)
     p.add_argument("--processes", **processes)
     p.set_defaults(func=cmd_sizes)
 
-    p = sub.add_parser("make", help="shards from an image folder and captions")
+    p = verb("make", help="shards from an image folder and captions")
     p.add_argument("images", help="image folder (captions from --captions, else from IMAGE_STEM.txt beside each)")
     p.add_argument("out", help="output directory (new, or an interrupted make to resume)")
     p.add_argument("--captions", help="captions table: .csv, .tsv, .jsonl or .parquet")
     p.add_argument("--path-column", default="path", help="table column with image paths (relative to IMAGES)")
-    p.add_argument("--caption-column", default="caption")
-    p.add_argument("--samples-per-shard", type=int, default=10_000)
+    p.add_argument("--caption-column", default="caption", help="table column with captions")
+    p.add_argument("--samples-per-shard", type=int, metavar="N", default=10_000, help="samples per output shard")
     p.add_argument("--shard-mb", type=float, help="also cut shards at this size in MB")
     p.add_argument("--max-side", type=int, help="resize images larger than this many pixels on their long side")
     p.add_argument("--quality", type=int, help="re-encode every image as JPEG at this quality")
+    p.add_argument("--report", help="write the summary with every skipped input and its reason as JSON here")
+    p.add_argument("--show", type=int, default=5, help="skipped inputs listed")
     p.add_argument("--processes", **processes)
     p.set_defaults(func=cmd_make)
 
-    p = sub.add_parser("validate", help="decode every sample as the loader would; count the bad ones")
-    p.add_argument("shards")
+    p = verb("validate", help="decode every sample as the loader would; count the bad ones (exit status 1 "
+                              "if any is bad, unless --fix wrote clean shards)")
+    p.add_argument("shards", help="a directory of *.tar, a glob or a brace spec")
     p.add_argument("--fix", metavar="OUT", help="write the good samples to shards of the same names in OUT")
     p.add_argument("--report", help="write the full report (every bad key and reason) as JSON here")
     p.add_argument("--show", type=int, default=5, help="bad samples listed per shard")
@@ -151,48 +175,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--processes", **processes)
     p.set_defaults(func=cmd_validate)
 
-    p = sub.add_parser("inspect", help="contact sheet, histograms and a summary table of some samples")
-    p.add_argument("shards")
+    p = verb("inspect", help="contact sheet, histograms and a summary table of some samples")
+    p.add_argument("shards", help="a directory of *.tar or a brace spec")
     p.add_argument("out", help="directory for contact_sheet.png, histograms.png, summary.json")
     p.add_argument("-n", type=int, default=16, help="samples on the contact sheet")
     p.add_argument("--max-samples", type=int, default=10_000, help="samples read for the histograms")
     p.add_argument("--caption", **caption)
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("reshard", help="N shards -> M balanced, globally shuffled shards, deduplicated")
-    p.add_argument("shards")
+    p = verb("reshard", help="N shards -> M balanced, globally shuffled shards, deduplicated")
+    p.add_argument("shards", help="a directory of *.tar or a brace spec")
     p.add_argument("out", help="output directory (new, or an interrupted reshard to resume)")
     p.add_argument("--shards", dest="shards_out", type=int, required=True, help="output shards (train + val)")
     p.add_argument("--val-fraction", type=float, default=0.0, help="share of keys (by hash) in OUT/val")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the shuffle")
     p.add_argument("--keep-duplicate-images", action="store_true",
                    help="keep byte-identical images under different keys (one image, several captions)")
     p.add_argument("--caption", **caption)
     p.add_argument("--processes", **processes)
     p.set_defaults(func=cmd_reshard)
 
-    p = sub.add_parser("synth", help="the embedded synthetic dataset (train shards + zero-shot set)")
-    p.add_argument("out")
-    p.add_argument("--train-samples", type=int, default=64_000)
-    p.add_argument("--samples-per-shard", type=int, default=4_000)
-    p.add_argument("--zeroshot-samples", type=int, default=2_000)
+    p = verb("synth", help="the embedded synthetic dataset (train shards + zero-shot set)")
+    p.add_argument("out", help="output directory (train/ shards and the zeroshot/ set)")
+    p.add_argument("--train-samples", type=int, default=64_000, help="training image-text pairs")
+    p.add_argument("--samples-per-shard", type=int, metavar="N", default=4_000, help="samples per training shard")
+    p.add_argument("--zeroshot-samples", type=int, default=2_000, help="images of the zero-shot set")
     p.add_argument("--image-size", type=int, default=64, help="side in pixels")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the drawings")
     p.add_argument("--processes", **processes)
     p.set_defaults(func=cmd_synth)
 
-    p = sub.add_parser("eval-set", help="zero-shot classification (ImageFolder) or retrieval (captions table) set "
+    p = verb("eval-set", help="zero-shot classification (ImageFolder) or retrieval (captions table) set "
                                         "in CLIP_benchmark's WebDataset layout")
     p.add_argument("images", help="ImageFolder tree (IMAGES/CLASS/*.jpg), the image folder of --captions, "
                                   "or image-text shards (a directory of *.tar or a spec): a retrieval set")
-    p.add_argument("out")
+    p.add_argument("out", help="output directory: the set's root")
     p.add_argument("--captions", help="captions table: makes a retrieval set (image + .txt captions)")
-    p.add_argument("--path-column", default="path")
-    p.add_argument("--caption-column", default="caption")
+    p.add_argument("--path-column", default="path", help="table column with image paths (relative to IMAGES)")
+    p.add_argument("--caption-column", default="caption", help="table column with captions")
     p.add_argument("--templates", help="file of prompt templates with {c}, one per line (default: open_clip's)")
-    p.add_argument("--split", default="test")
-    p.add_argument("--samples-per-shard", type=int, default=10_000)
-    p.add_argument("--max-side", type=int)
+    p.add_argument("--split", default="test", help="split folder written under OUT (test, or train for linear probes)")
+    p.add_argument("--samples-per-shard", type=int, metavar="N", default=10_000, help="samples per output shard")
+    p.add_argument("--max-side", type=int, help="resize images larger than this many pixels on their long side")
     p.add_argument("--caption", **caption)
     p.add_argument("--processes", **processes)
     p.set_defaults(func=cmd_eval_set)

@@ -19,14 +19,13 @@ import posixpath
 from typing import Any, Iterable, Iterator
 
 import fsspec
-from open_clip.zero_shot_metadata import SIMPLE_IMAGENET_TEMPLATES
 
 from clipscale.data.shards import BadSample, DataError, caption_text
 from clipscale.data_tools.inputs import encode_image, list_images, read_bytes, read_table, resolve
 from clipscale.data_tools.shardio import ShardWriter, parallel_map, read_shard, write_json, write_text
+from clipscale.evaluate.datasets import DEFAULT_TEMPLATES, check_not_splits
 
 log = logging.getLogger(__name__)
-DEFAULT_TEMPLATES = tuple(t("{c}") for t in SIMPLE_IMAGENET_TEMPLATES)  # open_clip's 7 ImageNet prompts
 
 
 def read_templates(path: str) -> list[str]:
@@ -39,11 +38,15 @@ def read_templates(path: str) -> list[str]:
 
 
 def classification_items(folder: str) -> tuple[list[tuple[str, str]], list[str]]:
-    """([(image URL, class index as text)], class names) of an ImageFolder tree."""
+    """([(image URL, class index as text)], class names) of an ImageFolder tree; split folders
+    (`train/`, `test/`, ...) are refused, not taken as classes."""
     images = [rel for rel in list_images(folder) if "/" in rel]
     classes = sorted({rel.split("/", 1)[0] for rel in images})
     if not classes:
         raise DataError(f"{folder} has no class folders with images; expected FOLDER/CLASS_NAME/IMAGE")
+    base = folder.rstrip("/")
+    check_not_splits(classes, where=folder, fix=f"make each split on its own: clipscale data eval-set {base}/test OUT "
+                                                f"--split test (and {base}/train OUT --split train for a linear probe)")
     index = {c: i for i, c in enumerate(classes)}
     items = [(posixpath.join(folder, rel), str(index[rel.split("/", 1)[0]])) for rel in images]
     return items, [c.replace("_", " ") for c in classes]

@@ -5,7 +5,7 @@ input i becomes sample `{i:09d}` (`.jpg|.png|.webp` image, `.txt` caption, `.jso
 source path and size), so keys are unique and stable across runs. Images are checked (fully
 decoded) and optionally resized / re-encoded in parallel; shards are cut in input order at a
 sample count or a size in MB and written atomically, each followed by `NNNNNN_stats.json`
-(img2dataset's format: `successes`, plus the input range and failures by reason).
+(img2dataset's format: `successes`, plus the input range, failures by reason and the skipped inputs).
 
 Resume: `OUT/make.json` records the parameters and a digest of the input list; a run with the
 same ones keeps every shard whose stats file exists and continues with the next input, so an
@@ -78,7 +78,8 @@ def stats_name(i: int) -> str:
 
 def make_shards(folder: str, out: str, *, target: ShardTarget, captions: str | None = None,
                 path_column: str = "path", caption_column: str = "caption", processes: int = 1) -> dict[str, Any]:
-    """Write shards of `folder`'s images into `out`; returns {"shards", "samples", "failed": {reason: n}}."""
+    """Write shards of `folder`'s images into `out`; returns {"shards", "samples", "failed": {reason: n},
+    "skipped": [[input path, reason], ...]}."""
     folder = folder.rstrip("/")
     pairs = (table_pairs(folder, captions, path_column=path_column, caption_column=caption_column)
              if captions else sidecar_pairs(folder))
@@ -92,19 +93,18 @@ def make_shards(folder: str, out: str, *, target: ShardTarget, captions: str | N
         log.info("resuming %s at shard %d, input %d of %d", out, shard, start, len(pairs))
     jobs = [(i, url, caption) for i, (url, caption) in enumerate(pairs) if i >= start]
     encode = functools.partial(encode_input, max_side=target.max_side, quality=target.quality)
-    writer, first, failed = None, start, collections.Counter()
+    writer, first, failed, skipped = None, start, collections.Counter(), []
     try:
         for result in parallel_map(encode, jobs, processes=processes, desc="make", total=len(jobs), unit="image"):
             if "reason" in result:
                 failed[result["reason"]] += 1
-                log.debug("skipping input %d (%s): %s", result["index"], pairs[result["index"]][0], result["reason"])
+                skipped.append([relative(pairs[result["index"]][0], folder), result["reason"]])
                 continue
             if writer is not None and is_full(writer, target, len(result["image"]) + len(result["caption"])):
-                close_shard(writer, out, shard, first=first, end=result["index"], failed=failed)
-                writer, first, shard, failed = None, result["index"], shard + 1, collections.Counter()
+                close_shard(writer, out, shard, first=first, end=result["index"], failed=failed, skipped=skipped)
+                writer, first, shard, failed, skipped = None, result["index"], shard + 1, collections.Counter(), []
             writer = writer or ShardWriter(posixpath.join(out, shard_name(shard)))
-            source = pairs[result["index"]][0]
-            meta = {"source": posixpath.relpath(source, folder) if source.startswith(folder + "/") else source,
+            meta = {"source": relative(pairs[result["index"]][0], folder),
                     "width": result["size"][0], "height": result["size"][1]}
             writer.write(f"{result['index']:09d}", {result["ext"]: result["image"], "txt": result["caption"],
                                                     "json": json.dumps(meta).encode()})
@@ -113,9 +113,14 @@ def make_shards(folder: str, out: str, *, target: ShardTarget, captions: str | N
             writer.abort()
         raise
     if writer is not None:
-        close_shard(writer, out, shard, first=first, end=len(pairs), failed=failed)
+        close_shard(writer, out, shard, first=first, end=len(pairs), failed=failed, skipped=skipped)
         shard += 1
     return finish(out, shards=shard)
+
+
+def relative(source: str, folder: str) -> str:
+    """An input's path as the user knows it: relative to the image folder when inside it."""
+    return posixpath.relpath(source, folder) if source.startswith(folder + "/") else source
 
 
 def check_resumable(out: str, params: dict[str, Any]) -> None:
@@ -149,11 +154,11 @@ def is_full(writer: ShardWriter, target: ShardTarget, incoming_bytes: int) -> bo
 
 
 def close_shard(writer: ShardWriter, out: str, shard: int, *, first: int, end: int,
-                failed: collections.Counter) -> None:
+                failed: collections.Counter, skipped: list[list[str]]) -> None:
     """Commit the shard, then its stats file: a shard counts as complete once both exist."""
     writer.commit()
     write_json(posixpath.join(out, stats_name(shard)), {
-        "count": end - first, "successes": writer.samples, "failed": dict(failed),
+        "count": end - first, "successes": writer.samples, "failed": dict(failed), "skipped": skipped,
         "first_index": first, "end_index": end, "bytes": writer.bytes})
 
 
@@ -166,7 +171,8 @@ def finish(out: str, *, shards: int) -> dict[str, Any]:
     stats = [read_json(posixpath.join(out, stats_name(i))) for i in range(shards)]
     write_json(posixpath.join(out, "sizes.json"), {shard_name(i): s["successes"] for i, s in enumerate(stats)})
     failed = sum((collections.Counter(s["failed"]) for s in stats), collections.Counter())
-    summary = {"shards": shards, "samples": sum(s["successes"] for s in stats), "failed": dict(failed)}
+    summary = {"shards": shards, "samples": sum(s["successes"] for s in stats), "failed": dict(failed),
+               "skipped": [entry for s in stats for entry in s.get("skipped", [])]}
     log.info("wrote %s: %d shards, %d samples, skipped %s", out, summary["shards"], summary["samples"],
              dict(failed) or "none")
     return summary

@@ -28,17 +28,9 @@ IMAGE_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # formats the loa
 
 
 def list_shards(spec: str) -> list[str]:
-    """Shard URLs of a brace spec (`dir/{00000..00009}.tar`, `::` sources joined) or of a directory
-    (every `*.tar` in it, e.g. an img2dataset output folder); errors name what is missing."""
-    if not spec.endswith(".tar") and "{" not in spec:
-        fs, path = fsspec.core.url_to_fs(spec)
-        if not fs.isdir(path):
-            raise DataError(f"{spec} is neither a directory nor a shard spec ending in .tar")
-        urls = sorted(fs.unstrip_protocol(p) if "://" in spec else p for p in fs.glob(posixpath.join(path, "*.tar")))
-        if not urls:
-            raise DataError(f"{spec} holds no *.tar shards; give a directory of shards or a spec like dir/{{0..9}}.tar")
-        return urls
-    urls = [u for source in expand_sources(spec) for u in source]
+    """Shard URLs of a spec as the loader reads `data.train_shards` (a directory of `*.tar` such as an
+    img2dataset output folder, a glob, a brace spec; `::` sources joined); errors name what is missing."""
+    urls = [u for source in expand_sources(spec, field="SHARDS") for u in source]
     missing = [u for u in urls if not u.startswith("pipe:") and not _exists(u)]
     if missing:
         raise DataError(f"{len(missing)} of {len(urls)} shards of {spec!r} do not exist, e.g. {missing[0]}; "
@@ -52,8 +44,9 @@ def _exists(url: str) -> bool:
 
 
 def is_shards(source: str) -> bool:
-    """Whether `source` names shards (a spec ending in .tar, or a directory holding *.tar) rather than images."""
-    if source.endswith(".tar") or "{" in source:
+    """Whether `source` names shards (a spec ending in .tar, a glob, or a directory holding *.tar)
+    rather than images."""
+    if source.endswith(".tar") or any(c in source for c in "{*?["):
         return True
     fs, path = fsspec.core.url_to_fs(source)
     return fs.isdir(path) and bool(fs.glob(posixpath.join(path, "*.tar")))

@@ -8,11 +8,16 @@ WebDataset layout (CLIP_benchmark's `clip_benchmark_export_wds`, the LAION evalu
     ROOT/zeroshot_classification_templates.txt   one template per line with a `{c}` slot
     ROOT/dataset_type.txt     (optional)  "retrieval" or "classification"
 
-ImageFolder layout: `ROOT/{split}/CLASS/*.jpg` (classes in sorted folder order) with the same
-metadata files (class names default to the folder names).
+ImageFolder layout: `ROOT/{split}/CLASS/*.jpg`, a classification set whose labels follow the folder
+names, never their sorted places: without classnames.txt the class names are the folder names
+(`_` shown as a space); classnames.txt maps `FOLDER<TAB>NAME` per line (line k = class index k), or
+lists names that are the folder names, in any order; names that cannot be matched to folders are
+refused, since an order cannot be checked. Split names (`train/`, `test/`, ...) as class folders
+are refused. Without a templates file a tree takes open_clip's simple ImageNet templates.
 
-A set without classnames.txt is a retrieval set, unless its name names ImageNet: then class names
-and templates come from `open_clip.zero_shot_metadata`. Only image bytes and the label or caption
+A shard set without classnames.txt is a retrieval set, unless its name names ImageNet: then class
+names and templates come from `open_clip.zero_shot_metadata` (also for a tree of 1,000 WordNet-id
+folders, whose sorted order is ImageNet's class index). Only image bytes and the label or caption
 members are read, never pickles. Every problem raises `EvalDataError` naming the file and the fix.
 """
 from __future__ import annotations
@@ -37,6 +42,8 @@ CLASSNAMES = "classnames.txt"
 TEMPLATES = "zeroshot_classification_templates.txt"
 DATASET_TYPE = "dataset_type.txt"
 LABEL_EXTENSIONS = ("cls", "txt", "json")
+SPLIT_NAMES = frozenset({"train", "test", "val", "validation"})
+DEFAULT_TEMPLATES = tuple(t("{c}") for t in zsm.SIMPLE_IMAGENET_TEMPLATES)  # open_clip's 7 ImageNet prompts
 READ_TIMEOUT_S = 300.0
 
 
@@ -57,11 +64,14 @@ class EvalSet:
     classnames: tuple[str, ...] = ()
     templates: tuple[str, ...] = ()
     """Prompt templates with a `{c}` slot (empty for retrieval sets)."""
+    folder_labels: tuple[tuple[str, int], ...] = ()
+    """ImageFolder layout: (class folder, class index) pairs; empty for shards."""
 
     @property
     def eval_hash(self) -> str:
-        """Hash of the class names and templates: rows with different prompts never mix."""
-        text = json.dumps([self.kind, self.classnames, self.templates])
+        """Hash of the class names, templates and folder labels: rows with different prompts never mix."""
+        text = json.dumps([self.kind, self.classnames, self.templates] + ([self.folder_labels] if self.folder_labels
+                                                                           else []))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def prompts(self) -> list[list[str]]:
@@ -85,16 +95,66 @@ class EvalSet:
         shards = sorted((p for p in fs.glob(posixpath.join(path, "*.tar"))), key=_natural)
         if shards:
             return [_join(split_dir, posixpath.basename(p)) for p in shards]
-        folders = sorted(posixpath.basename(p) for p in fs.ls(path, detail=False) if fs.isdir(p)) \
-            if fs.isdir(path) else []
-        if folders and self.kind == "classification":
-            if len(folders) != len(self.classnames):
-                raise EvalDataError(f"{split_dir} has {len(folders)} class folders but {_join(self.root, CLASSNAMES)} "
-                                    f"names {len(self.classnames)} classes; write one name per folder, in sorted order")
-            return [(_join(split_dir, posixpath.relpath(f, path)), label) for label, folder in enumerate(folders)
+        folders = class_folders(split_dir)
+        if folders and self.folder_labels:
+            labels = dict(self.folder_labels)
+            unknown = [f for f in folders if f not in labels]
+            if unknown:
+                raise EvalDataError(f"{split_dir} has class folders {unknown[:5]} that the test split and "
+                                    f"{_join(self.root, CLASSNAMES)} do not name; name them there as FOLDER<TAB>NAME")
+            return [(_join(split_dir, posixpath.relpath(f, path)), labels[folder]) for folder in folders
                     for f in sorted(fs.find(posixpath.join(path, folder))) if extension(f) in IMAGE_EXTENSIONS]
         raise EvalDataError(f"{split_dir} has no *.tar shards or class folders; write the {split} split there "
                             f"as {split_dir}/0.tar, 1.tar, ... (CLIP_benchmark's layout)")
+
+
+def class_folders(split_dir: str) -> list[str] | None:
+    """The sorted class folders of an ImageFolder split; None when the split holds shards or is absent."""
+    fs, path = fsspec.core.url_to_fs(split_dir)
+    if not fs.isdir(path) or fs.isfile(posixpath.join(path, "nshards.txt")) or fs.glob(posixpath.join(path, "*.tar")):
+        return None
+    folders = sorted(posixpath.basename(p) for p in fs.ls(path, detail=False) if fs.isdir(p))
+    check_not_splits(folders, where=split_dir, fix=f"point the evaluation set at {split_dir} itself (its "
+                                                   "test/CLASS/ folders are the layout)")
+    return folders or None
+
+
+def check_not_splits(folders: list[str], *, where: str, fix: str) -> None:
+    """Refuse split folders (`train/`, `test/`, ...) that would be taken as two classes."""
+    splits = sorted(SPLIT_NAMES.intersection(folders))
+    if len(splits) >= 2 or (splits and len(splits) == len(folders)):
+        raise EvalDataError(f"{where} holds the split folders {splits}, not class folders: each would become a "
+                            f"class; {fix}")
+
+
+def folder_classes(url: str, folders: list[str], *, split_dir: str) -> tuple[tuple[str, ...], dict[str, int]]:
+    """(class names, class index per folder name) of an ImageFolder tree from its classnames.txt at `url`:
+    `FOLDER<TAB>NAME` lines, or names that are the folder names (`_` or space), in any order."""
+    lines = _lines(url, what="FOLDER<TAB>NAME, one class per line (line k = class index k)")
+    if any("\t" in line for line in lines):
+        pairs = [[part.strip() for part in line.split("\t")] for line in lines]
+        bad = next((line for line, p in zip(lines, pairs) if len(p) != 2 or not all(p)), None)
+        if bad is not None:
+            raise EvalDataError(f"{url}: line {bad!r} is not FOLDER<TAB>NAME; write one such line per class folder")
+        names, index = tuple(name for _, name in pairs), {folder: k for k, (folder, _) in enumerate(pairs)}
+    else:
+        names, index = lines, {}
+        for k, name in enumerate(lines):
+            for spelling in (name, name.replace(" ", "_")):
+                index.setdefault(spelling, k)
+        if not set(folders) <= set(index):
+            raise EvalDataError(
+                f"{url} lists class names that are not the class folders of {split_dir} ({', '.join(folders[:3])}, "
+                "...), so its order cannot be checked: taking line k for the k-th folder in sorted order silently "
+                "mislabels names written in another order (names zero..nine over folders 0..9, or over folders "
+                f"zero..nine sorted as eight, five, ...). Write one FOLDER<TAB>NAME line per class folder (e.g. "
+                f"'{folders[0]}<TAB>{lines[0]}'), or name the folders by their classes, or delete {CLASSNAMES} to use "
+                "the folder names")
+    missing = [f for f in folders if f not in index]
+    if missing:
+        raise EvalDataError(f"{url} names no class for the folders {missing[:5]} of {split_dir}; add a line "
+                            "FOLDER<TAB>NAME for each")
+    return names, index
 
 
 def _join(root: str, name: str) -> str:
@@ -147,9 +207,17 @@ def open_eval_set(name: str, root: str) -> EvalSet:
         raise EvalDataError(f"{_join(root, DATASET_TYPE)} says {declared!r}; write 'classification' or 'retrieval'")
     imagenet = "imagenet" in name.lower()
     has_classnames = _exists(_join(root, CLASSNAMES))
-    if declared == "retrieval" or (declared is None and not has_classnames and not imagenet):
+    folders = class_folders(_join(root, "test")) if declared != "retrieval" else None
+    if declared == "retrieval" or (declared is None and not has_classnames and not imagenet and folders is None):
         return EvalSet(name=name, root=root, kind="retrieval")
-    if has_classnames:
+    index: dict[str, int] = {}
+    if folders is not None and has_classnames:
+        classnames, index = folder_classes(_join(root, CLASSNAMES), folders, split_dir=_join(root, "test"))
+    elif folders is not None and imagenet and len(folders) == len(zsm.IMAGENET_CLASSNAMES):
+        classnames, index = tuple(zsm.IMAGENET_CLASSNAMES), {f: k for k, f in enumerate(folders)}
+    elif folders is not None:
+        classnames, index = tuple(f.replace("_", " ") for f in folders), {f: k for k, f in enumerate(folders)}
+    elif has_classnames:
         classnames = _lines(_join(root, CLASSNAMES), what="class names (line k = class index k)")
     elif imagenet:
         classnames = tuple(zsm.IMAGENET_CLASSNAMES)
@@ -160,10 +228,13 @@ def open_eval_set(name: str, root: str) -> EvalSet:
         templates = read_templates(_join(root, TEMPLATES))
     elif imagenet:
         templates = tuple(t("{c}") for t in zsm.OPENAI_IMAGENET_TEMPLATES)
+    elif folders is not None:
+        templates = DEFAULT_TEMPLATES
     else:
         raise EvalDataError(f"{_join(root, TEMPLATES)} is missing; write one prompt template per line with a "
                             "'{c}' slot, e.g. 'a photo of a {c}.'")
-    return EvalSet(name=name, root=root, kind="classification", classnames=classnames, templates=templates)
+    return EvalSet(name=name, root=root, kind="classification", classnames=classnames, templates=templates,
+                   folder_labels=tuple(sorted(index.items())))
 
 
 def unit_samples(unit: Any) -> Iterator[tuple[str, dict[str, bytes]]]:

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from clipscale import dist
 from clipscale.evaluate.datasets import EvalDataError, EvalSet, decode_captions, decode_image, decode_label, \
     unit_samples
+from clipscale.parallel import autocast
 
 log = logging.getLogger(__name__)
 
@@ -62,11 +63,6 @@ def _collate(batch: list) -> tuple[torch.Tensor, torch.Tensor | None, Any]:
     keys, images, targets = zip(*batch)
     targets = torch.tensor(targets, dtype=torch.long) if isinstance(targets[0], int) else list(targets)
     return torch.tensor(keys, dtype=torch.long), torch.stack(images), targets
-
-
-def autocast(device: torch.device, precision: str):
-    """bf16 autocast for `precision == "bf16"`, else a no-op context."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 def _encode_local(model: torch.nn.Module, evalset: EvalSet, split: str, *, preprocess: Callable,

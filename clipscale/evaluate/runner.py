@@ -4,37 +4,44 @@ Targets: a run directory (every complete checkpoint; rows in RUN/results.jsonl),
 (rows in its run's results.jsonl), or open_clip weights outside a run, an exported directory or an
 architecture with a local weights file (rows in the `out` file). Evaluations already in the table
 are skipped. Under torchrun every rank encodes its share of the images and rank 0 writes the rows.
+A watcher (`watch_run`) evaluates a run's checkpoints while it trains and ends when training does.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import open_clip
 import torch
 
 from clipscale import dist
-from clipscale.checkpoint import META, checkpoint_name, complete_checkpoints, load_model_weights, read_meta
+from clipscale.checkpoint import META, checkpoint_name, complete_checkpoints, load_weights_if_present, read_meta
+from clipscale.compute import gmacs_per_sample
 from clipscale.config import Config, ConfigError, EvalConfig, ModelConfig, config_from_dict
 from clipscale.evaluate.datasets import EvalDataError, EvalSet, open_eval_set
 from clipscale.evaluate.features import encode_split
+from clipscale.evaluate.heldout_loss import heldout_loss, loss_kind_of
 from clipscale.evaluate.linear_probe import linear_probe
-from clipscale.evaluate.results import RESULTS, TASKS, ModelInfo, append_rows, make_rows, read_results, row_key
 from clipscale.evaluate.retrieval import retrieval_metrics
 from clipscale.evaluate.zeroshot import zeroshot_classification
-from clipscale.models import ModelBundle, build_model, count_params, gmacs_per_sample
+from clipscale.export import export_bundle
+from clipscale.models import ModelBundle, build_model, count_params
+from clipscale.optim import crossed
+from clipscale.results import RESULTS, TASKS, ModelInfo, append_rows, evaluation_key, make_rows, read_rows
+from clipscale.run_state import activity, training_stopped
 
 log = logging.getLogger(__name__)
-TASK_ALIASES = {"zeroshot": "zeroshot_classification", "retrieval": "zeroshot_retrieval", **{t: t for t in TASKS}}
+TASK_ALIASES = {"zeroshot": "zeroshot_classification", "retrieval": "zeroshot_retrieval", "loss": "contrastive_loss",
+                **{t: t for t in TASKS}}
+CAPTION_TASKS = ("zeroshot_retrieval", "contrastive_loss")
 
 
 def parse_tasks(names: list[str] | tuple[str, ...]) -> tuple[str, ...]:
-    """Task names or their short forms (zeroshot, retrieval, linear_probe) -> task names."""
+    """Task names or their short forms (zeroshot, retrieval, linear_probe, loss) -> task names."""
     unknown = [n for n in names if n not in TASK_ALIASES]
     if unknown or not names:
         raise ConfigError(f"tasks {list(names)}: choose from {sorted(TASK_ALIASES)}")
@@ -57,15 +64,17 @@ def open_sets(specs: tuple[str, ...] | list[str]) -> list[EvalSet]:
 def tasks_for(evalset: EvalSet, tasks: tuple[str, ...]) -> list[str]:
     """The requested tasks that fit `evalset`; an error when none does, saying what the set lacks."""
     if evalset.kind == "retrieval":
-        if "zeroshot_retrieval" in tasks:
-            return ["zeroshot_retrieval"]
+        fitting = [t for t in tasks if t in CAPTION_TASKS]
+        if fitting:
+            return fitting
         raise EvalDataError(f"{evalset.root}/classnames.txt is missing, so {evalset.name} is read as a retrieval "
                             f"set and none of {list(tasks)} applies; write classnames.txt (one class name per "
                             "line) and zeroshot_classification_templates.txt, or add the task zeroshot_retrieval")
-    fitting = [t for t in tasks if t != "zeroshot_retrieval"]
+    fitting = [t for t in tasks if t not in CAPTION_TASKS]
     if not fitting:
-        raise EvalDataError(f"{evalset.name} ({evalset.root}) is a classification set; zeroshot_retrieval needs "
-                            "captions: add the task zeroshot_classification or linear_probe")
+        raise EvalDataError(f"{evalset.name} ({evalset.root}) is a classification set; {' and '.join(tasks)} "
+                            f"need{'s' if len(tasks) == 1 else ''} captions: add the task zeroshot_classification "
+                            "or linear_probe")
     if "linear_probe" in fitting and not evalset.has_split("train"):
         raise EvalDataError(f"{evalset.root}/train is missing; linear_probe fits on a train split: write it "
                             f"beside {evalset.root}/test, or drop linear_probe from the tasks")
@@ -73,10 +82,13 @@ def tasks_for(evalset: EvalSet, tasks: tuple[str, ...]) -> list[str]:
 
 
 def evaluate_model(model: torch.nn.Module, *, tokenizer: Callable, preprocess: Callable, sets: list[EvalSet],
-                   cfg: EvalConfig, device: torch.device,
+                   cfg: EvalConfig, device: torch.device, loss_kind: str | None = None,
                    skip: Callable[[str, EvalSet], bool] = lambda task, s: False,
                    ) -> Iterator[tuple[str, EvalSet, dict[str, float]]]:
-    """Yield (task, set, metrics) for each fitting task not skipped (collective under torchrun)."""
+    """Yield (task, set, metrics) for each fitting task not skipped (collective under torchrun).
+
+    loss_kind: "clip" | "siglip", the held-out loss's kind (None: `loss_kind_of(model)`).
+    """
     tasks = parse_tasks(cfg.tasks)
     was_training = model.training
     model.eval()
@@ -95,6 +107,11 @@ def evaluate_model(model: torch.nn.Module, *, tokenizer: Callable, preprocess: C
             if "zeroshot_retrieval" in todo:
                 yield "zeroshot_retrieval", evalset, retrieval_metrics(
                     test.image_features, test.text_features, test.text_image_index)
+            if "contrastive_loss" in todo:
+                yield "contrastive_loss", evalset, heldout_loss(
+                    test.image_features, test.text_features, test.text_image_index, logit_scale=model.logit_scale.exp(),
+                    logit_bias=getattr(model, "logit_bias", None), kind=loss_kind or loss_kind_of(model),
+                    batch_size=cfg.loss_batch_size, device=device, name=evalset.name)
             if "linear_probe" in todo:
                 train = encode_split(model, evalset, "train", **encode)
                 yield "linear_probe", evalset, linear_probe(
@@ -104,32 +121,41 @@ def evaluate_model(model: torch.nn.Module, *, tokenizer: Callable, preprocess: C
         model.train(was_training)
 
 
+def task_hash(task: str, evalset: EvalSet, *, loss_kind: str, loss_batch_size: int) -> str:
+    """The rows' eval_hash: the set's prompts, and for the held-out loss also its kind and batch size."""
+    if task != "contrastive_loss":
+        return evalset.eval_hash
+    text = json.dumps([task, loss_kind, loss_batch_size, evalset.eval_hash])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def evaluate_weights(bundle: ModelBundle, info: ModelInfo, *, sets: list[EvalSet], cfg: EvalConfig,
-                     device: torch.device, results: Path) -> list[dict[str, Any]]:
+                     device: torch.device, results: Path, loss_kind: str | None = None) -> list[dict[str, Any]]:
     """Evaluate one set of weights, appending each evaluation's rows to `results` (rank 0) at once."""
     # Rank 0 alone reads the table: every rank must skip the same evaluations or the gathers would hang.
-    done = rank0_value(lambda: {row_key(r) for r in read_results(results)})
-    probe = {**dataclasses.asdict(info), "eval_hash": None}
+    done = dist.rank0_value(lambda: {evaluation_key(r) for r in read_rows(results)})
+    loss_kind = loss_kind or loss_kind_of(bundle.model)
+    probe = dataclasses.asdict(info)
+
+    def eval_hash(task: str, evalset: EvalSet) -> str:
+        return task_hash(task, evalset, loss_kind=loss_kind, loss_batch_size=cfg.loss_batch_size)
 
     def skip(task: str, evalset: EvalSet) -> bool:
-        return row_key({**probe, "task": task, "eval_dataset": evalset.name, "eval_hash": evalset.eval_hash}) in done
+        return evaluation_key({**probe, "task": task, "eval_dataset": evalset.name,
+                               "eval_hash": eval_hash(task, evalset)}) in done
 
     new = []
     for task, evalset, metrics in evaluate_model(bundle.model, tokenizer=bundle.tokenizer,
                                                  preprocess=bundle.preprocess_val, sets=sets, cfg=cfg,
-                                                 device=device, skip=skip):
-        rows = make_rows(info, task=task, eval_dataset=evalset.name, eval_hash=evalset.eval_hash, metrics=metrics)
+                                                 device=device, loss_kind=loss_kind, skip=skip):
+        rows = make_rows(info, task=task, eval_dataset=evalset.name, eval_hash=eval_hash(task, evalset),
+                         metrics=metrics)
         if dist.rank() == 0:
             append_rows(results, rows)
         log.info("%s %s %s %s: %s", info.run, info.checkpoint, task, evalset.name,
                  " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
         new.extend(rows)
     return new
-
-
-def rank0_value(read: Callable[[], Any]) -> Any:
-    """What `read()` returns on rank 0, on every rank: files that may change under us are read once."""
-    return dist.gather_objects(read() if dist.rank() == 0 else None)[0]
 
 
 def pick_device(device: str) -> torch.device:
@@ -157,7 +183,7 @@ def evaluate_run(run_dir: str | Path, *, overrides: dict[str, Any] | None = None
     run_cfg = run_config(run_dir)
     cfg = dataclasses.replace(run_cfg.eval, **(overrides or {}))
     if checkpoints is None:  # training may add one while the ranks look: they agree on rank 0's view
-        checkpoints = rank0_value(lambda: complete_checkpoints(run_dir / "checkpoints"))
+        checkpoints = dist.rank0_value(lambda: complete_checkpoints(run_dir / "checkpoints"))
     if not checkpoints:
         return []
     sets, dev = open_sets(cfg.datasets), pick_device(device)
@@ -165,57 +191,91 @@ def evaluate_run(run_dir: str | Path, *, overrides: dict[str, Any] | None = None
     params, gmacs = count_params(bundle.model), gmacs_per_sample(bundle)
     rows = []
     for path in checkpoints:
-        load_model_weights(path, bundle.model)
-        meta = read_meta(path)
+        meta = load_weights_if_present(path, bundle.model)
+        if not all(dist.gather_objects(meta is not None)):  # every rank skips it, or none
+            log.warning("%s was removed after it was listed (pruned by training?): skipped", path)
+            continue
         info = ModelInfo(run=run_cfg.run.name, model=run_cfg.model.name, checkpoint=path.name, step=meta["step"],
                          samples_seen=meta["samples_seen"], params=params, gmacs_per_sample=gmacs,
-                         dataset=run_cfg.data.train_shards)
-        rows += evaluate_weights(bundle, info, sets=sets, cfg=cfg, device=dev, results=run_dir / RESULTS)
+                         dataset=run_cfg.data.dataset_name)
+        rows += evaluate_weights(bundle, info, sets=sets, cfg=cfg, device=dev, results=run_dir / RESULTS,
+                                 loss_kind=run_cfg.loss.kind)
     return rows
 
 
+class _Watch:
+    """Rank 0's view of a run between looks: when it last changed."""
+
+    def __init__(self, run_dir: Path, *, idle_timeout_s: float) -> None:
+        self.run_dir, self.idle_timeout_s = run_dir, idle_timeout_s
+        self.last, self.changed_at = None, time.monotonic()
+
+    def look(self) -> tuple[str | None, list[Path]]:
+        """(why to stop after evaluating, or None; complete checkpoints). The state is read before the
+        listing: a checkpoint that training writes after this look is listed by the next one."""
+        now, seen = time.monotonic(), activity(self.run_dir)
+        unchanged = seen == self.last
+        if not unchanged:
+            self.last, self.changed_at = seen, now
+        stop = training_stopped(self.run_dir)
+        if stop and unchanged:  # and still so one poll later: a restarting job would have changed something
+            reason = stop
+        elif now - self.changed_at >= self.idle_timeout_s:
+            reason = f"nothing in {self.run_dir} changed for {now - self.changed_at:.0f} s (--idle-timeout-s)"
+        else:
+            reason = None
+        return reason, complete_checkpoints(self.run_dir / "checkpoints")
+
+
+def _is_final(checkpoint: Path, total_samples: int) -> bool:
+    try:
+        return read_meta(checkpoint)["samples_seen"] >= total_samples
+    except FileNotFoundError:  # pruned since the listing: not the newest then
+        return False
+
+
 def watch_run(run_dir: str | Path, *, overrides: dict[str, Any] | None = None, device: str = "auto",
-              poll_s: float = 60.0) -> list[dict[str, Any]]:
-    """Evaluate checkpoints as they appear until the run's final checkpoint is evaluated."""
+              poll_s: float = 60.0, idle_timeout_s: float = 3600.0) -> list[dict[str, Any]]:
+    """Evaluate checkpoints as they appear until the run's final checkpoint is evaluated, or until
+    training has stopped short of it: it exited or was killed on this host (`run_state`), or nothing
+    in the run changed for `idle_timeout_s` (a trainer killed on another host)."""
     run_dir = Path(run_dir)
     total = run_config(run_dir).train.total_samples
+    watch = _Watch(run_dir, idle_timeout_s=idle_timeout_s)  # used on rank 0 only
     rows: list[dict[str, Any]] = []
     while True:
-        checkpoints = rank0_value(lambda: complete_checkpoints(run_dir / "checkpoints"))
+        stop, checkpoints = dist.rank0_value(watch.look)
         rows += evaluate_run(run_dir, overrides=overrides, device=device, checkpoints=checkpoints)
-        if checkpoints and read_meta(checkpoints[-1])["samples_seen"] >= total:
+        if checkpoints and dist.rank0_value(lambda: _is_final(checkpoints[-1], total)):
+            return rows
+        if stop:
+            log.warning("stopped watching %s before its final checkpoint: %s", run_dir, stop)
             return rows
         time.sleep(poll_s)
 
 
-def open_clip_bundle(name: str, *, pretrained: str | None, device: torch.device) -> tuple[str, ModelBundle]:
-    """(architecture label, bundle) of an open_clip architecture with a local weights file, or of an
-    exported directory `local-dir:DIR` (its architecture registered with open_clip under DIR's name)."""
-    if name.startswith("local-dir:"):
-        directory = Path(name.removeprefix("local-dir:"))
-        name, pretrained = directory.resolve().name, str(directory / "open_clip_pytorch_model.bin")
-        with tempfile.TemporaryDirectory() as tmp:  # open_clip names a config file's architecture by its stem
-            arch = Path(tmp) / f"{name}.json"
-            arch.write_text(json.dumps(json.loads((directory / "open_clip_config.json").read_text())["model_cfg"]))
-            open_clip.add_model_config(arch)
-    if pretrained is not None and not Path(pretrained).is_file():
-        raise ConfigError(f"--pretrained {pretrained} is not a file (weights are never downloaded)")
-    return name, build_model(ModelConfig(name=name, pretrained=pretrained), device=device)
-
-
 def evaluate_open_clip(name: str, *, pretrained: str | None, out: str | Path, cfg: EvalConfig,
                        device: str = "auto", run: str | None = None, dataset: str = "unknown") -> list[dict[str, Any]]:
-    """Evaluate open_clip weights outside a run (a published model, an exported directory) into `out`."""
+    """Evaluate open_clip weights outside a run into `out`: an architecture with a local weights file
+    (a published model), or an exported directory `local-dir:DIR`, whose rows carry the run's
+    provenance (run, checkpoint, step, samples seen, data) when clipscale exported it."""
     dev = pick_device(device)
-    label, bundle = open_clip_bundle(name, pretrained=pretrained, device=dev)
-    info = ModelInfo(run=run or (Path(pretrained).stem if pretrained else label), model=label, checkpoint=None,
-                     step=None, samples_seen=None, params=count_params(bundle.model),
-                     gmacs_per_sample=gmacs_per_sample(bundle), dataset=dataset)
+    info = None
+    if name.startswith("local-dir:"):
+        bundle, info = export_bundle(name.removeprefix("local-dir:"), device=dev)
+        name = Path(name.removeprefix("local-dir:")).resolve().name
+    elif pretrained is not None and not Path(pretrained).is_file():
+        raise ConfigError(f"--pretrained {pretrained} is not a file (weights are never downloaded)")
+    else:
+        bundle = build_model(ModelConfig(name=name, pretrained=pretrained), device=dev)
+    info = info or ModelInfo(run=run or (Path(pretrained).stem if pretrained else name), model=name, checkpoint=None,
+                             step=None, samples_seen=None, params=count_params(bundle.model),
+                             gmacs_per_sample=gmacs_per_sample(bundle), dataset=dataset)
     return evaluate_weights(bundle, info, sets=open_sets(cfg.datasets), cfg=cfg, device=dev, results=Path(out))
 
 
 def evaluate_target(target: str, *, overrides: dict[str, Any], device: str, out: str | None,
-                    poll_s: float | None = None) -> list[dict[str, Any]]:
+                    poll_s: float | None = None, idle_timeout_s: float = 3600.0) -> list[dict[str, Any]]:
     """Evaluate a run directory (watching it for new checkpoints every `poll_s` seconds when given),
     a checkpoint directory or an exported open_clip directory."""
     path = Path(target)
@@ -223,7 +283,7 @@ def evaluate_target(target: str, *, overrides: dict[str, Any], device: str, out:
         return evaluate_run(path.parent.parent, overrides=overrides, device=device, checkpoints=[path])
     if (path / "config.json").is_file():
         if poll_s is not None:
-            return watch_run(path, overrides=overrides, device=device, poll_s=poll_s)
+            return watch_run(path, overrides=overrides, device=device, poll_s=poll_s, idle_timeout_s=idle_timeout_s)
         return evaluate_run(path, overrides=overrides, device=device)
     if (path / "open_clip_config.json").is_file():
         if out is None or "datasets" not in overrides:
@@ -241,12 +301,12 @@ def maybe_eval(cfg: Config, *, model: torch.nn.Module, bundle: ModelBundle, step
     Collective: every rank calls it with the unwrapped model (full parameters: DDP or one process).
     When this step's checkpoint is due, the rows name it, so `clipscale eval` does not redo them.
     """
-    every = cfg.eval.every_samples
-    if every <= 0 or samples_seen // every == (samples_seen - batch_size) // every:
+    if not crossed(samples_seen, batch_size, cfg.eval.every_samples):
         return
     bundle = dataclasses.replace(bundle, model=model)
     checkpoint = checkpoint_name(step) if checkpoint_due else None
     info = ModelInfo(run=cfg.run.name, model=cfg.model.name, checkpoint=checkpoint, step=step,
-                     samples_seen=samples_seen, params=count_params(model), gmacs_per_sample=gmacs_per_sample(bundle), dataset=cfg.data.train_shards)
+                     samples_seen=samples_seen, params=count_params(model), gmacs_per_sample=gmacs_per_sample(bundle),
+                     dataset=cfg.data.dataset_name)
     evaluate_weights(bundle, info, sets=open_sets(cfg.eval.datasets), cfg=cfg.eval,
-                     device=next(model.parameters()).device, results=cfg.run_dir / RESULTS)
+                     device=next(model.parameters()).device, results=cfg.run_dir / RESULTS, loss_kind=cfg.loss.kind)

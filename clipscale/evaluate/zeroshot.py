@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from clipscale.evaluate.datasets import EvalSet
-from clipscale.evaluate.features import autocast
+from clipscale.parallel import autocast
 
 
 def zeroshot_classifier(model: torch.nn.Module, *, tokenizer: Callable, prompts: list[list[str]],

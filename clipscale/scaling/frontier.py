@@ -3,8 +3,10 @@
 A scaling law in compute describes the best error reachable at each budget, so the literature fits
 the lower envelope of error vs compute over all models and durations. Two envelopes:
 - strict: the points with a lower error than every cheaper point (non-dominated);
-- bins:K: log10 x split into K equal-width bins over the data's range; in each non-empty bin the
-  lowest error, placed at the bin's centre (Cherti et al. 2023, sec. 3 and their notebook).
+- bins:K: log10 x split into K equal-width bins from the smallest x to 0.1 decade above the largest;
+  in each non-empty bin the lowest error, placed at the bin's centre. This is `binned_line_fit` of
+  Cherti et al. 2023's `figures.ipynb` (LAION-AI/scaling-laws-openclip), margin included, so their
+  published laws come out of clipscale exactly (tests/unit/test_scaling_published.py).
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import numpy as np
 from clipscale.scaling.results import FitError
 
 DEFAULT = "bins:5"
+TOP_MARGIN_DECADES = 0.1  # the notebook's `eps`: bins span [min, max + 0.1] in log10 x
 
 
 def parse(spec: str) -> tuple[str, int]:
@@ -38,14 +41,15 @@ def strict(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 def bins(x: np.ndarray, y: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Binned frontier: (bin centres (B,), index of each non-empty bin's lowest-y point (B,)).
 
-    x: (N,) positive with a nonzero range, y: (N,).
+    x: (N,) positive, y: (N,). Edges as `np.histogram(log10 x, bins=k, range=(min, max + 0.1))`,
+    membership as `np.digitize` (edges[i] <= log10 x < edges[i + 1]), like the reference notebook.
     """
     lx = np.log10(x)
-    lo, width = lx.min(), np.ptp(lx) / k
-    b = np.minimum(((lx - lo) / width).astype(np.int64), k - 1)  # the top edge belongs to the last bin
+    edges = np.histogram_bin_edges(lx, bins=k, range=(lx.min(), lx.max() + TOP_MARGIN_DECADES))
+    b = np.digitize(lx, edges) - 1  # (N,) in 0..k-1: the margin keeps the largest x below the top edge
     order = np.lexsort((y, b))  # by bin, then error: each bin's first entry is its lowest error
     first = order[np.r_[True, b[order][1:] != b[order][:-1]]]
-    return 10 ** (lo + (b[first] + 0.5) * width), first
+    return 10 ** ((edges[b[first]] + edges[b[first] + 1]) / 2), first
 
 
 def select(x: np.ndarray, y: np.ndarray, spec: str) -> tuple[np.ndarray, np.ndarray]:

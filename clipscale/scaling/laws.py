@@ -128,14 +128,15 @@ def _cost(r: np.ndarray, w: np.ndarray, delta: float | None) -> np.ndarray:
 
 
 def solve(law: Law, u: np.ndarray, log_y: np.ndarray, w: np.ndarray, theta0: np.ndarray, *, lower: np.ndarray,
-          upper: np.ndarray, max_iter: int = 100) -> tuple[np.ndarray, np.ndarray]:
+          upper: np.ndarray, huber_delta: float | None = None, max_iter: int = 100) -> tuple[np.ndarray, np.ndarray]:
     """Minimise sum_m w * rho(log_y - log_model) for B independent problems at once.
 
     u: (B, M, n_inputs) as in log_model; log_y, w: (B, M) (w = 0 drops a point, w = k counts it k
-    times); theta0, lower, upper: (B, P). rho is the law's loss: squared error or Huber.
+    times); theta0, lower, upper: (B, P). rho is the law's loss (squared error or Huber), or Huber
+    with threshold huber_delta when given (a tiny one approaches least absolute deviations).
     Returns theta (B, P) and the final cost (B,). Converged problems leave the batch.
     """
-    delta = law.huber_delta
+    delta = law.huber_delta if huber_delta is None else huber_delta
     theta = np.clip(theta0, lower, upper)
     pred, jac = log_model(law, theta, u)
     r = log_y - pred

@@ -1,25 +1,28 @@
 """Log-log plots of fits (matplotlib; files are drawn on a bare Figure, so no display or pyplot backend).
 
+    from clipscale.scaling.plot import draw_fit
+    draw_fit(fit, ax, color="C1")  # on any matplotlib axes, e.g. in a notebook
+
 Per group: every eligible point faint, the fitted points marked, held-out points as crosses, the law
-with its 95% band over the fitted range and dashed beyond it, the formula in the legend.
+with its 95% band over the fitted range and dashed beyond it, the formula in the legend. Plotting
+depends on fitting, never the reverse: `clipscale.scaling.fit` imports no matplotlib.
 """
 from __future__ import annotations
 
 import os
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
 
-if TYPE_CHECKING:
-    from clipscale.scaling.fit import Fit
+from clipscale.scaling.fit import Fit
 
 EXTRAPOLATE = 10.0  # the dashed line runs to 10x the largest fitted x (or the largest point, if further)
 
 
-def draw_fit(fit: "Fit", ax: Any, *, color: Any = None, label: str | None = None) -> None:
+def draw_fit(fit: Fit, ax: Any, *, color: Any = None, label: str | None = None) -> None:
     """Draw one fit on log-log axes ax."""
     color = color or "C0"
     seen = [p for p in fit.all_points if not p["held_out"]]
@@ -43,7 +46,7 @@ def draw_fit(fit: "Fit", ax: Any, *, color: Any = None, label: str | None = None
     ax.grid(True, which="both", alpha=0.3)
 
 
-def legend_label(fit: "Fit") -> str:
+def legend_label(fit: Fit) -> str:
     """Group values, formula and the exponent's interval."""
     group = ", ".join(f"{k}={v}" for k, v in fit.group.items())
     exponent = next(k for k in ("alpha", "b") if k in fit.params)
@@ -51,7 +54,7 @@ def legend_label(fit: "Fit") -> str:
     return f"{group + ': ' if group else ''}{fit.formula}\n{exponent} 95% CI [{lo:.3f}, {hi:.3f}], {fit.n_points} pts"
 
 
-def save_plot(fits: Sequence["Fit"], out_dir: Path, *, metric: str) -> list[Path]:
+def save_plot(fits: Sequence[Fit], out_dir: Path, *, metric: str) -> list[Path]:
     """One figure of all groups' fits, written as PNG and PDF (atomically); returns the paths."""
     fig = Figure(figsize=(7.0, 5.0), dpi=120)
     ax = fig.subplots()

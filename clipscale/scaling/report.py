@@ -10,8 +10,9 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
+from clipscale.results import load_results
 from clipscale.scaling.fit import Fit, fit
-from clipscale.scaling.results import FitError, load_results
+from clipscale.scaling.results import FitError
 
 FITS = "fits.json"
 

@@ -75,3 +75,19 @@ def test_templates_come_from_a_file_and_a_missing_one_is_named(tmp_path, capsys)
     assert main(["data", "eval-set", str(tmp_path / "tree"), str(tmp_path / "o2"), "--templates",
                  str(tmp_path / "none.txt")]) == 2
     assert f"cannot read templates file {tmp_path / 'none.txt'}" in capsys.readouterr().err
+
+
+def test_split_folders_are_refused_as_classes_naming_the_right_usage(tmp_path, capsys):
+    for split in ("train", "test"):
+        for name in ("cat", "dog"):
+            path = tmp_path / "tree" / split / name / "0.png"
+            path.parent.mkdir(parents=True)
+            path.write_bytes(image_bytes(0, fmt="PNG"))
+    assert main(["data", "eval-set", str(tmp_path / "tree"), str(tmp_path / "out"), "--processes", "1"]) == 2
+    tree = tmp_path / "tree"
+    assert (f"{tree} holds the split folders ['test', 'train'], not class folders: each would become a class; make "
+            f"each split on its own: clipscale data eval-set {tree}/test OUT --split test (and {tree}/train OUT "
+            "--split train for a linear probe)") in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    assert main(["data", "eval-set", str(tree / "test"), str(tmp_path / "out"), "--processes", "1"]) == 0
+    assert (tmp_path / "out/classnames.txt").read_text() == "cat\ndog\n"

@@ -26,7 +26,9 @@ def test_round_trip_make_validate_loader(tmp_path):
     (tmp_path / "img/notes.md").write_text("not an image")  # ignored
     out = tmp_path / "shards"
     summary = make_shards(str(tmp_path / "img"), str(out), target=ShardTarget(samples_per_shard=3))
-    assert summary == {"shards": 2, "samples": 6,
+    skipped = [["sub0/img000.jpg", "missing_caption"], ["sub0/img002.jpg", "empty_caption"],
+               ["sub1/img001.jpg", "corrupt_image"]]
+    assert summary == {"shards": 2, "samples": 6, "skipped": skipped,
                        "failed": {"missing_caption": 1, "corrupt_image": 1, "empty_caption": 1}}
     urls = shard_urls(out, 2)
     assert read_sizes(urls) == {urls[0]: 3, urls[1]: 3}
@@ -34,7 +36,7 @@ def test_round_trip_make_validate_loader(tmp_path):
     # a shard accounts for the inputs up to the next shard's first sample
     stats = json.loads((out / "000000_stats.json").read_text())
     assert stats == {"count": 6, "successes": 3, "first_index": 0, "end_index": 6, "bytes": stats["bytes"],
-                     "failed": {"missing_caption": 1, "empty_caption": 1, "corrupt_image": 1}}
+                     "failed": {"missing_caption": 1, "empty_caption": 1, "corrupt_image": 1}, "skipped": skipped}
 
     report = validate_shards(urls)
     assert report["samples"] == 6 and report["bad"] == {}

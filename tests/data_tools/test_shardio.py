@@ -15,7 +15,7 @@ def test_shards_are_listed_from_a_directory_or_a_spec_and_errors_name_the_input(
     assert list_shards(str(tmp_path / "d")) == expected
     assert list_shards(spec) == expected
     (tmp_path / "empty").mkdir()
-    with pytest.raises(DataError, match="empty holds no \\*.tar shards"):
+    with pytest.raises(DataError, match="empty is a directory holding no \\*.tar shards"):
         list_shards(str(tmp_path / "empty"))
     with pytest.raises(DataError, match="1 of 4 shards .* do not exist"):
         list_shards(f"{tmp_path}/d/{{000000..000003}}.tar")

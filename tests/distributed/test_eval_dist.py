@@ -1,4 +1,5 @@
-"""Evaluation on 2 gloo ranks (each encoding its own shards) == one process; data errors reach every rank."""
+"""Evaluation on 2 gloo ranks (each encoding its own shards, each passing half of every held-out loss batch)
+== one process; data errors reach every rank."""
 import os
 
 import pytest
@@ -13,7 +14,8 @@ from tests.helpers import spawn_ranks
 
 pytestmark = pytest.mark.slow
 # No decode workers: under mp.spawn each would start a fresh interpreter (the unit tests cover workers).
-CFG = EvalConfig(tasks=("zeroshot_classification", "zeroshot_retrieval", "linear_probe"), batch_size=4, num_workers=0)
+CFG = EvalConfig(tasks=("zeroshot_classification", "zeroshot_retrieval", "linear_probe", "contrastive_loss"),
+                 batch_size=4, num_workers=0, loss_batch_size=4)
 
 
 def write_sets(root) -> dict[str, str]:
@@ -56,7 +58,8 @@ def test_two_ranks_equal_one_process(tmp_path):
     paths = write_sets(tmp_path)
     single = evaluate(paths)
     ranks = spawn_ranks(worker, tmp_path, world=2)
-    assert set(single) == {"zeroshot_classification/cls", "linear_probe/cls", "zeroshot_retrieval/ret", "error"}
+    assert set(single) == {"zeroshot_classification/cls", "linear_probe/cls", "zeroshot_retrieval/ret",
+                           "contrastive_loss/ret", "error"}
     for result in ranks:
         assert result.keys() == single.keys()
         for key in single:

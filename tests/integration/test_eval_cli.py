@@ -5,6 +5,7 @@ import io
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -18,7 +19,7 @@ import torch
 from clip_benchmark.metrics import zeroshot_classification as cb
 from PIL import Image
 
-from clipscale.evaluate.results import read_results
+from clipscale.results import read_rows
 from tests.eval_kit import json_rows
 from tests.helpers import REPO, run_cli
 
@@ -56,13 +57,14 @@ def test_watch_evaluates_checkpoints_as_they_appear_until_the_last(evaluated_run
     shutil.copytree(evaluated_run, run)
     (run / "results.jsonl").unlink()
     final = run / "checkpoints" / "step_000006"
-    final.rename(tmp_path / "later")  # training has not got there yet
+    final.rename(tmp_path / "later")  # training has not got there yet, and it lives (this process stands for it)
+    (run / "training.json").write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
     cmd = [sys.executable, "-m", "clipscale", "eval", str(run), "--watch", "--poll-s", "0.5", "--device", "cpu"]
     watcher = subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 300
-        while len(read_results(run)) < 6 and time.monotonic() < deadline:
+        while len(read_rows(run)) < 6 and time.monotonic() < deadline:
             time.sleep(0.5)
         assert watcher.poll() is None, "the watcher stopped before the final checkpoint"
         (tmp_path / "later").rename(final)
@@ -83,7 +85,9 @@ def test_eval_on_two_ranks_writes_what_one_process_writes(evaluated_run, tmp_pat
         run_cli("eval", str(tmp_path / "exported"), "--data", data, "--out", str(out), "--tasks", "zeroshot",
                 "--device", "cpu", nproc=nproc)
     assert [r["value"] for r in json_rows(one)] == pytest.approx([r["value"] for r in json_rows(two)], abs=1e-9)
-    assert json_rows(one)[0]["checkpoint"] is None and json_rows(one)[0]["model"] == "exported"
+    row = json_rows(one)[0]  # the export's provenance: the rows are those of the run's checkpoint
+    assert (row["run"], row["checkpoint"], row["model"], row["samples_seen"]) == (
+        "ev", "step_000006", "clipscale-tiny", 192)
 
 
 class Samples(list):

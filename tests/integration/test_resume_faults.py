@@ -172,11 +172,13 @@ def test_single_process_preemption_exit_code(synthetic_data, tmp_path):
     cmd = [sys.executable, "-m", "clipscale", *args(synthetic_data, tmp_path, "solo")]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     wait_for_step(tmp_path / "solo", 1, proc)
+    assert json.loads((tmp_path / "solo" / "training.json").read_text())["pid"] == proc.pid  # for watchers
     proc.send_signal(signal.SIGTERM)
     proc.communicate(timeout=300)
     from clipscale.train import EXIT_PREEMPTED
 
     assert proc.returncode == EXIT_PREEMPTED
+    assert (tmp_path / "solo" / "preempted").is_file() and not (tmp_path / "solo" / "training.json").exists()
 
 
 def test_fsdp_and_ddp_match_one_process(reference, synthetic_data, tmp_path):

@@ -88,6 +88,16 @@ def test_broken_recipes_fail_naming_the_problem(tmp_path, synthetic_data):
     missing = tmp_path / "nowhere" / "{000000..000003}.tar"
     bad = run_cli("train", f'data.train_shards="{missing}"', f'run.output_dir="{tmp_path}"', check=False)
     assert bad.returncode == 2 and "do not exist" in bad.stderr and "nowhere" in bad.stderr
+    bad = run_cli("train", f'data.train_shards="{tmp_path}/nowhere/*.tar"', f'run.output_dir="{tmp_path}"',
+                  check=False)
+    assert bad.returncode == 2 and f"{tmp_path}/nowhere/*.tar matches no file" in bad.stderr
+
+
+def test_train_reads_a_glob_of_shards(synthetic_data, tmp_path):
+    glob = synthetic_data["train"].split("{")[0] + "*.tar"  # the same shards, as people write them
+    run_cli("train", *common(synthetic_data, tmp_path, "glob"), f'data.train_shards="{glob}"',
+            "train.total_samples=64")
+    assert len(losses(tmp_path / "glob")) == 2
 
 
 def test_gradient_cache_follows_the_plain_trajectory(two_rank_run, synthetic_data, tmp_path):

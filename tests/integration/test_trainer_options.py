@@ -6,9 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from clipscale.compute import gmacs_per_sample
 from clipscale.config import ConfigError, load_config, validate_for_world
 from clipscale.metrics import mfu, peak_flops
-from clipscale.models import build_model, gmacs_per_sample
+from clipscale.models import build_model
 from tests.helpers import run_cli
 
 

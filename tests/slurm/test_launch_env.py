@@ -1,7 +1,7 @@
 """Where a process sits according to its launcher: torchrun's variables or an srun job step's."""
 import pytest
 
-from clipscale.dist import LaunchEnv, first_host, launch_env, slurm_port
+from clipscale.launch import LaunchEnv, first_host, launch_env, slurm_port
 
 
 @pytest.mark.parametrize("nodelist, host", [

@@ -30,9 +30,10 @@ def test_dry_run_prints_one_array_task_per_point_and_a_chained_eval(tmp_path):
     assert evaluate[6:] == [str(tmp_path.resolve() / name) for name, _ in points]
     args_dir = tmp_path.resolve() / "sweep-scaling_tiny"
     assert f"CLIPSCALE_ARGS_DIR={args_dir}" in array
+    assert not args_dir.exists()  # a dry run writes nothing: it prints the arguments files as shell lines
     for i, (name, overrides) in enumerate(points):  # what train.sbatch hands to `clipscale train`
-        assert (args_dir / f"{i}.args").read_text().splitlines() == [str(RECIPE), *overrides,
-                                                                     f'run.output_dir="{tmp_path}"']
+        heredoc = proc.stdout.split(f"cat > {args_dir / f'{i}.args'} <<'EOF'\n", 1)[1].split("EOF\n", 1)[0]
+        assert heredoc.splitlines() == [str(RECIPE), *overrides, f'run.output_dir="{tmp_path}"']
 
 
 def test_missing_scripts_folder_is_named(tmp_path):

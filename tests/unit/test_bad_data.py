@@ -11,7 +11,7 @@ import pytest
 
 from clipscale.data.shards import DataError, shard_samples
 from tests.shard_kit import FlakyFileSystem, image_bytes, sample_members, write_shard
-from tests.unit.test_pipeline import make_loader, take
+from tests.unit.test_pipeline import counters, host_images, make_loader, take
 
 
 def bomb_png(width: int = 100_000, height: int = 100_000) -> bytes:
@@ -74,8 +74,8 @@ def test_each_bad_sample_is_skipped_and_counted(tmp_path):
                          max_bad_fraction=1.0)
     (batch,) = take(loader, 1)
     assert sorted(batch.keys) == sorted(GOOD)
-    assert batch.images.shape == (len(GOOD), 3, 16, 16)
-    assert loader.counters() == {"samples": len(GOOD), **EXPECTED_BAD}
+    assert host_images(batch).shape == (len(GOOD), 3, 16, 16)
+    assert counters(loader) == {"samples": len(GOOD), **EXPECTED_BAD}
     assert not marker.exists()
 
 
@@ -90,9 +90,9 @@ def test_truncated_failing_and_stalled_shards_are_skipped(tmp_path):
                          shard_retries=1, retry_backoff_s=0.01, read_timeout_s=0.5, block_shards=4)
     seen = [k for b in take(loader, 5) for k in b.keys]  # the flaky shard's 6 and the cut one's first 4
     assert set(seen) == {f"t{i}" for i in range(6)} and len(seen) == 10
-    counters = loader.counters()
-    assert counters["truncated_shard"] == 1 and counters["unreadable_shard"] == 2
-    assert counters["samples"] == 10 and flag.exists()
+    counted = counters(loader)
+    assert counted["truncated_shard"] == 1 and counted["unreadable_shard"] == 2
+    assert counted["samples"] == 10 and flag.exists()
 
 
 def test_too_many_bad_samples_stop_with_the_reasons(tmp_path):

@@ -3,9 +3,10 @@ import dataclasses
 
 import pytest
 
-from clipscale.compute import hardware_flops_per_sample, model_compute, model_flops_per_sample
+from clipscale.compute import (gmacs_per_sample, gmacs_per_sample_no_attn, hardware_flops_per_sample, model_compute,
+                               model_flops_per_sample)
 from clipscale.config import ModelConfig, TrainConfig
-from clipscale.models import build_model, gmacs_per_sample, gmacs_per_sample_no_attn
+from clipscale.models import build_model
 
 
 def linear_macs(*, tokens: int, width: int, layers: int, mlp_ratio: float = 4.0) -> int:

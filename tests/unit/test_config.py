@@ -152,7 +152,7 @@ def test_every_numeric_field_has_a_range():
     from clipscale.config import RANGES
 
     free = {"run.seed", "model.init_logit_scale", "model.init_logit_bias",
-            "loss.tile_size"}  # loss.tile_size: LossConfig checks it itself
+            "loss.tile_size", "eval.loss_batch_size"}  # LossConfig and EvalConfig check these themselves
     numeric = {f"{section}.{field}" for section, cls in typing.get_type_hints(Config).items()
                for field, tp in typing.get_type_hints(cls).items() if {int, float} & {tp, *typing.get_args(tp)}}
     assert numeric - free - set(RANGES) == set()
@@ -166,3 +166,13 @@ def test_sweep_points_are_validated_with_the_overrides_applied_to_every_run(tmp_
         load_sweep(recipe)
     [(name, overrides)] = load_sweep(recipe, ["train.global_batch_size=32"])
     assert name == "g-s64" and load_config(recipe, [*overrides, "train.global_batch_size=32"]).train.total_samples == 64
+
+
+def test_shipped_recipes_resolve_by_name_and_an_unknown_name_lists_them(tmp_path, monkeypatch):
+    from clipscale.config import RECIPES
+
+    monkeypatch.chdir(tmp_path)  # outside the repository
+    assert load_config("vit_g14_laion2b").run.name == load_config("vit_g14_laion2b.toml").run.name == "vit_g14_laion2b"
+    assert (RECIPES / "tiny_cpu.toml").is_file()
+    with pytest.raises(ConfigError, match=r"recipe not found: nosuch; pass a TOML file or one of .*'tiny_cpu'"):
+        load_config("nosuch")

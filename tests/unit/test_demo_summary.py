@@ -1,6 +1,6 @@
 """The demo's summary reads the long results table: each run's final checkpoint, zero-shot acc1/acc5."""
 from clipscale.demo import print_summary
-from clipscale.evaluate.results import ModelInfo, append_rows, make_rows
+from clipscale.results import ModelInfo, append_rows, make_rows
 
 
 def test_summary_shows_the_final_checkpoint_of_each_run(tmp_path, capsys):

@@ -32,7 +32,7 @@ def test_image_folder_tree_reads_like_the_shards(tmp_path):
         folder.mkdir(parents=True)
         (folder / "a.png").write_bytes(swatch(k))
         (folder / "b.png").write_bytes(swatch((k + 1) % 8))  # a miss, predicted as the next colour
-    (tmp_path / "classnames.txt").write_text("\n".join(CLASSNAMES[:3]) + "\n")
+    (tmp_path / "classnames.txt").write_text("".join(f"c{k}\t{CLASSNAMES[k]}\n" for k in (0, 1, 2)))
     (tmp_path / "zeroshot_classification_templates.txt").write_text("\n".join(TEMPLATES) + "\n")
     evalset = open_eval_set("folders", str(tmp_path))
     assert evalset.classnames == tuple(CLASSNAMES[:3])
@@ -138,3 +138,67 @@ def test_sets_at_fsspec_urls_read_like_local_ones(tmp_path):
     finally:
         fs.rm("/evalset", recursive=True)
     assert metrics["acc1"] == 4 / 5
+
+
+DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
+def image_tree(root, folders, split="test"):
+    for k, folder in enumerate(folders):
+        (root / split / folder).mkdir(parents=True)
+        (root / split / folder / "a.png").write_bytes(swatch(k % 8))
+    return root
+
+
+def names_by_folder(evalset, split="test"):
+    """The class name each folder's images are labelled with."""
+    return {url.split("/")[-2]: evalset.classnames[label] for url, label in evalset.units(split)}
+
+
+def test_tree_class_names_map_by_folder_name_never_by_sorted_place(tmp_path):
+    # folders zero..nine (sorted: eight, five, ...) with names listed in numeric order: mapped by name
+    root = image_tree(tmp_path / "words", DIGITS)
+    (root / "classnames.txt").write_text("\n".join(DIGITS) + "\n")
+    assert names_by_folder(open_eval_set("digits", str(root))) == {d: d for d in DIGITS}
+    # folders 0..9 with names zero..nine: an order that cannot be checked is refused ...
+    root = image_tree(tmp_path / "numbers", [str(k) for k in range(10)])
+    (root / "classnames.txt").write_text("\n".join(DIGITS) + "\n")
+    with pytest.raises(EvalDataError, match=r"classnames\.txt lists class names that are not the class folders of "
+                                            r".*its order cannot be checked.*Write one FOLDER<TAB>NAME line per class "
+                                            r"folder \(e\.g\. '0<TAB>zero'\)"):
+        open_eval_set("digits", str(root))
+    # ... and mapped when written FOLDER<TAB>NAME, in any order
+    (root / "classnames.txt").write_text("".join(f"{k}\t{DIGITS[k]}\n" for k in (3, 1, 4, 0, 5, 9, 2, 6, 8, 7)))
+    evalset = open_eval_set("digits", str(root))
+    assert names_by_folder(evalset) == {str(k): d for k, d in enumerate(DIGITS)}
+    (root / "classnames.txt").write_text("0\tzero\n1\n")
+    with pytest.raises(EvalDataError, match=r"line '1' is not FOLDER<TAB>NAME"):
+        open_eval_set("digits", str(root))
+    (root / "classnames.txt").write_text("0\tzero\n1\tone\n")
+    with pytest.raises(EvalDataError, match=r"names no class for the folders \['2', '3', '4', '5', '6'\]"):
+        open_eval_set("digits", str(root))
+
+
+def test_tree_zero_shot_accuracy_follows_the_names_in_any_order(tmp_path):
+    folders = [name.replace(" ", "_") for name in CLASSNAMES]  # swatch_ash/ holds colour 0, ...
+    root = image_tree(tmp_path, folders)
+    (root / "classnames.txt").write_text("\n".join(reversed(CLASSNAMES)) + "\n")
+    (root / "zeroshot_classification_templates.txt").write_text("\n".join(TEMPLATES) + "\n")
+    [(_, _, metrics)] = evaluate(root, name="reversed")
+    assert metrics["acc1"] == 1.0
+
+
+def test_tree_without_classnames_is_classified_by_its_folder_names(tmp_path):
+    root = image_tree(tmp_path, [name.replace(" ", "_") for name in CLASSNAMES])
+    evalset = open_eval_set("tree", str(root))
+    assert evalset.kind == "classification" and evalset.classnames == tuple(CLASSNAMES)
+    assert evalset.templates[0] == "itap of a {c}."  # open_clip's simple ImageNet templates
+    [(_, _, metrics)] = evaluate(root, name="tree")
+    assert metrics["acc1"] == 1.0
+
+
+def test_split_folders_are_not_taken_as_classes(tmp_path):
+    root = image_tree(tmp_path, ["train", "test"])  # ROOT/test/{train,test}/: a tree one level too high
+    with pytest.raises(EvalDataError, match=r"test holds the split folders \['test', 'train'\], not class folders: "
+                                            r"each would become a class; point the evaluation set at .*/test itself"):
+        open_eval_set("s", str(root))

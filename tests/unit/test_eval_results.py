@@ -6,11 +6,13 @@ import json
 import pytest
 import torch
 
+from clipscale import results
 from clipscale.config import EvalConfig, ModelConfig
-from clipscale.evaluate import results
 from clipscale.evaluate.datasets import EvalDataError, open_eval_set
-from clipscale.evaluate.results import COLUMNS, ModelInfo, append_rows, make_rows, read_results, write_csv
 from clipscale.evaluate.runner import evaluate_weights
+from clipscale.results import COLUMNS, ModelInfo, ResultsError, append_rows, load_results, make_rows, read_rows, \
+    write_csv
+from clipscale.scaling.results import one_prompt_set
 from clipscale.models import ModelBundle
 from tests.eval_kit import DesignedCLIP, json_rows, to_tensor, tokenizer, write_classification_set
 
@@ -22,6 +24,7 @@ def test_rows_follow_the_schema():
     rows = make_rows(INFO, task="zeroshot_classification", eval_dataset="s", eval_hash="h",
                      metrics={"acc1": 0.25, "acc5": 1})
     assert [list(r) for r in rows] == [list(COLUMNS)] * 2
+    assert rows[0]["evaluated_at"] == rows[1].pop("evaluated_at") and rows[0]["evaluated_at"].endswith("+00:00")
     assert rows[1] == {"run": "r", "model": "ViT-B-32", "checkpoint": "step_000004", "step": 4, "samples_seen": 128,
                        "params": 10, "gmacs_per_sample": 0.5, "compute_gmacs": 64.0, "dataset": "laion",
                        "task": "zeroshot_classification", "eval_dataset": "s", "metric": "acc5", "value": 1.0,
@@ -39,12 +42,16 @@ def test_a_torn_last_line_is_dropped_and_cut_on_append(tmp_path):
     append_rows(path, row)
     with open(path, "a") as f:
         f.write('{"run": "r", "mod')  # a crash in the middle of a write
-    assert read_results(path) == row
-    append_rows(path, row)
-    assert json_rows(path) == row + row
+    assert read_rows(path) == row
+    other = make_rows(INFO, task="linear_probe", eval_dataset="t", eval_hash="h", metrics={"acc1": 0.5})
+    assert append_rows(path, row + other) == other  # the row already there is not written twice
+    assert json_rows(path) == row + other
+    with open(path, "a") as f:
+        f.write(json.dumps(row[0] | {"eval_dataset": "u"}))  # a whole row that lost only its newline
+    assert append_rows(path, row) == [] and json_rows(path) == row + other + [row[0] | {"eval_dataset": "u"}]
     path.write_text('{"run": 1}\nnot json\n{"run": 2}\n')
-    with pytest.raises(ValueError, match="results.jsonl line 2 is not JSON; delete that line"):
-        read_results(path)
+    with pytest.raises(ResultsError, match="results.jsonl:2 is not JSON .*fix or delete that line"):
+        read_rows(path)
 
 
 def bundle(model):
@@ -74,6 +81,9 @@ def test_rerun_skips_finished_rows_and_a_crash_keeps_them(tmp_path, monkeypatch)
     again = evaluate_weights(bundle(model), INFO, sets=[open_eval_set("good", str(good))], cfg=cfg,
                              device=torch.device("cpu"), results=out)
     assert len(again) == 3 and again[0]["eval_hash"] != first[0]["eval_hash"]
+    fitted, notes = one_prompt_set(load_results(out).query("eval_dataset == 'good'"))  # what a fit takes
+    assert set(fitted["eval_hash"]) == {again[0]["eval_hash"]} and len(fitted) == 3
+    assert f"{first[0]['eval_hash']} (3 rows)" in notes[("zeroshot_classification", "good")]
 
 
 def test_csv_flattens_many_runs(tmp_path):
@@ -89,3 +99,16 @@ def test_csv_flattens_many_runs(tmp_path):
     assert [(r["run"], r["metric"], float(r["value"])) for r in table] == [
         ("a", "acc1", 0.1), ("a", "acc5", 0.2), ("b", "acc1", 0.1), ("b", "acc5", 0.2)]
     assert list(table[0]) == list(COLUMNS) and json.loads(table[0]["step"]) == 4
+
+
+def test_evaluations_between_checkpoints_are_told_apart_by_their_step(tmp_path):
+    """eval.every_samples off the checkpoint grid: rows without a checkpoint, one evaluation per step."""
+    good = write_classification_set(tmp_path / "good", [[(0, 0), (1, 2)]])
+    cfg = EvalConfig(tasks=("zeroshot_classification",), num_workers=0)
+    out = tmp_path / "results.jsonl"
+    for step in (3, 5):
+        info = ModelInfo(**{**INFO.__dict__, "checkpoint": None, "step": step, "samples_seen": 32 * step})
+        rows = evaluate_weights(bundle(DesignedCLIP()), info, sets=[open_eval_set("good", str(good))], cfg=cfg,
+                                device=torch.device("cpu"), results=out)
+        assert [r["step"] for r in rows] == [step] * 3
+    assert [r["step"] for r in read_rows(out)] == [3, 3, 3, 5, 5, 5]

@@ -1,12 +1,20 @@
-"""Exports load in open_clip and timm and compute what clipscale's model computes."""
+"""Exports load in open_clip and timm and compute what clipscale's model computes; `clipscale.load`."""
+import json
+import os
+import stat
+
 import open_clip
 import pytest
 import timm
 import torch
+from PIL import Image
+
+import clipscale
 
 from clipscale import checkpoint as ckpt
 from clipscale.config import Config, ConfigError, ModelConfig, config_to_dict
-from clipscale.export import export_open_clip, export_timm, timm_image_tower
+from clipscale.evaluate.runner import evaluate_target
+from clipscale.export import PROVENANCE, export_open_clip, export_timm, timm_image_tower
 from clipscale.models import build_model, resolve_architecture
 from clipscale.optim import build_optimizer
 
@@ -21,7 +29,7 @@ def saved_checkpoint(tmp_path, mcfg: ModelConfig):
     with torch.no_grad():  # move every parameter off its initial value (zero biases, unit gains)
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))
-    path = ckpt.save_checkpoint(tmp_path / "c", model=model, optimizer=build_optimizer(model, cfg.optim), step=3,
+    path = ckpt.save_checkpoint(tmp_path / "run" / "checkpoints", model=model, optimizer=build_optimizer(model, cfg.optim), step=3,
                                 meta={"samples_seen": 3, "config": config_to_dict(cfg)})
     return path, model.eval()
 
@@ -33,7 +41,7 @@ def test_open_clip_directory_loads_by_dir_and_by_file(tmp_path):
     path, model = saved_checkpoint(tmp_path, TINY)
     out = export_open_clip(path, tmp_path / "export")
     assert {p.name for p in out.iterdir()} == {"open_clip_config.json", "open_clip_model.safetensors",
-                                               "open_clip_pytorch_model.bin", "README.md"}
+                                               "open_clip_pytorch_model.bin", "README.md", PROVENANCE}
     arch = resolve_architecture(TINY)
     by_file = open_clip.create_model(TINY.name, pretrained=str(out / "open_clip_pytorch_model.bin"),
                                      embed_dim=arch.pop("embed_dim"), **arch)
@@ -107,3 +115,57 @@ def test_export_command_writes_both_formats(tmp_path, capsys):
     torch.testing.assert_close(loaded.encode_image(image), model.encode_image(image), **TOL)
     tower = timm.create_model(f"local-dir:{tmp_path / 'tm'}", pretrained=True).eval()
     torch.testing.assert_close(tower(image), model.encode_image(image), **TOL)
+
+
+def test_exported_files_take_the_umask_mode(tmp_path):
+    path, _ = saved_checkpoint(tmp_path, TINY)
+    old = os.umask(0o022)
+    try:
+        files = [*export_open_clip(path, tmp_path / "oc").iterdir(), *export_timm(path, tmp_path / "tm").iterdir()]
+    finally:
+        os.umask(old)
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in files} == {p.name: 0o644 for p in files}
+
+
+def test_timm_config_names_no_other_models_weights(tmp_path):
+    path, _ = saved_checkpoint(tmp_path, TINY)
+    config = json.loads((export_timm(path, tmp_path / "tm") / "config.json").read_text())
+    assert config["architecture"] == "vit_base_patch16_clip_224"
+    assert not {"tag", "license", "hf_hub_id"} & set(config["pretrained_cfg"])
+
+
+def test_load_gives_the_same_model_from_a_run_a_checkpoint_and_an_export(tmp_path):
+    path, model = saved_checkpoint(tmp_path, TINY)
+    export_open_clip(path, tmp_path / "export")
+    image = Image.new("RGB", (40, 30), (200, 30, 90))
+    outputs = []
+    for target in (tmp_path / "run", path, tmp_path / "export"):
+        loaded, preprocess, tokenizer = clipscale.load(target)
+        pixels, tokens = preprocess(image).unsqueeze(0), tokenizer(["a red square", "a blue circle"])
+        with torch.no_grad():
+            outputs.append((pixels, tokens, loaded.encode_image(pixels), loaded.encode_text(tokens)))
+        assert not loaded.training
+    for got in outputs[1:]:
+        for a, b in zip(got, outputs[0]):
+            torch.testing.assert_close(a, b, **TOL)
+    torch.testing.assert_close(outputs[0][2], model.encode_image(outputs[0][0]), **TOL)
+
+
+def test_load_names_what_it_cannot_read(tmp_path):
+    with pytest.raises(ConfigError, match="neither a run directory"):
+        clipscale.load(tmp_path)
+
+
+def test_an_evaluated_export_keeps_its_runs_provenance(tmp_path):
+    from tests.eval_kit import write_classification_set
+
+    path, _ = saved_checkpoint(tmp_path, TINY)
+    out = export_open_clip(path, tmp_path / "export")
+    evalset = write_classification_set(tmp_path / "set", [[(k, k) for k in range(8)]])
+    registered = set(open_clip.list_models())
+    rows = evaluate_target(str(out), overrides={"datasets": (f"swatches={evalset}",), "tasks": ("zeroshot",)},
+                           device="cpu", out=str(tmp_path / "rows.jsonl"))
+    assert set(open_clip.list_models()) == registered  # nothing registered in open_clip's global registry
+    assert rows and {(r["run"], r["model"], r["checkpoint"], r["step"], r["samples_seen"], r["dataset"])
+                     for r in rows} == {("tiny_cpu", TINY.name, "step_000003", 3, 3, Config().data.dataset_name)}
+    assert all(r["compute_gmacs"] == pytest.approx(r["gmacs_per_sample"] * 3) for r in rows)

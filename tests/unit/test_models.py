@@ -6,9 +6,9 @@ import timm.data
 import torch
 from PIL import Image
 
+from clipscale.compute import gmacs_per_sample
 from clipscale.config import ConfigError, ModelConfig, load_config
-from clipscale.models import (build_model, count_params, create_model, gmacs_per_sample, image_preprocess_config,
-                              resolve_architecture)
+from clipscale.models import build_model, count_params, create_model, image_preprocess_config, resolve_architecture
 
 
 def test_overrides_reach_the_open_clip_model():

@@ -54,3 +54,24 @@ def test_no_decay_groups():
     assert "visual.transformer.resblocks.0.mlp.c_fc.weight" not in no_decay_names
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
     assert no_weight_decay("x.ln_1.weight", torch.zeros(3))
+
+
+def test_crossed_is_true_on_the_step_that_passes_a_multiple():
+    from clipscale.optim import crossed
+
+    assert [s for s in range(32, 257, 32) if crossed(s, 32, 100)] == [128, 224]
+    assert crossed(200, 32, 200) and not crossed(199, 32, 200)
+    assert not any(crossed(s, 32, 0) for s in range(32, 257, 32))  # 0: never
+
+
+def test_one_autocast_for_training_and_evaluation():
+    from clipscale.config import TrainConfig
+    from clipscale.parallel import autocast, step_precision
+
+    cpu = torch.device("cpu")
+    with autocast(cpu, "bf16"):
+        assert torch.get_autocast_dtype("cpu") == torch.bfloat16 and torch.is_autocast_enabled("cpu")
+    with autocast(cpu, "fp32"):
+        assert not torch.is_autocast_enabled("cpu")
+    assert step_precision(TrainConfig(precision="bf16")) == "bf16"
+    assert step_precision(TrainConfig(precision="bf16", parallel="fsdp")) == "fp32"  # FSDP2's policy casts

@@ -1,16 +1,17 @@
 """The streaming loader: exact epochs, uneven shards, exact resume, determinism, world-size invariance."""
 import dataclasses
+import warnings
 
 import numpy as np
 import open_clip
 import pytest
 import torch
-
-from clipscale.data.config import DataConfig
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from clipscale.data import pipeline
+from clipscale.data.config import DataConfig
 from clipscale.data.pipeline import (POOL_SLOTS, TrainLoader, build_train_loader, merge_rank_states,
-                                    normalize_images)
+                                    normalize_images, sum_counters)
 from clipscale.data.shards import DataError
 from clipscale.data.streams import StreamPlan
 from tests.shard_kit import write_dataset
@@ -35,6 +36,16 @@ def take(loader, steps):
 
 def keys(batches):
     return [b.keys for b in batches]
+
+
+def host_images(batch):
+    """(B, 3, H, W) uint8 of a batch, joined on the host."""
+    return batch.images_on(torch.device("cpu"))
+
+
+def counters(loader):
+    """Sample counters (good `samples` and bad ones per reason) of the loader's own streams."""
+    return sum_counters(loader.totals[s] for s in loader.streams if s in loader.totals)
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +86,7 @@ def test_exact_epochs_never_repeat_a_sample_with_uneven_shards(uneven, workers):
     for epoch in (batches[:steps], batches[steps:]):
         seen = [k for b in epoch for k in b.keys]
         assert len(seen) == len(set(seen)) == quota * 4
-    assert loader.counters() == {"samples": 2 * steps * 8}
+    assert counters(loader) == {"samples": 2 * steps * 8}
 
 
 @pytest.mark.parametrize("resampled", [False, True])
@@ -88,26 +99,35 @@ def test_resume_from_any_step_continues_exactly(uneven, resampled):
         resumed.load_state_dict(first.state_dict())
         tail = take(resumed, 30 - k)
         assert keys(head + tail) == keys(full)
-        assert torch.equal(tail[0].images, full[k].images) and torch.equal(tail[-1].texts, full[-1].texts)
+        assert torch.equal(host_images(tail[0]), host_images(full[k])) and torch.equal(tail[-1].texts, full[-1].texts)
 
 
 def test_two_runs_are_identical_and_the_seed_matters(uneven):
     a, b = take(make_loader(uneven, workers=2), 6), take(make_loader(uneven, workers=2), 6)
-    assert keys(a) == keys(b) and all(torch.equal(x.images, y.images) for x, y in zip(a, b))
+    assert keys(a) == keys(b) and all(torch.equal(host_images(x), host_images(y)) for x, y in zip(a, b))
     assert keys(take(make_loader(uneven, seed=1), 6)) != keys(a)
 
 
-def test_worker_image_buffers_are_reused_only_once_the_consumer_dropped_them(uneven):
+def test_worker_image_buffers_are_reused_only_once_the_consumer_dropped_them(uneven, monkeypatch):
+    lent = []  # the loader watches each sub-batch that arrives in a pooled buffer, to hand its slot back
+
+    class CountedRef(pipeline.StorageWeakRef):
+        def __init__(self, storage):
+            super().__init__(storage)
+            lent.append(1)
+
+    monkeypatch.setattr(pipeline, "StorageWeakRef", CountedRef)
     steps = 4 * POOL_SLOTS
     want = take(make_loader(uneven), steps)  # in one process: plain tensors
     keeper = make_loader(uneven, workers=2)
     held = take(keeper, steps)  # every batch kept alive: no buffer may be reused under it
-    assert all(torch.equal(h.images, w.images) for h, w in zip(held, want))
-    assert keeper.buffers["one_off"] > 0
+    assert all(torch.equal(host_images(h), host_images(w)) for h, w in zip(held, want))
+    assert len(lent) < 4 * steps  # some sub-batches came in one-off buffers
+    lent.clear()
     streamed = make_loader(uneven, workers=2)
     for ref, batch in zip(want, streamed):  # each batch dropped when the next one is asked for
-        assert torch.equal(batch.images, ref.images)
-    assert streamed.buffers == {"pooled": 4 * steps}
+        assert torch.equal(host_images(batch), host_images(ref))
+    assert len(lent) == 4 * steps  # every one pooled
 
 
 def test_batches_do_not_depend_on_world_size_and_resume_across_it(uneven):
@@ -158,7 +178,7 @@ def test_fsspec_urls_info_json_sizes_and_json_captions(tmp_path):
     batches = take(loader, 3)
     seen = [k for b in batches for k in b.keys]
     assert sorted(seen) == sorted(f"k{i}{j}" for i in range(4) for j in range(3))
-    assert loader.counters() == {"samples": 12}
+    assert counters(loader) == {"samples": 12}
     i = seen.index("k00")
     assert torch.equal(batches[i // 4].texts[i % 4], TOKENIZER(["cap 00"])[0])
 
@@ -171,7 +191,7 @@ def test_a_wrong_spec_fails_at_once_and_a_missing_shard_counts_when_read(tmp_pat
     loader = make_loader(spec, shuffle_buffer=0)
     seen = [k for batch in take(loader, 2) for k in batch.keys]
     assert len(seen) == 16 and not any(k.startswith("s02_") for k in seen)
-    assert loader.counters()["unreadable_shard"] >= 1 and loader.counters()["samples"] == 16
+    assert counters(loader)["unreadable_shard"] >= 1 and counters(loader)["samples"] == 16
 
 
 def test_batches_for_the_cpu_stay_in_ordinary_memory(uneven):
@@ -187,7 +207,7 @@ def test_batches_for_a_cuda_device_arrive_pinned_and_unchanged(uneven, workers):
     got = make_loader(uneven, workers=workers, device=cuda)
     for ref, batch in zip(want, got):
         assert batch.texts.is_pinned() and all(part.is_pinned() for part in batch.image_parts)
-        assert torch.equal(batch.images_on(cuda).cpu(), ref.images) and torch.equal(batch.texts, ref.texts)
+        assert torch.equal(batch.images_on(cuda).cpu(), host_images(ref)) and torch.equal(batch.texts, ref.texts)
         assert batch.keys == ref.keys
 
 
@@ -208,7 +228,7 @@ def test_jpegs_handed_to_the_device_give_the_cpu_paths_batches(uneven, workers):
     handed = TrainLoader(plan, cfg, tokenizer=TOKENIZER, image_size=16, rank=0, world_size=1)
     for ref, batch in zip(want, handed):
         assert len(batch.jpegs) == 8 and not any(part.any() for part in batch.image_parts)  # all left to the device
-        assert batch.keys == ref.keys and torch.equal(batch.images, ref.images)
+        assert batch.keys == ref.keys and torch.equal(host_images(batch), host_images(ref))
 
 
 @CUDA
@@ -219,7 +239,7 @@ def test_gpu_decoded_batches_match_the_cpu_loader(uneven):
     for ref, batch in zip(want, got):
         images = batch.images_on(cuda)
         assert images.device.type == "cuda" and batch.keys == ref.keys
-        assert (images.cpu().int() - ref.images.int()).abs().float().mean() < 2  # nvJPEG vs libjpeg-turbo
+        assert (images.cpu().int() - host_images(ref).int()).abs().float().mean() < 2  # nvJPEG vs libjpeg-turbo
 
 
 class CountOps(TorchDispatchMode):
@@ -247,3 +267,37 @@ def test_normalize_images_builds_its_constants_once():
     assert sorted(str(op) for op in counter.ops) == ["aten._to_copy.default", "aten.div.Tensor", "aten.sub.Tensor"]
     reference = (images.float() - torch.tensor(mean).view(1, 3, 1, 1) * 255) / (torch.tensor(std).view(1, 3, 1, 1) * 255)
     assert torch.equal(again, reference)
+
+
+def test_unset_num_streams_follows_the_shards_and_the_launch(tmp_path, caplog):
+    from clipscale.data.pipeline import resolve_num_streams
+
+    spec = write_dataset(tmp_path, [13, 12, 12])
+    with caplog.at_level("INFO", logger="clipscale.data.pipeline"):
+        loader = make_loader(spec, batch=12, num_streams=None)  # 3 shards, fewer than 4
+    assert loader.cfg.num_streams == 3 and loader.plan.quota(0) == 12
+    assert "data.num_streams=3 (unset by the recipe: it follows 3 shards, world size 1 x 1 workers" in caplog.text
+    assert "3 streams x 12 samples = 36 of the 37 samples of 3 shards per epoch; the other 1 are left" in caplog.text
+
+    def streams(*, shards, batch, world, workers=1, **data):
+        return resolve_num_streams(DataConfig(workers=workers, **data), num_shards=shards, batch_size=batch // world,
+                                   world_size=world)
+
+    assert streams(shards=3, batch=256, world=1) == 2  # 3 streams would not divide the batch
+    assert streams(shards=100, batch=256, world=2) == 4
+    assert streams(shards=100, batch=256, world=8, workers=2) == 16
+    assert streams(shards=1, batch=256, world=1, resampled=True) == 4
+    assert streams(shards=3, batch=256, world=2, num_streams=2) == 2  # a recipe's value stands
+    with pytest.raises(DataError, match="3 shards, fewer than data.num_streams=4; lower"):
+        streams(shards=3, batch=256, world=4)
+
+
+def test_decoded_images_reach_the_batch_without_a_warning(tmp_path):
+    from tests.shard_kit import image_bytes, write_shard
+
+    members = [m for i in range(4) for m in ((f"p{i}.png", image_bytes(i, fmt="PNG")), (f"p{i}.txt", b"a png"))]
+    spec = str(write_shard(tmp_path / "png.tar", members))  # PNGs are decoded by PIL, into read-only arrays
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        (batch,) = take(make_loader(spec, num_streams=1, batch=4, train_num_samples=4), 1)
+    assert host_images(batch).shape == (4, 3, 16, 16)

@@ -107,9 +107,32 @@ def test_plan_prints_the_vit_g14_budget_and_writes_json(tmp_path, capsys):
 
 def test_plan_takes_overrides_without_a_recipe(tmp_path, capsys):
     out = tmp_path / "plan.json"
-    assert main(["plan", "model.name=ViT-L-14", "--gpus", "8", "--gpu-mem", "80", "--out", str(out)]) == 0
+    assert main(["plan", "model.name=ViT-L-14", "run.accelerator=H100", "--gpus", "8", "--gpu-mem", "80",
+                 "--out", str(out)]) == 0
     plan = json.loads(out.read_text())
     assert plan["model"] == "ViT-L-14" and plan["memory_gib"]["ddp"]["total"] > 0
-    assert "data.num_streams=4 must be a multiple" in plan["launch_check"]  # the defaults' 4 streams
-    assert main(["plan", "model.name=ViT-L-14", "--gpus", "3", "--gpu-mem", "80", "--out", str(out)]) == 2
+    assert plan["launch_check"] == "ok"  # data.num_streams unset: 8 streams, one per GPU and shard
+    assert main(["plan", "model.name=ViT-L-14", "--gpus", "3", "--gpu-mem", "80", "--peak-tflops", "989",
+                 "--out", str(out)]) == 2
     assert "not divisible by the world size 3" in capsys.readouterr().err
+
+
+def test_plan_takes_the_peak_from_the_named_recipes_accelerator_and_writes_only_with_out(tmp_path, capsys,
+                                                                                      monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["plan", "vit_g14_laion2b", "--gpus", "1480", "--gpu-mem", "40"]) == 0
+    assert "312 TFLOP/s peak (run.accelerator=A100)" in capsys.readouterr().out
+    assert list(tmp_path.iterdir()) == []  # no --out: nothing written
+    assert main(["plan", "vit_g14_laion2b", "--gpus", "1480", "--gpu-mem", "40", "--peak-tflops", "989",
+                 "--out", "p.json"]) == 0
+    assert "989 TFLOP/s peak (--peak-tflops)" in capsys.readouterr().out
+    assert json.loads((tmp_path / "p.json").read_text())["peak_tflops_from"] == "--peak-tflops"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ([], "set run.accelerator (one of ['A100', 'B200', 'H100', 'H200']) or pass --peak-tflops"),
+    (["run.accelerator=TPU"], "run.accelerator='TPU' has no known peak"),
+])
+def test_plan_without_a_known_peak_says_what_to_set(overrides, message, capsys):
+    assert main(["plan", "model.name=ViT-L-14", *overrides, "--gpus", "8", "--gpu-mem", "80"]) == 2
+    assert message in capsys.readouterr().err

@@ -1,5 +1,6 @@
 """Scaling-law fits: solver and frontier math, recovery, the results table, errors, outputs and CLI."""
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ from clipscale.scaling import frontier, laws
 from clipscale.scaling.fit import fit_points
 from tests.scaling_rows import law_rows, write_jsonl
 
-PUBLISHED = Path(__file__).parents[1] / "data" / "published_style.csv"
+PUBLISHED = Path(__file__).parents[1] / "data" / "cherti2023_zeroshot.csv"  # Cherti et al. 2023's public table
 
 
 def test_power_fit_equals_closed_form_least_squares():
@@ -57,14 +58,15 @@ def test_strict_frontier_matches_brute_force():
 
 
 def test_binned_frontier_keeps_each_bins_best_point_at_its_centre():
-    # log10 x spans 0..4; bins:4 has edges 0,1,2,3,4; the third bin [2, 3) is empty
+    # log10 x spans 0..4; bins span 0..4.1 (0.1 decade above the largest x): bins:4 has edges
+    # 0, 1.025, 2.05, 3.075, 4.1 and the third bin is empty
     x = np.array([1.0, 3.0, 9.0, 20.0, 50.0, 2000.0, 10_000.0])
     y = np.array([0.9, 0.7, 0.8, 0.6, 0.65, 0.4, 0.3])
     centres, rows = frontier.bins(x, y, 4)
-    assert rows.tolist() == [1, 3, 6]  # x=10_000 sits on the top edge: it belongs to the last bin
-    np.testing.assert_allclose(centres, [10 ** 0.5, 10 ** 1.5, 10 ** 3.5])
-    xs, rows = frontier.select(x, y, "bins:2")  # edges 0, 2, 4
-    assert rows.tolist() == [3, 6] and np.allclose(xs, [10.0, 1000.0])
+    assert rows.tolist() == [1, 3, 6]
+    np.testing.assert_allclose(centres, 10 ** np.array([0.5125, 1.5375, 3.5875]))
+    xs, rows = frontier.select(x, y, "bins:2")  # edges 0, 2.05, 4.1
+    assert rows.tolist() == [3, 6] and np.allclose(xs, 10 ** np.array([1.025, 3.075]))
 
 
 @pytest.mark.parametrize("spec", ["bins", "bins:1", "bins:x", "pareto"])
@@ -109,7 +111,8 @@ def test_csv_and_jsonl_with_the_same_rows_give_the_same_fit(tmp_path):
     options = dict(metric="acc1", eval_dataset="imagenet1k", by=["dataset"], n_bootstrap=100)
     from_csv, from_jsonl = scaling.fit(scaling.load_results(PUBLISHED), **options), scaling.fit(
         scaling.load_results(jsonl), **options)
-    assert [f.group for f in from_csv] == [{"dataset": d} for d in ("LAION-2B", "LAION-400M", "LAION-80M")]
+    assert [f.group for f in from_csv] == [{"dataset": d} for d in ("CLIP-WIT", "LAION-2B", "LAION-400M",
+                                                                    "LAION-80M")]
     for a, b in zip(from_csv, from_jsonl):
         assert a.params == b.params and a.ci95 == b.ci95 and a.params["alpha"] < 0
         assert [p["x"] for p in a.points] == [p["x"] for p in b.points]
@@ -117,17 +120,20 @@ def test_csv_and_jsonl_with_the_same_rows_give_the_same_fit(tmp_path):
 
 def test_published_table_fits_through_the_cli_like_a_run(tmp_path, capsys):
     out = tmp_path / "fits"
-    assert main(["fit", str(PUBLISHED), "--metric", "image_retrieval_recall@5", "--out", str(out),
-                 "--bootstrap", "100", "--by", "dataset"]) == 0
+    assert main(["fit", str(PUBLISHED), "--metric", "image_retrieval_recall@5", "--eval-dataset", "flickr30k",
+                 "--out", str(out), "--bootstrap", "100", "--by", "dataset"]) == 0
     printed = capsys.readouterr().out
     assert "1 - image_retrieval_recall@5 = " in printed and "95% CI" in printed
     fits = json.loads((out / "fits.json").read_text())["fits"]
-    assert len(fits) == 3 and {"group", "form", "frontier", "x", "params", "ci95", "n_points", "points",
+    assert len(fits) == 4 and {"group", "form", "frontier", "x", "y", "params", "ci95", "n_points", "points",
                                "holdout"} <= set(fits[0])
     assert fits[0]["x"] == "compute_gmacs" and fits[0]["frontier"] == "bins:5"
-    # compute_gmacs was derived as gmacs_per_sample * samples_seen
-    row = pd.read_csv(PUBLISHED).iloc[0]
-    assert scaling.load_results(PUBLISHED)["compute_gmacs"].iloc[0] == row["gmacs_per_sample"] * row["samples_seen"]
+    assert fits[0]["y"] == "1 - image_retrieval_recall@5"
+    # without a compute_gmacs column it is derived as gmacs_per_sample * samples_seen
+    derived = tmp_path / "derived.csv"
+    pd.read_csv(PUBLISHED).drop(columns="compute_gmacs").to_csv(derived, index=False)
+    row = pd.read_csv(derived).iloc[0]
+    assert scaling.load_results(derived)["compute_gmacs"].iloc[0] == row["gmacs_per_sample"] * row["samples_seen"]
     for suffix, magic in ((".png", b"\x89PNG"), (".pdf", b"%PDF")):
         assert (out / f"fit_image_retrieval_recall_5{suffix}").read_bytes()[:4] == magic[:4]
 
@@ -179,11 +185,14 @@ def test_holdout_reports_whether_the_extrapolation_held():
 def test_fit_plot_draws_on_a_given_axis():
     import matplotlib.pyplot as plt
 
+    from clipscale.scaling.plot import draw_fit
+
     [f] = scaling.fit(pd.read_csv(PUBLISHED), metric="acc1", eval_dataset="imagenet1k",
                       holdout=2, n_bootstrap=50)
     fig, ax = plt.subplots()
-    f.plot(ax)
+    draw_fit(f, ax)
     assert ax.get_xscale() == "log" and len(ax.lines) == 2 and ax.lines[1].get_linestyle() == "--"
+    assert ax.get_ylabel() == "1 - acc1" and ax.get_xlabel() == "compute_gmacs"
     plt.close(fig)
 
 
@@ -207,7 +216,12 @@ def good_rows(n=6):
     (lambda r: [{**x, "samples_seen": 1000} for x in r], {}, "share the same inputs"),
     (lambda r: [{**x, "gmacs_per_sample": -1.0} for x in r], {}, "positive compute_gmacs"),
     (lambda r: r, {"metric": "acc3"}, r"metric 'acc3' is not in the results \(metrics: \['acc1'\]\)"),
-    (lambda r: [{**x, "metric": "loss"} for x in r], {"metric": "loss"}, "not an accuracy or recall"),
+    (lambda r: [{**x, "metric": "bleu"} for x in r], {"metric": "bleu"},
+     r"'bleu' is neither an accuracy or recall .* nor named as an error .*--error value .*--error 1-value"),
+    (lambda r: r, {"error": "log"}, r"error='log' must be one of \['value', '1-value'\]"),
+    (lambda r: [{**x, "metric": "loss", "value": 0.0 if i == 3 else 2.0 + i} for i, x in enumerate(r)],
+     {"metric": "loss"}, r"results.jsonl:4: loss=0.0 \(1 such rows\); an error fitted as it is must be positive"),
+    (lambda r: r, {"form": "nd", "huber_delta": 0.0}, "huber_delta=0.0 must be a positive threshold"),
     (lambda r: r + [{**x, "eval_dataset": "f"} for x in r], {}, "span several eval_datasets .*--eval-dataset"),
     (lambda r: r, {"eval_dataset": "cifar10"}, "no acc1 rows with eval_dataset='cifar10'"),
     (lambda r: r, {"form": "cubic"}, "form 'cubic' is not one of"),
@@ -301,3 +315,89 @@ def test_plan_survives_replicates_with_extreme_exponents():
     with np.errstate(divide="raise", invalid="raise"):
         plan = f.plan(1e12)
     assert np.isfinite([plan["error"], *plan["error_ci95"], plan["params"]]).all()
+
+
+def flat_rows(slope: float, noise: float, *, coefficient: float = 0.3, seed: int = 7) -> pd.DataFrame:
+    """acc1 rows of 12 runs with error = coefficient * compute_gmacs^slope (1e6..1e12) and log-normal noise."""
+    rng = np.random.default_rng(seed)
+    c = np.geomspace(1e6, 1e12, 12)
+    error = coefficient * c ** slope * np.exp(rng.normal(0, noise, c.size))
+    return pd.DataFrame({"run": [f"r{i}" for i in range(12)], "model": "m", "compute_gmacs": c, "dataset": "d",
+                         "task": "zeroshot_classification", "eval_dataset": "e", "metric": "acc1", "value": 1 - error})
+
+
+def test_a_law_whose_error_does_not_fall_with_compute_says_so(caplog):
+    [rising] = scaling.fit(flat_rows(0.02, 0.01), metric="acc1", frontier="none", n_bootstrap=100)
+    assert rising.params["alpha"] > 0 and any("alpha = +0.02" in n and "does not fall" in n for n in rising.notes)
+    [flat] = scaling.fit(flat_rows(-0.003, 0.05), metric="acc1", frontier="none", n_bootstrap=100)
+    lo, hi = flat.ci95["alpha"]
+    assert flat.params["alpha"] < 0 < hi and any("interval" in n and "reaches 0" in n for n in flat.notes)
+    assert "reaches 0" in scaling.format_fits([flat]) and "reaches 0" in caplog.text
+    [falling] = scaling.fit(flat_rows(-0.1, 0.01), metric="acc1", frontier="none", n_bootstrap=100)
+    assert not any("alpha" in n for n in falling.notes)
+
+
+def test_predictions_of_one_minus_a_score_stay_in_its_range_and_losses_are_not_clipped():
+    rows = flat_rows(-0.3, 0.05, coefficient=30.0)  # error 0.47 at 1e6 .. 0.007 at 1e12
+    [f] = scaling.fit(rows, metric="acc1", frontier="none", n_bootstrap=100)
+    tiny = np.array([1.0, 1e3])  # far below the data: the law itself exceeds an error of 1
+    assert (f._curves(tiny)[0] > 1).all()
+    assert (f.predict(tiny) == 1.0).all() and f.y_max == 1.0
+    for kind in ("confidence", "prediction"):
+        lo, hi = f.interval(tiny, kind=kind)
+        assert (hi <= 1.0).all() and (lo <= hi).all()
+    plan = f.plan(1.0)
+    assert plan["error"] <= 1 and plan["error_ci95"][1] <= 1 and plan["error_pi95"][1] <= 1
+    [loss] = scaling.fit(rows.assign(metric="loss", value=1 - rows["value"]), metric="loss", frontier="none",
+                         n_bootstrap=100)
+    assert loss.y == "loss" and loss.y_max is None and (loss.predict(tiny) > 1).all()
+
+
+def test_an_explicit_error_choice_fits_any_metric(tmp_path, capsys):
+    rows = flat_rows(-0.1, 0.01)
+    path = tmp_path / "bits.csv"
+    rows.assign(metric="bits_per_byte", value=1 - rows["value"]).to_csv(path, index=False)
+    assert main(["fit", str(path), "--metric", "bits_per_byte", "--out", str(tmp_path / "o"),
+                 "--frontier", "none", "--bootstrap", "50"]) == 2
+    assert "--error value" in capsys.readouterr().err
+    assert main(["fit", str(path), "--metric", "bits_per_byte", "--error", "value", "--out", str(tmp_path / "o"),
+                 "--frontier", "none", "--bootstrap", "50"]) == 0
+    assert re.search(r"^bits_per_byte = 0\.\d+ \* compute_gmacs\^\(-0\.\d+\)", capsys.readouterr().out, re.M)
+    [f] = scaling.read_fits(tmp_path / "o")
+    assert f.y == "bits_per_byte" and f.y_max is None
+    [g] = scaling.fit(rows.assign(metric="win_rate"), metric="win_rate", error="1-value", frontier="none",
+                      n_bootstrap=20)
+    assert g.y == "1 - win_rate" and g.params["alpha"] == pytest.approx(-0.1, abs=0.01)
+
+
+def test_the_scaling_package_has_no_import_cycle():
+    import ast
+
+    package = Path(scaling.__file__).parent
+    graph = {}
+    for file in package.glob("*.py"):
+        imported = set()
+        for node in ast.walk(ast.parse(file.read_text())):  # function-level and TYPE_CHECKING imports included
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+                imported |= {n.rsplit(".", 1)[-1] for n in names if n.startswith("clipscale.scaling.")}
+        graph[file.stem] = imported - {file.stem}
+
+    def reaches(start, goal, seen=()):
+        return any(n == goal or (n not in seen and reaches(n, goal, (*seen, n))) for n in graph.get(start, ()))
+
+    assert [m for m in graph if m != "__init__" and reaches(m, m)] == []
+
+
+@pytest.mark.parametrize(("metric", "kind"), [
+    ("acc1", "1-value"), ("acc5", "1-value"), ("mean_per_class_recall", "1-value"),
+    ("mean_average_precision", "1-value"), ("image_retrieval_recall@5", "1-value"), ("text_retrieval_recall@10", "1-value"), ("loss", "value"),
+    ("contrastive_loss", "value"), ("val-loss", "value"), ("error", "value"), ("top1_error", "value"),
+    ("err1", "value"), ("perplexity", "value"),
+])
+def test_metric_names_say_what_is_fitted(metric, kind):
+    from clipscale.scaling.results import error_kind, error_name
+
+    assert error_kind(metric) == kind
+    assert error_name(metric) == (f"1 - {metric}" if kind == "1-value" else metric)
+    assert error_name(metric, "value") == metric and error_name(metric, "1-value") == f"1 - {metric}"

@@ -245,3 +245,14 @@ def test_sync_points_are_log_checkpoint_and_evaluation_steps():
     assert [s for s, d in due.items() if d.checkpoint] == [5, 9, 10]  # 120, 216 cross 100, 200; and the end
     assert [s for s, d in due.items() if d.eval] == [3, 5, 7, 9]  # 72, 120, 168, 216 cross 50, 100, 150, 200
     assert [s for s, d in due.items() if d.sync] == [3, 4, 5, 7, 8, 9, 10]
+
+
+def test_progress_bar_shows_no_loss_before_the_first_logged_one(tmp_path, capsys):
+    metrics = MetricsLogger(tmp_path, load_config(None, []).log, enabled=True, total_steps=2, config={})
+    metrics.log({"step": 0, "params": 10, "gmacs_per_sample": 0.5})  # what training logs before its first step
+    metrics.advance()
+    assert not metrics.bar.postfix
+    metrics.log({"step": 1, "loss": 1.5})
+    assert metrics.bar.postfix == "loss=1.5000"
+    metrics.close()
+    assert "nan" not in capsys.readouterr().err
