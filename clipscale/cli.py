@@ -1,4 +1,5 @@
-"""The `clipscale` command: train, eval, results, sweep, fit, predict, data, demo, plan, export, bench."""
+"""The `clipscale` command: train, eval, results, sweep, fit, predict, design, forecast, data, demo, plan, export,
+bench."""
 from __future__ import annotations
 
 import argparse
@@ -72,7 +73,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise
     from clipscale.train import train
 
-    run_dir = train(cfg)  # on a signal it writes RUN/preempted, which slurm/train.sbatch requeues on
+    # on a signal it writes RUN/preempted, which slurm/train.sbatch requeues on
+    run_dir = train(cfg, allow_config_change=args.allow_config_change)
     if launch.rank == 0:
         print(f"run directory: {run_dir}")
     return 0
@@ -156,6 +158,91 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _one_fit(args: argparse.Namespace, *, form: str):
+    """The single law a design or forecast works with: from --fits, or fitted to the results given."""
+    from clipscale.scaling import FitError, fit, load_results, read_fits
+
+    if args.fits:
+        fits = read_fits(args.fits)
+    else:
+        fits = fit(load_results(args.results), metric=args.metric, eval_dataset=args.eval_dataset, task=args.task,
+                   form=form, frontier=getattr(args, "frontier", None))
+    if len(fits) != 1:
+        raise FitError(f"{len(fits)} fits (groups {[f.group for f in fits]}); design and forecast need one law: "
+                       f"pass results of one group, or a fits.json fitted without --by")
+    return fits[0]
+
+
+def cmd_design(args: argparse.Namespace) -> int:
+    import json
+
+    from matplotlib.figure import Figure
+
+    from clipscale.scaling import FitError, design
+    from clipscale.scaling.design import candidates_from_recipe, parse_candidate
+
+    if not args.results and not args.fits:
+        raise FitError("design needs results (files, run directories, globs) or --fits fits.json")
+    if not args.candidate and not args.recipe:
+        raise FitError("design needs candidates: --recipe GRID.toml with a [sweep] grid, or "
+                       "--candidate model=...,samples=...")
+    cost = dict(unit=args.budget_unit, peak_tflops=args.peak_tflops, mfu=args.mfu)
+    if args.candidate:
+        candidates = [parse_candidate(spec, args.recipe, **cost) for spec in args.candidate]
+    else:
+        candidates = candidates_from_recipe(args.recipe, **cost)
+    f = _one_fit(args, form=args.form)
+    d = design(f, target=args.target, candidates=candidates, budget=args.budget, budget_unit=args.budget_unit,
+               seed=args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "design.toml").write_text(d.recipe(args.recipe))
+    (out / "design.json").write_text(json.dumps(d.to_dict(), indent=1) + "\n")
+    fig = Figure(figsize=(6, 4), dpi=120)
+    d.plot(fig.subplots())
+    fig.tight_layout()
+    fig.savefig(out / "design.png")
+    print(d.table())
+    print(f"recipe: {out / 'design.toml'} (train with `clipscale sweep {out / 'design.toml'} ...`)  "
+          f"table: {out / 'design.json'}  plot: {out / 'design.png'}")
+    return 0
+
+
+def cmd_forecast(args: argparse.Namespace) -> int:
+    import time
+
+    from clipscale.scaling import FitError, forecast
+
+    law = _one_fit(args, form=args.form) if args.fits else None
+    seen = None
+    while True:
+        try:
+            fc = forecast(args.run, grid=args.grid, metric=args.metric, eval_dataset=args.eval_dataset,
+                          task=args.task, form=args.form, law=law)
+        except FitError as e:
+            if not args.watch:
+                raise
+            fc, message = None, f"waiting: {e}"
+            if message != seen:
+                print(message, flush=True)
+                seen = message
+        if fc is not None and len(fc.observed) != seen:
+            seen = len(fc.observed)
+            print(("" if fc.on_law else "FLAG ") + fc.summary(), flush=True)
+            for note in fc.notes:
+                print(f"  note: {note}")
+            if args.plot:
+                from matplotlib.figure import Figure
+
+                fig = Figure(figsize=(6, 4), dpi=120)
+                fc.plot(fig.subplots())
+                fig.tight_layout()
+                fig.savefig(args.plot)
+        if not args.watch or (fc is not None and fc.samples_seen >= fc.total_samples):
+            return 0
+        time.sleep(args.poll_s)
+
+
 def cmd_data(args: argparse.Namespace) -> int:
     from clipscale.data_tools.cli import main as data_main
 
@@ -213,6 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.global_batch_size=512")
     p.add_argument("--print-run-dir", action="store_true",
                    help="print the run directory the recipe and overrides resolve to, and exit")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="resume a run although its config changed in fields that change the trajectory "
+                        "(the earlier config is kept as config.N.json)")
     p.set_defaults(func=cmd_train)
 
     p = verb("eval", help="zero-shot classification, retrieval, linear probe -> results.jsonl")
@@ -283,6 +373,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("fits", help="fits.json, or the directory holding it")
     p.add_argument("--budget", type=float, action="append", required=True, help="in the fit's x units; repeatable")
     p.set_defaults(func=cmd_predict)
+
+    p = verb("design", help="the runs to train next that most narrow a law's prediction at a target")
+    p.add_argument("results", nargs="*", help="results.jsonl / CSV files, run directories or globs (or --fits)")
+    p.add_argument("--fits", help="fits.json of `clipscale fit` (one law) instead of results")
+    p.add_argument("--metric", default="acc1", help="metric whose error the law predicts")
+    p.add_argument("--eval-dataset", help="evaluation set to fit (default: the only one)")
+    p.add_argument("--task", help="task to fit (default: the only one)")
+    p.add_argument("--form", default="nd", choices=("power", "saturating", "nd"), help="the law's form")
+    p.add_argument("--frontier", help="none | strict | bins:K (default bins:5; none for nd)")
+    p.add_argument("--target", type=float, required=True,
+                   help="compute_gmacs whose predicted error to sharpen (nd: at its compute-optimal allocation)")
+    p.add_argument("--recipe", help="recipe whose [sweep] grid lists the candidates (and the base of the output)")
+    p.add_argument("--candidate", action="append",
+                   help="a candidate run model=NAME,samples=N[,dotted.key=VALUE...] (repeatable; replaces the grid)")
+    p.add_argument("--budget", type=float, required=True, help="what the chosen runs may cost together")
+    p.add_argument("--budget-unit", default="compute_gmacs", choices=("compute_gmacs", "gpu_hours"),
+                   help="unit of --budget")
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="gpu_hours: peak TFLOP/s per GPU (H100: 989)")
+    p.add_argument("--mfu", type=float, default=0.4, help="gpu_hours: model FLOPs utilisation assumed")
+    p.add_argument("--seed", type=int, default=0, help="seed of the simulated outcomes")
+    p.add_argument("--out", default="design", help="directory for design.toml, design.json and design.png")
+    p.set_defaults(func=cmd_design)
+
+    p = verb("forecast", help="a training run's final error from its partial curves; on its grid's law?")
+    p.add_argument("run", help="the run directory (config.json, metrics.jsonl, results.jsonl)")
+    p.add_argument("--grid", nargs="+", required=True, help="the grid's run directories or globs (the run is left out)")
+    p.add_argument("--fits", help="fits.json with the grid's law (default: fit --form to the grid's finished runs)")
+    p.add_argument("--metric", default="acc1", help="metric whose final error is forecast")
+    p.add_argument("--eval-dataset", help="evaluation set (default: the only one)")
+    p.add_argument("--task", help="task (default: the only one)")
+    p.add_argument("--form", default="nd", choices=("power", "saturating", "nd"), help="the grid's law")
+    p.add_argument("--watch", action="store_true", help="a line per new evaluation until the run's last")
+    p.add_argument("--poll-s", type=float, default=60.0, help="--watch: seconds between looks")
+    p.add_argument("--plot", help="PNG of the forecast (rewritten on each new evaluation)")
+    p.set_defaults(func=cmd_forecast)
 
     p = verb("data", help="prepare shards: sizes, make, validate, inspect, reshard, synth, eval-set",
                        add_help=False)

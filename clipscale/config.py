@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import os
 import sys
 import types
 import typing
@@ -146,10 +147,15 @@ class TrainConfig:
     so this also bounds how many steps pass before a stop signal or a non-finite streak is acted on."""
     checkpoint_every_samples: int = 12_800
     """Save a checkpoint every this many samples (and at the end)."""
+    async_checkpoint: bool = True
+    """Write periodic checkpoints in a background thread: the step waits only while the state is
+    copied (docs/benchmarks.md). Saves on a stop signal or a non-finite streak are synchronous."""
     keep_last: int = 0
-    """Keep only this many latest checkpoints (0 = keep all, needed for scaling evaluations)."""
+    """Keep only this many latest checkpoints (0 = keep all, needed for scaling evaluations).
+    Saves on a stop signal or a non-finite streak never delete any."""
     keep_every_samples: int = 0
-    """With keep_last, also keep checkpoints at multiples of this many samples (0 = none)."""
+    """With keep_last, also keep the first checkpoint at or after each multiple of this many samples
+    (0 = none)."""
     max_nonfinite_steps: int = 5
     """Stop (after saving) when this many consecutive steps had non-finite gradients (checked at
     log and checkpoint steps)."""
@@ -208,6 +214,61 @@ class Config:
     @property
     def run_dir(self) -> Path:
         return Path(self.run.output_dir) / self.run.name
+
+
+SAFE_TO_CHANGE = frozenset({
+    # where outputs go and how they are reported
+    "run.output_dir", "run.name", "run.accelerator", "data.name", "log.wandb", "log.wandb_project",
+    "log.progress_bar",
+    *(f"eval.{f.name}" for f in dataclasses.fields(EvalConfig)),
+    # how often the loop logs, checkpoints and keeps checkpoints; when it gives up
+    "train.log_every_steps", "train.checkpoint_every_samples", "train.async_checkpoint", "train.keep_last",
+    "train.keep_every_samples", "train.max_nonfinite_steps",
+    # how the same step is computed (the same math: parallelism, recomputation, gradient cache, tiling)
+    "run.device", "train.parallel", "train.fsdp_reshard_after_forward", "train.grad_checkpointing",
+    "train.compile", "train.compile_backend", "train.num_threads", "train.chunk_size", "loss.local_loss",
+    "loss.tiled", "loss.tile_size",
+    # how the same samples are read
+    "data.workers", "data.decode_device", "data.shard_retries", "data.retry_backoff_s", "data.read_timeout_s",
+    "data.max_failed_shards", "data.max_bad_fraction",
+    # an explicit extension (or shortening): the schedule follows the new length from here on
+    "train.total_samples",
+})
+"""Fields a resume may change without `--allow-config-change`: none of them changes what a step
+computes. Any other difference from the checkpoint's config (learning rate, batch, model, data,
+seed, precision, ...) changes the trajectory and is refused unless asked for."""
+
+
+def _dotted(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and key != "architecture":
+            out.update(_dotted(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_changes(saved: dict[str, Any], cfg: Config) -> dict[str, tuple[Any, Any]]:
+    """{dotted field: (saved value, new value)} for every field where `cfg` differs from `saved`
+    (a config as `config_to_dict` wrote it to JSON)."""
+    old = _dotted(saved)
+    new = _dotted(json.loads(json.dumps(config_to_dict(cfg))))  # tuples as JSON lists, like `saved`
+    return {k: (old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)}
+
+
+def check_resume_config(saved: dict[str, Any], cfg: Config, *, allow_change: bool) -> dict[str, tuple[Any, Any]]:
+    """The changes from the checkpoint's config `saved` to `cfg`; raises ConfigError listing those
+    outside `SAFE_TO_CHANGE` unless `allow_change`."""
+    changes = config_changes(saved, cfg)
+    unsafe = [f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items() if k not in SAFE_TO_CHANGE]
+    if unsafe and not allow_change:
+        raise ConfigError(
+            f"{cfg.run_dir} holds a checkpoint trained with a different config; resuming would change "
+            f"the training trajectory: {'; '.join(unsafe)}. Resume with the checkpoint's values, start a "
+            f"new run (run.name=...), or pass --allow-config-change to continue under the new config "
+            f"(every start's config is kept in the run directory)")
+    return changes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -363,8 +424,17 @@ def config_from_dict(tree: dict[str, Any]) -> Config:
     return _build(Config, tree, "")
 
 
-def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(config_to_dict(cfg), indent=2) + "\n")
+def record_config(cfg: Config, run_dir: Path) -> None:
+    """Write `cfg` as run_dir/config.json, keeping an earlier different one as config.N.json
+    (N = 0, 1, ... in order of the starts that used them): every start's config stays on disk."""
+    current = run_dir / "config.json"
+    text = json.dumps(config_to_dict(cfg), indent=2) + "\n"
+    if current.is_file() and current.read_text() != text:
+        earlier = len(list(run_dir.glob("config.*.json")))
+        (run_dir / f"config.{earlier}.json").write_text(current.read_text())
+    tmp = current.with_name("config.json.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, current)
 
 
 def _at_least(low: float) -> tuple[Callable[[Any], bool], str]:

@@ -161,6 +161,11 @@ def barrier() -> None:
         dist.barrier()
 
 
+def new_cpu_group() -> dist.ProcessGroup | None:
+    """A gloo group of all ranks for collectives run off the main thread (None without a process group)."""
+    return dist.new_group(backend="gloo") if dist.is_initialized() else None
+
+
 class _GatherWithGrad(torch.autograd.Function):
     """all_gather whose backward sums every rank's gradient for our slice.
 
@@ -233,3 +238,35 @@ def rank0_value(compute: Callable[[], Any]) -> Any:
     if error is not None:
         raise error
     return value
+
+
+def main_does(work: Callable[[], None], *, what: str) -> None:
+    """Collective: rank 0 runs `work`, and every rank raises if it failed.
+
+    Rank-0-only file work between barriers (renames, deletions, small files) would otherwise leave
+    the other ranks waiting in the next collective until the process-group timeout.
+    """
+    each_does(work if rank() == 0 else lambda: None, what=what)
+
+
+def each_does(work: Callable[[], None], *, what: str) -> None:
+    """Collective: every rank runs `work`; if it failed anywhere, every rank raises.
+
+    A rank that failed re-raises its own exception; the others raise `PeerRankError` naming the
+    first rank that failed and its error.
+    """
+    error, failure = None, None
+    try:
+        work()
+    except Exception as e:  # reported to every rank below, then re-raised here
+        error, failure = e, f"{type(e).__name__}: {e}"
+    failures = gather_objects(failure)
+    if error is not None:
+        raise error
+    for r, f in enumerate(failures):
+        if f is not None:
+            raise PeerRankError(f"rank {r} failed {what}: {f}")
+
+
+class PeerRankError(RuntimeError):
+    """Raised on the other ranks when one rank's part of a collective step failed."""

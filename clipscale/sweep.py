@@ -55,13 +55,13 @@ def sweep_points(recipe: str | Path, overrides: list[str]) -> list[SweepPoint]:
 
 
 def finished(cfg: Config) -> bool:
-    """Whether the run's latest complete checkpoint is its last step."""
+    """Whether the run's latest complete checkpoint has seen `train.total_samples`."""
     if not (cfg.run_dir / "checkpoints").is_dir():  # a dry run of a new sweep needs no torch
         return False
     from clipscale.checkpoint import latest_checkpoint, read_meta
 
     latest = latest_checkpoint(cfg.run_dir / "checkpoints")
-    return latest is not None and read_meta(latest)["step"] >= cfg.train.total_samples // cfg.train.global_batch_size
+    return latest is not None and read_meta(latest)["samples_seen"] >= cfg.train.total_samples
 
 
 def sbatch_commands(points: list[SweepPoint], *, args_dir: Path, scripts: Path, sbatch_args: list[str],

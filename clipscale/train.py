@@ -28,11 +28,11 @@ import torch
 
 from clipscale import checkpoint as ckpt
 from clipscale.compute import gmacs_per_sample, model_flops_per_sample
-from clipscale.config import Config, config_to_dict, save_config
+from clipscale.config import Config, check_resume_config, config_to_dict, record_config
 from clipscale.data.pipeline import (build_train_loader, kill_loader_workers, merge_rank_states, normalize_images,
                                     sum_counters)
-from clipscale.dist import (DistInfo, StopSignal, barrier, destroy_distributed, gather_objects, gather_rows,
-                            init_distributed)
+from clipscale.dist import (DistInfo, StopSignal, destroy_distributed, gather_objects, gather_rows, init_distributed,
+                            main_does)
 from clipscale.evaluate.runner import maybe_eval
 from clipscale.gradcache import gradcache_step
 from clipscale.loss import contrastive_loss
@@ -117,6 +117,7 @@ class Run:
     loader: Any  # iterable of `Batch` with state_dict() (TrainLoader)
     bundle: ModelBundle
     metrics: MetricsLogger
+    checkpointer: ckpt.Checkpointer
     stop_signal: StopSignal
     flops_per_sample: float
     scaler: torch.amp.GradScaler | None = None
@@ -135,9 +136,10 @@ class Due:
         return self.log or self.checkpoint or self.eval
 
 
-def due_after(step: int, samples_seen: int, *, cfg: Config, last: bool) -> Due:
-    """What is due once the run has reached `step` and `samples_seen` (a pure function of progress)."""
-    batch = cfg.train.global_batch_size
+def due_after(step: int, samples_seen: int, *, cfg: Config) -> Due:
+    """What is due once the run has reached `step` and `samples_seen` (a pure function of progress);
+    the step that reaches `train.total_samples` is the last and always checkpoints."""
+    batch, last = cfg.train.global_batch_size, samples_seen >= cfg.train.total_samples
     return Due(log=step % cfg.train.log_every_steps == 0,
                checkpoint=last or crossed(samples_seen, batch, cfg.train.checkpoint_every_samples),
                eval=crossed(samples_seen, batch, cfg.eval.every_samples))
@@ -161,22 +163,29 @@ class Meters:
         return rate
 
 
-def train(cfg: Config) -> Path:
+def train(cfg: Config, *, allow_config_change: bool = False) -> Path:
     """Train according to `cfg`; returns the run directory. Collective under torchrun.
 
+    A run directory with a checkpoint resumes from it; a config that differs from the
+    checkpoint's in a field outside `config.SAFE_TO_CHANGE` is refused unless `allow_config_change`.
     Every way out is bounded: the loader's workers are shut down (and killed if stuck), and a rank
     whose peers are gone fails its next collective within `train.collective_timeout_s`.
     """
     info = init_distributed(device=cfg.run.device, timeout_s=cfg.train.collective_timeout_s)
     try:
-        return _train(cfg, info)
+        return _train(cfg, info, allow_config_change=allow_config_change)
     finally:
         kill_loader_workers()
         destroy_distributed()
 
 
-def _train(cfg: Config, info: DistInfo) -> Path:
+def _train(cfg: Config, info: DistInfo, *, allow_config_change: bool) -> Path:
     run_dir = cfg.run_dir
+    resume_from = ckpt.choose_checkpoint(run_dir / "checkpoints")  # rank 0's choice, on every rank
+    if resume_from is not None:  # every rank decides alike on the same meta, before anything is built
+        for key, (old, new) in check_resume_config(resume_from["config"], cfg,
+                                                   allow_change=allow_config_change).items():
+            log.warning("resuming with %s changed: %r -> %r", key, old, new)
     configure_threads(cfg, info)
     stop_signal = StopSignal()
     torch.manual_seed(cfg.run.seed)  # identical initialisation on every rank
@@ -191,14 +200,18 @@ def _train(cfg: Config, info: DistInfo) -> Path:
     )
     if info.is_main:  # only now: a start that fails to build leaves no run directory behind
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.json")
+        record_config(cfg, run_dir)
     # training.json while the run trains (rank 0); the start removes a previous one's preempted marker
     with training_marker(run_dir, enabled=info.is_main):
-        progress, rng_restored = resume(run_dir / "checkpoints", model=model, optimizer=optimizer, loader=loader,
-                                        scaler=scaler)
+        progress = Progress()
+        checkpointer = build_checkpointer(cfg, model=model, optimizer=optimizer, loader=loader, scaler=scaler,
+                                          progress=progress)
+        rng_restored = resume_from is not None and checkpointer.load(resume_from)
         if not rng_restored:  # fresh start, or a rank the checkpoint's world did not have
             torch.manual_seed(cfg.run.seed * 1000 + info.rank + progress.step)  # per-rank stochastic layers
-        total_steps = cfg.train.total_samples // cfg.train.global_batch_size
+        # total_samples is the contract; the step count only feeds the progress bar (the batch may have changed)
+        total_steps = progress.step + -(-(cfg.train.total_samples - progress.samples_seen)
+                                        // cfg.train.global_batch_size)
         metrics = MetricsLogger(run_dir, cfg.log, enabled=info.is_main, total_steps=total_steps,
                                 config=config_to_dict(cfg), start_step=progress.step)
         gmacs = gmacs_per_sample(bundle)
@@ -207,9 +220,11 @@ def _train(cfg: Config, info: DistInfo) -> Path:
                          "world_size": info.world_size})
         start, t0 = progress.samples_seen, time.perf_counter()
         run = Run(cfg=cfg, info=info, model=model, optimizer=optimizer, loader=loader, bundle=bundle, metrics=metrics,
-                  stop_signal=stop_signal, flops_per_sample=model_flops_per_sample(cfg.model), scaler=scaler)
+                  checkpointer=checkpointer, stop_signal=stop_signal,
+                  flops_per_sample=model_flops_per_sample(cfg.model), scaler=scaler)
         try:
             run_loop(run, progress)
+            checkpointer.wait()  # the last checkpoint is complete before the run says it is done
         finally:
             metrics.close()
     log.info("done: run=%s steps=%d samples_seen=%d skipped_steps=%d samples_per_s=%.1f minutes=%.2f",
@@ -219,18 +234,17 @@ def _train(cfg: Config, info: DistInfo) -> Path:
 
 
 def run_loop(run: Run, progress: Progress) -> None:
-    """Steps to the end of the run: fetch -> step, and at a sync point (log, checkpoint and evaluation
-    steps) agree -> act -> log (`at_sync_point`). Between sync points nothing reads the device, so
-    a stop signal is acted on at the next sync point (at most `train.log_every_steps` steps later)."""
+    """Steps until `train.total_samples` are seen: fetch -> step, and at a sync point (log, checkpoint
+    and evaluation steps) agree -> act -> log (`at_sync_point`). Between sync points nothing reads
+    the device, so a stop signal is acted on at the next sync point (at most
+    `train.log_every_steps` steps later)."""
     cfg, info, global_batch = run.cfg, run.info, run.cfg.train.global_batch_size
-    total_steps = cfg.train.total_samples // global_batch
     peak = peak_flops(torch.cuda.get_device_name(info.device)) if info.device.type == "cuda" else None
     meters = Meters(timer=StepTimer(info.device), tally=SkipTally(info.device), samples_at_log=progress.samples_seen,
                     peak_flops=peak)
     with contextlib.closing(iter(run.loader)) as batches:  # closing: the loader's workers leave on any exit
-        while progress.step < total_steps:
-            due = due_after(progress.step + 1, progress.samples_seen + global_batch, cfg=cfg,
-                            last=progress.step + 1 == total_steps)
+        while progress.samples_seen < cfg.train.total_samples:
+            due = due_after(progress.step + 1, progress.samples_seen + global_batch, cfg=cfg)
             meters.timer.sync = due.sync  # exact phase times on sync points only
             # A new DataLoader iterator draws its base seed from the global RNG; forking keeps that draw
             # out of the model's random stream, or a resumed run would see other dropout masks.
@@ -254,14 +268,15 @@ def run_loop(run: Run, progress: Progress) -> None:
 def at_sync_point(run: Run, progress: Progress, meters: Meters, *, result: StepResult, due: Due, lr: float) -> None:
     """Collective, on every rank: agree on the step statistics and the stop flag, act on them (a
     non-finite streak stops after an emergency save; evaluate, checkpoint or stop when due), log.
-    Raises NonFiniteLoss or Preempted to end the run."""
+    Raises NonFiniteLoss or Preempted to end the run. The saves for either are emergency saves
+    (synchronous, never pruning: the newest checkpoint before the trouble may be the last good one)."""
     cfg, received = run.cfg, run.stop_signal.received  # read once: a signal may arrive meanwhile
     stats = gather_step_stats(result, meters.tally, model=run.model, loader=run.loader,
                               stop_requested=received is not None)  # agree
     meters.tally.reset()
     progress.skipped_steps += stats.skipped
     if stats.max_streak >= cfg.train.max_nonfinite_steps:
-        save(cfg, model=run.model, optimizer=run.optimizer, loader=run.loader, progress=progress, scaler=run.scaler)
+        run.checkpointer.save(progress, emergency=True)
         raise NonFiniteLoss(
             f"{stats.max_streak} consecutive steps with non-finite loss or gradients before step "
             f"{progress.step}; saved the weights (the non-finite updates were skipped). Lower "
@@ -273,7 +288,7 @@ def at_sync_point(run: Run, progress: Progress, meters: Meters, *, result: StepR
                    samples_seen=progress.samples_seen, batch_size=cfg.train.global_batch_size,
                    checkpoint_due=due.checkpoint)
     if due.checkpoint or stats.stop:
-        save(cfg, model=run.model, optimizer=run.optimizer, loader=run.loader, progress=progress, scaler=run.scaler)
+        run.checkpointer.save(progress, emergency=stats.stop)
     log_step(run, progress, meters, stats=stats, lr=lr)
     if stats.stop:
         stop_preempted(run, progress)
@@ -299,9 +314,8 @@ def stop_preempted(run: Run, progress: Progress) -> None:
     which tells slurm/train.sbatch to requeue (torchrun's exit code cannot), before any rank exits:
     a launcher that kills the other ranks once one exits (`srun --kill-on-bad-exit=1`) cannot race
     the marker, and a watcher sees it before training.json goes (`clipscale.run_state`)."""
-    if run.info.is_main:
-        (run.cfg.run_dir / PREEMPTED_MARKER).write_text(f"{EXIT_PREEMPTED}\n")
-    barrier()
+    marker = run.cfg.run_dir / PREEMPTED_MARKER
+    main_does(lambda: marker.write_text(f"{EXIT_PREEMPTED}\n"), what=f"writing {marker}")
     log.warning("stopped at step %d on a signal; start the run again to resume", progress.step)
     raise Preempted()
 
@@ -377,32 +391,20 @@ def data_counters(loader) -> dict[str, float]:
     return {f"data_{k}": v for k, v in sum_counters(st["totals"] for st in streams).items()}
 
 
-def save(cfg: Config, *, model, optimizer, loader, progress: Progress,
-         scaler: torch.amp.GradScaler | None = None) -> None:
-    meta = {"samples_seen": progress.samples_seen, "skipped_steps": progress.skipped_steps,
-            "loader": global_loader_state(loader), "config": config_to_dict(cfg)}
-    if scaler is not None and scaler.is_enabled():
-        meta["grad_scaler"] = scaler.state_dict()  # plain floats/ints: resume keeps the exact scale
-    ckpt.save_checkpoint(cfg.run_dir / "checkpoints", model=model, optimizer=optimizer, step=progress.step,
-                         meta=meta, keep_last=cfg.train.keep_last,
-                         keep_every_samples=cfg.train.keep_every_samples)
-
-
-def resume(ckpt_dir: Path, *, model, optimizer, loader,
-           scaler: torch.amp.GradScaler | None = None) -> tuple[Progress, bool]:
-    """Load the newest complete checkpoint, if any; returns the progress and whether this rank's
-    RNG states were restored (they must then not be reseeded, or stochastic layers diverge)."""
-    latest = ckpt.latest_checkpoint(ckpt_dir)
-    if latest is None:
-        return Progress(), False
-    meta = ckpt.load_checkpoint(latest, model=model, optimizer=optimizer)
-    rng_restored = ckpt.restore_rng(latest)
-    loader.load_state_dict(meta["loader"])
-    if scaler is not None and scaler.is_enabled() and "grad_scaler" in meta:
-        scaler.load_state_dict(meta["grad_scaler"])
-    log.info("resumed from %s (step %d, %d samples)", latest, meta["step"], meta["samples_seen"])
-    return Progress(step=meta["step"], samples_seen=meta["samples_seen"],
-                    skipped_steps=meta.get("skipped_steps", 0)), rng_restored
+def build_checkpointer(cfg: Config, *, model, optimizer, loader, progress: Progress,
+                       scaler: torch.amp.GradScaler | None = None) -> ckpt.Checkpointer:
+    """The job's training state as the checkpointer's Statefuls (each rank's RNG states are added by it)."""
+    states = {
+        "model": ckpt.ModelState(model), "optim": ckpt.OptimizerState(model, optimizer),
+        "progress": ckpt.PlainState(lambda: dataclasses.asdict(progress), lambda d: vars(progress).update(d)),
+        "loader": ckpt.PlainState(lambda: global_loader_state(loader), loader.load_state_dict),
+    }
+    if scaler is not None and scaler.is_enabled():  # the exact loss scale continues
+        states["grad_scaler"] = ckpt.PlainState(scaler.state_dict, scaler.load_state_dict)
+    return ckpt.Checkpointer(
+        cfg.run_dir / "checkpoints", states=states, meta={"config": config_to_dict(cfg)},
+        async_periodic=cfg.train.async_checkpoint,
+        policy=ckpt.RetentionPolicy(keep_last=cfg.train.keep_last, keep_every_samples=cfg.train.keep_every_samples))
 
 
 def configure_threads(cfg: Config, info: DistInfo) -> None:

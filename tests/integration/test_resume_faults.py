@@ -20,6 +20,7 @@ from tests.helpers import REPO, free_port, run_cli
 
 pytestmark = pytest.mark.slow
 STOCHASTIC = "model.patch_dropout=0.5"  # open_clip's towers draw a patch mask every step
+SYNC_SAVES = "train.async_checkpoint=false"
 
 
 def args(data: dict, out: Path, name: str, *extra: str) -> list[str]:
@@ -144,7 +145,9 @@ def test_patch_dropout_draws_random_numbers(stochastic_run, reference):
 
 @pytest.mark.parametrize("kill_after_step", [5, 13])
 def test_sigkill_and_resume_is_bitwise_identical(stochastic_run, synthetic_data, tmp_path, kill_after_step):
-    proc = torchrun(args(synthetic_data, tmp_path, "killed", STOCHASTIC))
+    # Synchronous saves: the checkpoint of step 4 is complete once step 5 runs (an asynchronous
+    # one completes a little later, and the short run might finish before the kill).
+    proc = torchrun(args(synthetic_data, tmp_path, "killed", STOCHASTIC, SYNC_SAVES))
     wait_for_step(tmp_path / "killed", kill_after_step, proc)
     kill_tree(proc)  # the whole job: agent, ranks and loader workers, mid-step
     assert latest_step(tmp_path / "killed") < 20  # killed before the end: there is work to resume

@@ -38,14 +38,15 @@ def submit_train(cluster, data: dict, out: Path, name: str, *, launch: str = "to
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    """The model state dict of the run's last checkpoint."""
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    """The model state dict of the run's last checkpoint, read back into a fresh model."""
+    from clipscale import checkpoint as ckpt
+    from clipscale.config import config_from_dict
+    from clipscale.models import build_model
 
-    from clipscale.checkpoint import latest_checkpoint
-
-    out = run_dir / "final_weights.pt"
-    dcp_to_torch_save(latest_checkpoint(run_dir / "checkpoints"), out)
-    return torch.load(out, weights_only=False)["model"]
+    path = ckpt.latest_checkpoint(run_dir / "checkpoints")
+    model = build_model(config_from_dict(ckpt.read_meta(path)["config"]).model).model
+    ckpt.load_model_weights(path, model)
+    return model.state_dict()
 
 
 def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:

@@ -1,21 +1,25 @@
 """Evaluating a run while it trains: checkpoints pruned after they were listed, a watcher that ends when
 training stops short of its final checkpoint, and rows naming the upstream dataset (`data.name`)."""
 import json
+import os
 import shutil
 import socket
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import pytest
 import torch
 
-from clipscale.checkpoint import _prune, complete_checkpoints, save_checkpoint
-from clipscale.config import Config, EvalConfig, RunConfig, TrainConfig, save_config
+from clipscale import checkpoint as ckpt
+from clipscale.checkpoint import complete_checkpoints
+from clipscale.config import Config, EvalConfig, RunConfig, TrainConfig, record_config
 from clipscale.data.config import DataConfig, default_dataset_name
-from clipscale.evaluate.runner import evaluate_run, watch_run
+from clipscale.evaluate.runner import evaluate_run, run_config, watch_run
 from clipscale.models import build_model
 from clipscale.run_state import PREEMPTED, TRAINING, training_marker, training_stopped
+from clipscale.train import Progress
 from tests.eval_kit import write_classification_set
 
 
@@ -29,25 +33,39 @@ def make_run(tmp_path, *, steps=(2, 4), total_steps=6, name=None):
                                  batch_size=8))
     run = cfg.run_dir
     run.mkdir(parents=True)
-    save_config(cfg, run / "config.json")
-    torch.manual_seed(0)
-    model = build_model(cfg.model, device=torch.device("cpu")).model
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    record_config(cfg, run)
     for step in steps:
-        save_checkpoint(run / "checkpoints", model=model, optimizer=optimizer, step=step,
-                        meta={"samples_seen": 32 * step})
+        saver(cfg).save(Progress(step=step, samples_seen=32 * step))
     return run
 
 
-def test_a_checkpoint_pruned_after_it_was_listed_is_skipped(tmp_path):
-    run = make_run(tmp_path, steps=(2, 4, 6))
-    listed = complete_checkpoints(run / "checkpoints")
-    shutil.rmtree(listed[0])  # training's retention, between the watcher's listing and its loading
-    rows = evaluate_run(run, device="cpu", checkpoints=listed)
-    assert sorted({r["checkpoint"] for r in rows}) == ["step_000004", "step_000006"]
-    assert {r["dataset"] for r in rows} == {"laion-mini"}  # data.name derived from the shards' directory
+def saver(cfg: Config, *, keep_last: int = 0) -> ckpt.Checkpointer:
+    """A checkpointer of the run's (untrained) model, as training's saves it."""
+    torch.manual_seed(0)
+    model = build_model(cfg.model, device=torch.device("cpu")).model
+    return ckpt.Checkpointer(cfg.run_dir / "checkpoints", states={"model": ckpt.ModelState(model)},
+                             policy=ckpt.RetentionPolicy(keep_last=keep_last))
 
-    _prune(run / "checkpoints", keep_last=1, keep_every_samples=0)  # renames before deleting
+
+def test_a_checkpoint_pruned_after_it_was_listed_is_skipped(tmp_path):
+    run = make_run(tmp_path, steps=(2, 4, 6, 8))
+    listed = complete_checkpoints(run / "checkpoints")
+    os.replace(listed[0], f"{listed[0]}.pruned")  # training's retention, between the watcher's listing and its loading
+    shutil.rmtree(listed[1])  # ... and once it has deleted it
+    rows = evaluate_run(run, device="cpu", checkpoints=listed)
+    assert sorted({r["checkpoint"] for r in rows}) == ["step_000006", "step_000008"]
+    assert {r["dataset"] for r in rows} == {"laion-mini"}  # data.name derived from the shards' directory
+    assert [p.name for p in complete_checkpoints(run / "checkpoints")] == ["step_000006", "step_000008"]
+
+
+def test_retention_renames_a_checkpoint_before_deleting_it(tmp_path, monkeypatch):
+    """A watcher that listed a pruned checkpoint finds it gone under its name, never half deleted."""
+    run = make_run(tmp_path, steps=(2, 4))
+    deleted, rmtree = [], shutil.rmtree
+    monkeypatch.setattr(shutil, "rmtree", lambda path, **kw: (deleted.append(Path(path).name), rmtree(path, **kw)))
+    saver(run_config(run), keep_last=1).save(Progress(step=6, samples_seen=32 * 6))
+    assert {"step_000002.pruned", "step_000004.pruned"} <= set(deleted)
+    assert all("." in name for name in deleted)  # never deleted under a complete checkpoint's name
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_000006"]
 
 

@@ -16,7 +16,7 @@ from clipscale.config import Config, ConfigError, ModelConfig, config_to_dict
 from clipscale.evaluate.runner import evaluate_target
 from clipscale.export import PROVENANCE, export_open_clip, export_timm, timm_image_tower
 from clipscale.models import build_model, resolve_architecture
-from clipscale.optim import build_optimizer
+from clipscale.train import Progress
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 
@@ -29,9 +29,10 @@ def saved_checkpoint(tmp_path, mcfg: ModelConfig):
     with torch.no_grad():  # move every parameter off its initial value (zero biases, unit gains)
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))
-    path = ckpt.save_checkpoint(tmp_path / "run" / "checkpoints", model=model, optimizer=build_optimizer(model, cfg.optim), step=3,
-                                meta={"samples_seen": 3, "config": config_to_dict(cfg)})
-    return path, model.eval()
+    saver = ckpt.Checkpointer(tmp_path / "run" / "checkpoints", states={"model": ckpt.ModelState(model)},
+                              policy=ckpt.RetentionPolicy(), meta={"config": config_to_dict(cfg)})
+    saver.save(Progress(step=3, samples_seen=3))
+    return tmp_path / "run" / "checkpoints" / "step_000003", model.eval()
 
 
 TINY = ModelConfig(vision_width=64, vision_layers=2, text_width=32, embed_dim=16)

@@ -5,7 +5,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from tests.scaling_rows import law_rows, write_jsonl
+from tests.scaling_rows import law_rows, write_jsonl, write_training_grid
 
 NOTEBOOK = Path(__file__).parents[2] / "notebooks" / "scaling_laws.ipynb"
 
@@ -22,6 +22,8 @@ def test_notebook_runs_on_results_the_test_writes(tmp_path, monkeypatch):
         for run in sorted({r["run"] for r in rows}):
             write_jsonl(tmp_path / "runs" / run / "results.jsonl", [r for r in rows if r["run"] == run])
     monkeypatch.setenv("CLIPSCALE_RESULTS", str(tmp_path / "runs" / "*"))
+    write_training_grid(tmp_path / "training")
+    monkeypatch.setenv("CLIPSCALE_FORECAST_GRID", str(tmp_path / "training" / "grid-*"))
     monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parents[2]))  # the kernel imports this checkout
     nb = nbformat.read(NOTEBOOK, as_version=4)
     NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
@@ -30,4 +32,5 @@ def test_notebook_runs_on_results_the_test_writes(tmp_path, monkeypatch):
     assert "inside" in text or "OUTSIDE" in text
     assert "params" in text and "samples_seen" in text
     images = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
-    assert len(images) == 1
+    assert "E[CI width]" in text and "final forecast" in text and "the law" in text
+    assert len(images) == 3  # the fits, the design, the forecast

@@ -17,7 +17,8 @@ from clipscale.dist import DistInfo
 from clipscale.metrics import MetricsLogger, StepTimer
 from clipscale.models import build_model
 from clipscale.optim import build_optimizer
-from clipscale.train import NonFiniteLoss, Preempted, Progress, Run, SkipTally, StopSignal, run_loop, train_step
+from clipscale.train import (NonFiniteLoss, Preempted, Progress, Run, SkipTally, StopSignal, build_checkpointer,
+                             run_loop, train_step)
 
 
 class RandomBatches:
@@ -36,6 +37,9 @@ class RandomBatches:
     def state_dict(self):
         return {"streams": []}
 
+    def load_state_dict(self, state):
+        assert state == {"streams": []}
+
     def counters(self):
         return {}
 
@@ -43,18 +47,23 @@ class RandomBatches:
 def setup(tmp_path, *overrides):
     cfg = load_config(None, [f'run.output_dir="{tmp_path}"', "train.global_batch_size=8",
                              "train.total_samples=80", "model.vision_width=32", "model.text_width=32",
-                             "model.embed_dim=16", "train.max_nonfinite_steps=3", *overrides])
+                             "model.embed_dim=16", "train.max_nonfinite_steps=3",
+                             "train.async_checkpoint=false", *overrides])  # saves complete before the loop returns
     torch.manual_seed(0)
     bundle = build_model(cfg.model)
     return cfg, bundle, build_optimizer(bundle.model, cfg.optim)
 
 
-def make_run(cfg, bundle, opt, *, stop_signal=None, loader=None) -> Run:
-    """The loop's parts around a model on one process (no run directory writes but checkpoints)."""
+def make_run(cfg, bundle, opt, *, stop_signal=None, loader=None) -> tuple[Run, Progress]:
+    """The loop's parts around a model on one process (no run directory writes but checkpoints), and
+    the progress its checkpointer saves."""
     (cfg.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     metrics = MetricsLogger(cfg.run_dir, cfg.log, enabled=False, total_steps=10, config={})
-    return Run(cfg=cfg, info=DistInfo(), model=bundle.model, optimizer=opt, loader=loader or RandomBatches(8, 32, 32),
-               bundle=bundle, metrics=metrics, stop_signal=stop_signal or StopSignal(), flops_per_sample=1.0)
+    progress, loader = Progress(), loader or RandomBatches(8, 32, 32)
+    checkpointer = build_checkpointer(cfg, model=bundle.model, optimizer=opt, loader=loader, progress=progress)
+    return Run(cfg=cfg, info=DistInfo(), model=bundle.model, optimizer=opt, loader=loader, bundle=bundle,
+               metrics=metrics, checkpointer=checkpointer, stop_signal=stop_signal or StopSignal(),
+               flops_per_sample=1.0), progress
 
 
 def assert_never_stepped(opt):
@@ -86,7 +95,7 @@ def test_a_streak_of_non_finite_steps_saves_and_stops(tmp_path):
     with torch.no_grad():
         bundle.model.text_projection.fill_(float("inf"))  # every loss from now on is NaN
     with pytest.raises(NonFiniteLoss, match="3 consecutive steps with non-finite loss"):
-        run_loop(make_run(cfg, bundle, opt), Progress())
+        run_loop(*make_run(cfg, bundle, opt))
     saved = ckpt.latest_checkpoint(cfg.run_dir / "checkpoints")
     meta = ckpt.read_meta(saved)
     assert meta["step"] == 3 and meta["skipped_steps"] == 3
@@ -165,7 +174,7 @@ def test_a_stop_signal_is_acted_on_at_the_next_log_step(tmp_path):
     stop_signal = StopSignal()
     stop_signal.received = signal.SIGUSR1  # as if SIGUSR1 arrived during step 1
     with pytest.raises(Preempted):
-        run_loop(make_run(cfg, bundle, opt, stop_signal=stop_signal), Progress())
+        run_loop(*make_run(cfg, bundle, opt, stop_signal=stop_signal))
     assert ckpt.read_meta(ckpt.latest_checkpoint(cfg.run_dir / "checkpoints"))["step"] == 4
     assert (cfg.run_dir / "preempted").read_text().strip() == "75"  # written before any rank exits
 
@@ -189,7 +198,7 @@ def test_the_signal_handler_only_records_and_the_sync_point_logs(tmp_path, caplo
         os.kill(os.getpid(), signal.SIGTERM)  # the real handler, run by the interpreter
         assert stop_signal.requested and caplog.records == []
         with pytest.raises(Preempted):
-            run_loop(make_run(cfg, bundle, opt, stop_signal=stop_signal), Progress())
+            run_loop(*make_run(cfg, bundle, opt, stop_signal=stop_signal))
     assert "received SIGTERM: saving and stopping at step 2" in caplog.text
 
 
@@ -220,7 +229,7 @@ def test_the_loop_closes_its_batch_iterator_on_every_exit(tmp_path, stop):
         with torch.no_grad():
             bundle.model.text_projection.fill_(float("inf"))
     with contextlib.suppress(Preempted, NonFiniteLoss):
-        run_loop(make_run(cfg, bundle, opt, stop_signal=stop_signal, loader=loader), Progress())
+        run_loop(*make_run(cfg, bundle, opt, stop_signal=stop_signal, loader=loader))
     assert (loader.opened, loader.closed) == (1, 1)
 
 
@@ -231,7 +240,7 @@ def test_evaluation_runs_only_when_due(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(train_module, "maybe_eval", lambda cfg, **kw: calls.append(kw["step"]))
     cfg, bundle, opt = setup(tmp_path, "train.log_every_steps=5", "eval.every_samples=20")
-    run_loop(make_run(cfg, bundle, opt), Progress())
+    run_loop(*make_run(cfg, bundle, opt))
     assert calls == [3, 5, 8, 10]  # 8 samples a step: 24, 40, 64, 80 cross multiples of 20
 
 
@@ -240,7 +249,7 @@ def test_sync_points_are_log_checkpoint_and_evaluation_steps():
 
     cfg = load_config(None, ["train.global_batch_size=24", "train.total_samples=240", "train.log_every_steps=4",
                              "train.checkpoint_every_samples=100", "eval.every_samples=50"])
-    due = {step: due_after(step, step * 24, cfg=cfg, last=step == 10) for step in range(1, 11)}
+    due = {step: due_after(step, step * 24, cfg=cfg) for step in range(1, 11)}  # step 10 reaches 240: the last
     assert [s for s, d in due.items() if d.log] == [4, 8]
     assert [s for s, d in due.items() if d.checkpoint] == [5, 9, 10]  # 120, 216 cross 100, 200; and the end
     assert [s for s, d in due.items() if d.eval] == [3, 5, 7, 9]  # 72, 120, 168, 216 cross 50, 100, 150, 200
