@@ -161,9 +161,12 @@ def barrier() -> None:
         dist.barrier()
 
 
-def new_cpu_group() -> dist.ProcessGroup | None:
-    """A gloo group of all ranks for collectives run off the main thread (None without a process group)."""
-    return dist.new_group(backend="gloo") if dist.is_initialized() else None
+def new_cpu_group(*, timeout_s: float) -> dist.ProcessGroup | None:
+    """A gloo group of all ranks for collectives run off the main thread (None without a process group);
+    give it the default group's timeout, or a lost peer holds the thread for torch's default 30 min."""
+    if not dist.is_initialized():
+        return None
+    return dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
 
 
 class _GatherWithGrad(torch.autograd.Function):

@@ -403,7 +403,7 @@ def build_checkpointer(cfg: Config, *, model, optimizer, loader, progress: Progr
         states["grad_scaler"] = ckpt.PlainState(scaler.state_dict, scaler.load_state_dict)
     return ckpt.Checkpointer(
         cfg.run_dir / "checkpoints", states=states, meta={"config": config_to_dict(cfg)},
-        async_periodic=cfg.train.async_checkpoint,
+        async_periodic=cfg.train.async_checkpoint, collective_timeout_s=cfg.train.collective_timeout_s,
         policy=ckpt.RetentionPolicy(keep_last=cfg.train.keep_last, keep_every_samples=cfg.train.keep_every_samples))
 
 
