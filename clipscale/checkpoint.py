@@ -310,17 +310,19 @@ class Checkpointer:
     `states` maps names to the Statefuls of the job (model, optimizer, loader, ...); this rank's
     RNG states are added under `rng_key(rank)`. `meta` is written into each checkpoint's meta.json
     beside the step and sample count (the run's config), for tools that read it without loading.
-    With `async_periodic`, periodic saves return once the state is copied and write in a thread.
+    With `async_periodic`, periodic saves return once the state is copied and write in a thread,
+    whose collectives fail after `collective_timeout_s` (as the training's: `train.collective_timeout_s`).
     """
 
     def __init__(self, ckpt_dir: Path, *, states: dict[str, Stateful], policy: RetentionPolicy,
-                 meta: dict[str, Any] | None = None, async_periodic: bool = False) -> None:
+                 meta: dict[str, Any] | None = None, async_periodic: bool = False,
+                 collective_timeout_s: float = 1800.0) -> None:
         self.ckpt_dir, self.policy, self.meta = Path(ckpt_dir), policy, meta or {}
         self.states = {**states, rng_key(dist.rank()): PlainState(rng_state, set_rng_state)}
         self.async_periodic = async_periodic
         # DCP's async save runs its collectives in a thread: on a group of their own, or they would
         # interleave with the training step's collectives on the default group.
-        self.async_group = dist.new_cpu_group() if async_periodic else None
+        self.async_group = dist.new_cpu_group(timeout_s=collective_timeout_s) if async_periodic else None
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
         self.pending: tuple[Future, Path] | None = None  # (completion of the asynchronous save, its path)
 

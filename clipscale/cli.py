@@ -57,14 +57,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     from clipscale.config import load_config, validate_for_world
     from clipscale.launch import launch_env
 
-    cfg = load_config(*_recipe_and_overrides(args))
-    if args.print_run_dir:  # every sbatch start asks this: no torch import
-        print(cfg.run_dir.resolve())
-        return 0
+    launch = launch_env()
+    try:  # every check that can fail before any process group, run directory or model exists
+        cfg = load_config(*_recipe_and_overrides(args))
+        if args.print_run_dir:  # every sbatch start asks this: no torch import
+            print(cfg.run_dir.resolve())
+            return 0
+        from clipscale.data.pipeline import check_data
+
+        validate_for_world(cfg, launch.world_size)
+        check_data(cfg.data, global_batch_size=cfg.train.global_batch_size, world_size=launch.world_size)
+    except InputError:
+        if launch.rank != 0:
+            return 2  # every rank ran the same checks: rank 0 alone reports the error
+        raise
     from clipscale.train import train
 
-    launch = launch_env()
-    validate_for_world(cfg, launch.world_size)  # before any process group
     # on a signal it writes RUN/preempted, which slurm/train.sbatch requeues on
     run_dir = train(cfg, allow_config_change=args.allow_config_change)
     if launch.rank == 0:
@@ -458,3 +466,6 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as e:
         print(f"clipscale: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C before training installs its own handler: no traceback
+        print("clipscale: interrupted", file=sys.stderr)
+        return 130

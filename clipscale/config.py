@@ -15,7 +15,7 @@ import sys
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -159,6 +159,9 @@ class TrainConfig:
     max_nonfinite_steps: int = 5
     """Stop (after saving) when this many consecutive steps had non-finite gradients (checked at
     log and checkpoint steps)."""
+    collective_timeout_s: float = 600.0
+    """How long a rank waits in a collective for the others before it fails (a lost node, a hung
+    rank) and exits; must exceed the longest rank-0-only pause (checkpoint write, evaluation)."""
     num_threads: int | None = None
     """torch intra-op threads per process on CPU (None = cores / local processes)."""
 
@@ -408,7 +411,9 @@ def load_config(recipe: str | Path | None = None, overrides: typing.Sequence[str
             f"{recipe} has a [sweep] table, which describes several runs, but this trains one: run "
             f"`clipscale sweep {recipe}` to train every run of the sweep, or add the override "
             f"{SWEEP_POINT} to train the base recipe alone")
-    return _build(Config, tree, "")
+    cfg = _build(Config, tree, "")
+    validate(cfg)
+    return cfg
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
@@ -432,17 +437,57 @@ def record_config(cfg: Config, run_dir: Path) -> None:
     os.replace(tmp, current)
 
 
-def validate_for_world(cfg: Config, world_size: int) -> None:
-    """Cross-field checks that depend on the launch; run before any process group starts."""
+def _at_least(low: float) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: v >= low), f">= {low}"
+
+
+def _above(low: float) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: v > low), f"> {low}"
+
+
+def _within(low: float, high: float, *, high_open: bool = False) -> tuple[Callable[[Any], bool], str]:
+    if high_open:
+        return (lambda v: low <= v < high), f"in [{low}, {high})"
+    return (lambda v: low <= v <= high), f"in [{low}, {high}]"
+
+
+# Every numeric field's allowed values (an unset optional field is not checked).
+RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "model.embed_dim": _at_least(1), "model.image_size": _at_least(1), "model.patch_size": _at_least(1),
+    "model.vision_width": _at_least(1), "model.vision_layers": _at_least(1), "model.text_width": _at_least(1),
+    "model.text_layers": _at_least(1), "model.context_length": _at_least(1),
+    "model.patch_dropout": _within(0, 1, high_open=True),
+    "optim.lr_peak": _above(0), "optim.lr_min_ratio": _within(0, 1), "optim.warmup_samples": _at_least(0),
+    "optim.cooldown_samples": _at_least(0), "optim.weight_decay": _at_least(0),
+    "optim.beta1": _within(0, 1, high_open=True), "optim.beta2": _within(0, 1, high_open=True),
+    "optim.eps": _above(0), "optim.grad_clip_norm": _above(0),
+    "train.global_batch_size": _at_least(1), "train.total_samples": _at_least(1), "train.chunk_size": _at_least(1),
+    "train.log_every_steps": _at_least(1), "train.checkpoint_every_samples": _at_least(0),
+    "train.keep_last": _at_least(0), "train.keep_every_samples": _at_least(0),
+    "train.max_nonfinite_steps": _at_least(1), "train.collective_timeout_s": _above(0),
+    "train.num_threads": _at_least(1),
+    "eval.batch_size": _at_least(1), "eval.num_workers": _at_least(0), "eval.every_samples": _at_least(0),
+    "data.train_num_samples": _at_least(1), "data.num_streams": _at_least(1), "data.workers": _at_least(0),
+    "data.shuffle_buffer": _at_least(0), "data.block_shards": _at_least(1),
+    "data.crop_scale_min": _within(0, 1), "data.max_bad_fraction": _within(0, 1),
+    "data.shard_retries": _at_least(0), "data.retry_backoff_s": _at_least(0), "data.read_timeout_s": _above(0),
+    "data.max_failed_shards": _at_least(1),
+}
+
+
+def check_ranges(cfg: Config) -> None:
+    """Every field of `RANGES` within its range, else a ConfigError naming the field, its value and the range."""
+    for key, (ok, allowed) in RANGES.items():
+        section, field = key.split(".")
+        value = getattr(getattr(cfg, section), field)
+        if value is not None and not ok(value):
+            raise ConfigError(f"{key}={value!r} is out of range: it must be {allowed}; set {key} to a value {allowed}")
+
+
+def validate(cfg: Config) -> None:
+    """Ranges and the combinations that do not depend on the launch; `load_config` runs it."""
+    check_ranges(cfg)
     t = cfg.train
-    if t.global_batch_size % world_size:
-        raise ConfigError(
-            f"train.global_batch_size={t.global_batch_size} is not divisible by the world size "
-            f"{world_size}; set it to a multiple of {world_size}"
-        )
-    per_rank = t.global_batch_size // world_size
-    if t.chunk_size is not None and not 0 < t.chunk_size:
-        raise ConfigError(f"train.chunk_size={t.chunk_size} must be positive (or unset to disable)")
     if t.total_samples < t.global_batch_size:
         raise ConfigError(
             f"train.total_samples={t.total_samples} is less than one global batch "
@@ -458,16 +503,29 @@ def validate_for_world(cfg: Config, world_size: int) -> None:
                           "FSDP2 evaluate the checkpoints beside training: clipscale eval RUN_DIR --watch")
     if cfg.loss.kind == "siglip" and cfg.model.init_logit_bias is None:
         raise ConfigError("loss.kind='siglip' needs a logit bias: set model.init_logit_bias=-10.0")
-    del per_rank
+    if cfg.optim.schedule == "const-cooldown" and cfg.optim.cooldown_samples > t.total_samples:
+        raise ConfigError(f"optim.cooldown_samples={cfg.optim.cooldown_samples} is longer than the run "
+                          f"(train.total_samples={t.total_samples}); shorten the cooldown")
 
 
-def load_sweep(recipe: str | Path) -> list[tuple[str, list[str]]]:
+def validate_for_world(cfg: Config, world_size: int) -> None:
+    """`validate`, then the checks that depend on the launch; run before any process group starts."""
+    validate(cfg)
+    if cfg.train.global_batch_size % world_size:
+        raise ConfigError(
+            f"train.global_batch_size={cfg.train.global_batch_size} is not divisible by the world size "
+            f"{world_size}; set it to a multiple of {world_size}"
+        )
+
+
+def load_sweep(recipe: str | Path, extra: typing.Sequence[str] = ()) -> list[tuple[str, list[str]]]:
     """Expand a sweep recipe into (run name, overrides) pairs.
 
     A sweep recipe is a normal recipe plus a `[sweep]` table whose entries are axes: lists of
     override sets `{ name = "w64", "model.vision_width" = 64, ... }`. Runs are the product of
     the axes, named `<run.name>-<name>-<name>...`. Each run's overrides start with `sweep={}`, so
-    `clipscale train RECIPE *overrides` trains exactly that run.
+    `clipscale train RECIPE *overrides` trains exactly that run. Each run is validated with the
+    `extra` overrides (data paths, batch size) the caller applies to every run after its own.
     """
     import itertools
 
@@ -475,7 +533,7 @@ def load_sweep(recipe: str | Path) -> list[tuple[str, list[str]]]:
     axes = tree.get("sweep")
     if not isinstance(axes, dict) or not axes:
         raise ConfigError(f"{recipe}: no [sweep] table with axes")
-    base = load_config(recipe, [SWEEP_POINT]).run.name
+    base = load_config(recipe, [SWEEP_POINT, *extra]).run.name
     options: list[list[tuple[str, list[str]]]] = []
     for axis, entries in axes.items():
         if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
@@ -490,7 +548,7 @@ def load_sweep(recipe: str | Path) -> list[tuple[str, list[str]]]:
     for combo in itertools.product(*options):
         name = "-".join([base] + [label for label, _ in combo])
         overrides = [SWEEP_POINT] + [o for _, ovs in combo for o in ovs] + [f"run.name={_toml_value(name)}"]
-        load_config(recipe, overrides)  # fail now, naming the key, not minutes into the sweep
+        load_config(recipe, [*overrides, *extra])  # fail now, naming the key, not minutes into the sweep
         runs.append((name, overrides))
     return runs
 

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from clipscale.launch import launch_env
 
 log = logging.getLogger(__name__)
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)  # what schedulers and torchrun send before a kill
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)  # schedulers, torchrun, Ctrl-C
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 _LAUNCHER_PID = os.getppid()  # at import, early in the rank's life: torchrun's agent under torchrun
 
@@ -47,7 +47,8 @@ class DistInfo:
 def init_distributed(*, device: str = "auto", timeout_s: float = 1800.0) -> DistInfo:
     """Start the default process group when launched with several ranks (see `launch_env`).
 
-    `device="auto"` picks CUDA (NCCL) when available, else CPU (gloo).
+    `device="auto"` picks CUDA (NCCL) when available, else CPU (gloo). A collective that waits
+    longer than `timeout_s` for another rank fails, so a rank whose peer is gone exits.
     """
     launch = launch_env()
     rank, world_size, local_rank = launch.rank, launch.world_size, launch.local_rank
@@ -69,15 +70,54 @@ def init_distributed(*, device: str = "auto", timeout_s: float = 1800.0) -> Dist
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
 
 
-def ignore_stop_signals(worker_id: int = 0) -> None:
-    """DataLoader `worker_init_fn`: only the training process acts on a stop signal.
+class StopSignal:
+    """Remembers the first stop signal (SIGUSR1, SIGTERM, SIGINT); the training loop acts on it at
+    its next sync point, where the ranks agree, and logs it there: the handler only records it, as
+    logging from a signal handler can re-enter a half-done write to the same stream.
 
-    torchrun forwards signals to each rank's whole process group, which includes its DataLoader
-    workers; one dying of SIGTERM would crash the rank before it can save. SIGINT too, so that
-    Ctrl-C stops training through the rank rather than killing its workers first.
+    Once Ctrl-C (SIGINT) has asked for a stop, a second SIGINT, or the SIGTERM torchrun sends on a
+    second Ctrl-C, ends the process at once, without saving. Under torchrun a dying agent also sends
+    this rank SIGTERM (`stop_when_launcher_dies`), and the DataLoader workers ignore these signals
+    (`init_loader_worker`), so whichever process a scheduler signals first, every rank saves.
     """
-    for sig in (*STOP_SIGNALS, signal.SIGINT):
+
+    def __init__(self) -> None:
+        self.received: signal.Signals | None = None
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._handle)
+        stop_when_launcher_dies()
+
+    @property
+    def requested(self) -> bool:
+        return self.received is not None
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.received == signal.SIGINT and signum in (signal.SIGINT, signal.SIGTERM):
+            _die_of(signal.Signals(signum))
+        if self.received is None:
+            self.received = signal.Signals(signum)
+
+
+def _die_of(sig: signal.Signals) -> None:
+    """End this process by `sig`'s default action (no traceback, no exit handlers); its DataLoader
+    workers follow it (`init_loader_worker`)."""
+    os.write(2, f"clipscale: {sig.name} again: stopping at once, without saving\n".encode())
+    signal.signal(sig, signal.SIG_DFL)
+    os.kill(os.getpid(), sig)
+
+
+def init_loader_worker(worker_id: int = 0, *, parent_pid: int) -> None:
+    """DataLoader `worker_init_fn` (bind `parent_pid=os.getpid()` of the training process).
+
+    Only the training process acts on a stop signal: torchrun forwards signals to each rank's whole
+    process group, which includes its workers, and a worker dying of SIGTERM would crash the rank
+    before it can save; SIGINT too, so that Ctrl-C stops training through the rank. A worker holds
+    nothing worth saving, so it dies with its rank, however the rank ends (even SIGKILL), instead
+    of waiting for an exit handler's join that never comes.
+    """
+    for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+    _signal_on_parent_death(signal.SIGKILL, parent_pid=parent_pid)
 
 
 def stop_when_launcher_dies() -> None:
@@ -87,14 +127,20 @@ def stop_when_launcher_dies() -> None:
     handle (SIGUSR1 by default, SIGKILL) would leave them running unsupervised; with this they
     save and exit like on any other stop signal. Linux only; elsewhere a no-op.
     """
-    if "TORCHELASTIC_RUN_ID" not in os.environ or os.uname().sysname != "Linux":
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        _signal_on_parent_death(signal.SIGTERM, parent_pid=_LAUNCHER_PID)
+
+
+def _signal_on_parent_death(sig: signal.Signals, *, parent_pid: int) -> None:
+    """prctl(PR_SET_PDEATHSIG): the kernel sends this process `sig` when its parent dies (Linux only)."""
+    if os.uname().sysname != "Linux":
         return
     libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
-        log.warning("prctl(PR_SET_PDEATHSIG) failed (errno %d): a dead torchrun will not stop this rank",
+    if libc.prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0:
+        log.warning("prctl(PR_SET_PDEATHSIG) failed (errno %d): this process will outlive its parent",
                     ctypes.get_errno())
-    elif os.getppid() != _LAUNCHER_PID:  # the agent died before prctl took effect
-        os.kill(os.getpid(), signal.SIGTERM)
+    elif os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os.kill(os.getpid(), sig)
 
 
 def destroy_distributed() -> None:
@@ -115,9 +161,12 @@ def barrier() -> None:
         dist.barrier()
 
 
-def new_cpu_group() -> dist.ProcessGroup | None:
-    """A gloo group of all ranks for collectives run off the main thread (None without a process group)."""
-    return dist.new_group(backend="gloo") if dist.is_initialized() else None
+def new_cpu_group(*, timeout_s: float) -> dist.ProcessGroup | None:
+    """A gloo group of all ranks for collectives run off the main thread (None without a process group);
+    give it the default group's timeout, or a lost peer holds the thread for torch's default 30 min."""
+    if not dist.is_initialized():
+        return None
+    return dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
 
 
 class _GatherWithGrad(torch.autograd.Function):

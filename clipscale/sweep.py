@@ -47,7 +47,7 @@ def sweep_points(recipe: str | Path, overrides: list[str]) -> list[SweepPoint]:
     """The grid of `recipe`, each point with `overrides` (data paths, output_dir) applied last."""
     recipe = resolve_recipe(recipe)  # the arguments name the file, wherever the sweep starts from
     points = []
-    for index, (_, point_overrides) in enumerate(load_sweep(recipe)):
+    for index, (_, point_overrides) in enumerate(load_sweep(recipe, overrides)):
         args = (str(recipe), *point_overrides, *overrides)
         cfg = load_config(recipe, args[1:])
         points.append(SweepPoint(index=index, args=args, run_dir=cfg.run_dir.resolve(), finished=finished(cfg)))

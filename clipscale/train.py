@@ -1,4 +1,4 @@
-"""The training loop: fetch -> step -> maybe evaluate -> maybe checkpoint -> log, over a global batch.
+"""The training loop: fetch -> step -> at a sync point: agree -> act -> log, over a global batch.
 
     python -m clipscale train recipes/tiny_cpu.toml                        # one process
     torchrun --nproc_per_node=2 -m clipscale train recipes/tiny_cpu.toml   # DDP/FSDP2, gloo or NCCL
@@ -7,30 +7,32 @@
 The run directory `RUN_DIR = run.output_dir/run.name` holds config.json, metrics.jsonl and
 checkpoints/ (and training.json while training: `clipscale.run_state`); starting a run whose
 directory has a complete checkpoint resumes from it.
-SIGUSR1 or SIGTERM: at the next log or checkpoint step (so within `train.log_every_steps` steps)
-a checkpoint is saved, the `preempted` marker written and every rank exits with `EXIT_PREEMPTED`,
-so a scheduler can requeue the job and the next start resumes. Steps in between run without a
-host-device sync.
+SIGUSR1, SIGTERM or SIGINT (Ctrl-C): at the next sync point (so within `train.log_every_steps`
+steps) a checkpoint is saved, the `preempted` marker written and every rank exits with
+`EXIT_PREEMPTED`, so a scheduler can requeue the job and the next start resumes; a second Ctrl-C
+stops at once. Steps between sync points run without a host-device sync.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
 import os
 import resource
-import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from clipscale import checkpoint as ckpt
 from clipscale.compute import gmacs_per_sample, model_flops_per_sample
 from clipscale.config import Config, check_resume_config, config_to_dict, record_config
-from clipscale.data.pipeline import build_train_loader, merge_rank_states, normalize_images, sum_counters
-from clipscale.dist import (STOP_SIGNALS, DistInfo, destroy_distributed, gather_objects, gather_rows,
-                            init_distributed, stop_when_launcher_dies)
+from clipscale.data.pipeline import (build_train_loader, kill_loader_workers, merge_rank_states, normalize_images,
+                                    sum_counters)
+from clipscale.dist import (DistInfo, StopSignal, destroy_distributed, gather_objects, gather_rows, init_distributed,
+                            main_does)
 from clipscale.evaluate.runner import maybe_eval
 from clipscale.gradcache import gradcache_step
 from clipscale.loss import contrastive_loss
@@ -104,24 +106,61 @@ class StepStats:
     data: dict[str, float]  # the loader's good and bad sample counters over all ranks
 
 
-class StopSignal:
-    """Remembers SIGUSR1/SIGTERM; the loop acts on it at the next sync point (log or checkpoint step),
-    agreed across ranks.
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """The parts of a training run that the loop drives, built once by `_train`."""
 
-    Under torchrun a dying agent also sends this rank SIGTERM (`stop_when_launcher_dies`), and the
-    DataLoader workers ignore these signals (`ignore_stop_signals`), so whichever process a
-    scheduler signals first, every rank saves and exits with `EXIT_PREEMPTED`.
-    """
+    cfg: Config
+    info: DistInfo
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    loader: Any  # iterable of `Batch` with state_dict() (TrainLoader)
+    bundle: ModelBundle
+    metrics: MetricsLogger
+    checkpointer: ckpt.Checkpointer
+    stop_signal: StopSignal
+    flops_per_sample: float
+    scaler: torch.amp.GradScaler | None = None
 
-    def __init__(self) -> None:
-        self.requested = False
-        for sig in STOP_SIGNALS:
-            signal.signal(sig, self._handle)
-        stop_when_launcher_dies()
 
-    def _handle(self, signum, frame) -> None:
-        log.warning("received %s: saving and stopping at the next log step", signal.Signals(signum).name)
-        self.requested = True
+@dataclasses.dataclass(frozen=True)
+class Due:
+    """What is due after a step; any of it makes the step a sync point."""
+
+    log: bool
+    checkpoint: bool
+    eval: bool
+
+    @property
+    def sync(self) -> bool:
+        return self.log or self.checkpoint or self.eval
+
+
+def due_after(step: int, samples_seen: int, *, cfg: Config) -> Due:
+    """What is due once the run has reached `step` and `samples_seen` (a pure function of progress);
+    the step that reaches `train.total_samples` is the last and always checkpoints."""
+    batch, last = cfg.train.global_batch_size, samples_seen >= cfg.train.total_samples
+    return Due(log=step % cfg.train.log_every_steps == 0,
+               checkpoint=last or crossed(samples_seen, batch, cfg.train.checkpoint_every_samples),
+               eval=crossed(samples_seen, batch, cfg.eval.every_samples))
+
+
+@dataclasses.dataclass
+class Meters:
+    """What the loop measures between sync points: phase times, skipped steps, throughput."""
+
+    timer: StepTimer
+    tally: SkipTally
+    samples_at_log: int
+    peak_flops: float | None  # per device, for the MFU
+    t_log: float = dataclasses.field(default_factory=time.perf_counter)
+
+    def samples_per_s(self, samples_seen: int) -> float:
+        """Samples per second since the previous call (the previous logged line)."""
+        now = time.perf_counter()
+        rate = (samples_seen - self.samples_at_log) / (now - self.t_log)
+        self.samples_at_log, self.t_log = samples_seen, now
+        return rate
 
 
 def train(cfg: Config, *, allow_config_change: bool = False) -> Path:
@@ -129,30 +168,24 @@ def train(cfg: Config, *, allow_config_change: bool = False) -> Path:
 
     A run directory with a checkpoint resumes from it; a config that differs from the
     checkpoint's in a field outside `config.SAFE_TO_CHANGE` is refused unless `allow_config_change`.
+    Every way out is bounded: the loader's workers are shut down (and killed if stuck), and a rank
+    whose peers are gone fails its next collective within `train.collective_timeout_s`.
     """
-    info = init_distributed(device=cfg.run.device)
+    info = init_distributed(device=cfg.run.device, timeout_s=cfg.train.collective_timeout_s)
     try:
-        with training_marker(cfg.run_dir, enabled=info.is_main):
-            try:
-                return _train(cfg, info, allow_config_change=allow_config_change)
-            except Preempted:
-                if info.is_main:  # before training.json goes: a watcher never sees the run as stopped
-                    (cfg.run_dir / PREEMPTED_MARKER).write_text(f"{EXIT_PREEMPTED}\n")
-                raise
+        return _train(cfg, info, allow_config_change=allow_config_change)
     finally:
+        kill_loader_workers()
         destroy_distributed()
 
 
 def _train(cfg: Config, info: DistInfo, *, allow_config_change: bool) -> Path:
     run_dir = cfg.run_dir
     resume_from = ckpt.choose_checkpoint(run_dir / "checkpoints")  # rank 0's choice, on every rank
-    if resume_from is not None:  # every rank decides alike on the same meta
+    if resume_from is not None:  # every rank decides alike on the same meta, before anything is built
         for key, (old, new) in check_resume_config(resume_from["config"], cfg,
                                                    allow_change=allow_config_change).items():
             log.warning("resuming with %s changed: %r -> %r", key, old, new)
-    if info.is_main:
-        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        record_config(cfg, run_dir)
     configure_threads(cfg, info)
     stop_signal = StopSignal()
     torch.manual_seed(cfg.run.seed)  # identical initialisation on every rank
@@ -165,97 +198,126 @@ def _train(cfg: Config, info: DistInfo, *, allow_config_change: bool) -> Path:
         batch_size=cfg.train.global_batch_size // info.world_size, rank=info.rank,
         world_size=info.world_size, seed=cfg.run.seed, device=info.device,
     )
-    progress = Progress()
-    checkpointer = build_checkpointer(cfg, model=model, optimizer=optimizer, loader=loader, scaler=scaler,
-                                      progress=progress)
-    rng_restored = resume_from is not None and checkpointer.load(resume_from)
-    if not rng_restored:  # fresh start, or a rank the checkpoint's world did not have
-        torch.manual_seed(cfg.run.seed * 1000 + info.rank + progress.step)  # per-rank stochastic layers
-    # total_samples is the contract; the step count only feeds the progress bar (the batch may have changed)
-    total_steps = progress.step + -(-(cfg.train.total_samples - progress.samples_seen) // cfg.train.global_batch_size)
-    metrics = MetricsLogger(run_dir, cfg.log, enabled=info.is_main, total_steps=total_steps,
-                            config=config_to_dict(cfg), start_step=progress.step)
-    gmacs = gmacs_per_sample(bundle)
-    if progress.step == 0:
-        metrics.log({"step": 0, "params": count_params(unwrap(model)), "gmacs_per_sample": gmacs,
-                     "world_size": info.world_size})
-    start, t0 = progress.samples_seen, time.perf_counter()
-    try:
-        run_loop(cfg, info, model=model, optimizer=optimizer, loader=loader, bundle=bundle, scaler=scaler,
-                 progress=progress, checkpointer=checkpointer, metrics=metrics, stop_signal=stop_signal,
-                 flops_per_sample=model_flops_per_sample(cfg.model))
-        checkpointer.wait()  # the last checkpoint is complete before the run says it is done
-    finally:
-        metrics.close()
+    if info.is_main:  # only now: a start that fails to build leaves no run directory behind
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        record_config(cfg, run_dir)
+    # training.json while the run trains (rank 0); the start removes a previous one's preempted marker
+    with training_marker(run_dir, enabled=info.is_main):
+        progress = Progress()
+        checkpointer = build_checkpointer(cfg, model=model, optimizer=optimizer, loader=loader, scaler=scaler,
+                                          progress=progress)
+        rng_restored = resume_from is not None and checkpointer.load(resume_from)
+        if not rng_restored:  # fresh start, or a rank the checkpoint's world did not have
+            torch.manual_seed(cfg.run.seed * 1000 + info.rank + progress.step)  # per-rank stochastic layers
+        # total_samples is the contract; the step count only feeds the progress bar (the batch may have changed)
+        total_steps = progress.step + -(-(cfg.train.total_samples - progress.samples_seen)
+                                        // cfg.train.global_batch_size)
+        metrics = MetricsLogger(run_dir, cfg.log, enabled=info.is_main, total_steps=total_steps,
+                                config=config_to_dict(cfg), start_step=progress.step)
+        gmacs = gmacs_per_sample(bundle)
+        if progress.step == 0:
+            metrics.log({"step": 0, "params": count_params(unwrap(model)), "gmacs_per_sample": gmacs,
+                         "world_size": info.world_size})
+        start, t0 = progress.samples_seen, time.perf_counter()
+        run = Run(cfg=cfg, info=info, model=model, optimizer=optimizer, loader=loader, bundle=bundle, metrics=metrics,
+                  checkpointer=checkpointer, stop_signal=stop_signal,
+                  flops_per_sample=model_flops_per_sample(cfg.model), scaler=scaler)
+        try:
+            run_loop(run, progress)
+            checkpointer.wait()  # the last checkpoint is complete before the run says it is done
+        finally:
+            metrics.close()
     log.info("done: run=%s steps=%d samples_seen=%d skipped_steps=%d samples_per_s=%.1f minutes=%.2f",
              cfg.run.name, progress.step, progress.samples_seen, progress.skipped_steps,
              (progress.samples_seen - start) / (time.perf_counter() - t0), (time.perf_counter() - t0) / 60)
     return run_dir
 
 
-def run_loop(cfg: Config, info: DistInfo, *, model, optimizer, loader, bundle: ModelBundle,
-             progress: Progress, checkpointer: ckpt.Checkpointer, metrics: MetricsLogger,
-             stop_signal: StopSignal, flops_per_sample: float, scaler: torch.amp.GradScaler | None = None) -> None:
-    """Steps until `train.total_samples` are seen, with no host sync except at sync points: log steps and checkpoint
-    steps, where every rank gathers the step statistics, agrees on the skip streak and the stop
-    flag, maybe saves, and rank 0 logs. A stop signal is therefore acted on at the next sync point
-    (at most `train.log_every_steps` steps later)."""
-    batches = iter(loader)
-    timer = StepTimer(info.device)
-    tally = SkipTally(info.device)
+def run_loop(run: Run, progress: Progress) -> None:
+    """Steps until `train.total_samples` are seen: fetch -> step, and at a sync point (log, checkpoint
+    and evaluation steps) agree -> act -> log (`at_sync_point`). Between sync points nothing reads
+    the device, so a stop signal is acted on at the next sync point (at most
+    `train.log_every_steps` steps later)."""
+    cfg, info, global_batch = run.cfg, run.info, run.cfg.train.global_batch_size
     peak = peak_flops(torch.cuda.get_device_name(info.device)) if info.device.type == "cuda" else None
-    global_batch, t = cfg.train.global_batch_size, cfg.train
-    t_log, samples_at_log = time.perf_counter(), progress.samples_seen
-    while progress.samples_seen < t.total_samples:
-        timer.sync = (progress.step + 1) % t.log_every_steps == 0  # exact phase times on log steps
-        # A new DataLoader iterator draws its base seed from the global RNG; forking keeps that draw
-        # out of the model's random stream, or a resumed run would see other dropout masks.
-        with torch.random.fork_rng(devices=[]):
-            batch = next(batches)  # fetch
-        images = normalize_images(batch.images_on(info.device), mean=bundle.mean, std=bundle.std)
-        texts = batch.texts.to(info.device, non_blocking=True)
-        timer.lap("data_s")
-        lr = lr_at(progress.samples_seen + global_batch, cfg=cfg.optim, total_samples=t.total_samples)
-        set_lr(optimizer, lr)
-        result = train_step(model, images, texts, optimizer=optimizer, cfg=cfg, device=info.device,
-                            timer=timer, scaler=scaler)
-        tally.add(result.skipped)
-        progress.step += 1
-        progress.samples_seen += global_batch
-        metrics.advance()
+    meters = Meters(timer=StepTimer(info.device), tally=SkipTally(info.device), samples_at_log=progress.samples_seen,
+                    peak_flops=peak)
+    with contextlib.closing(iter(run.loader)) as batches:  # closing: the loader's workers leave on any exit
+        while progress.samples_seen < cfg.train.total_samples:
+            due = due_after(progress.step + 1, progress.samples_seen + global_batch, cfg=cfg)
+            meters.timer.sync = due.sync  # exact phase times on sync points only
+            # A new DataLoader iterator draws its base seed from the global RNG; forking keeps that draw
+            # out of the model's random stream, or a resumed run would see other dropout masks.
+            with torch.random.fork_rng(devices=[]):
+                batch = next(batches)  # fetch
+            images = normalize_images(batch.images_on(info.device), mean=run.bundle.mean, std=run.bundle.std)
+            texts = batch.texts.to(info.device, non_blocking=True)
+            meters.timer.lap("data_s")
+            lr = lr_at(progress.samples_seen + global_batch, cfg=cfg.optim, total_samples=cfg.train.total_samples)
+            set_lr(run.optimizer, lr)
+            result = train_step(run.model, images, texts, optimizer=run.optimizer, cfg=cfg, device=info.device,
+                                timer=meters.timer, scaler=run.scaler)  # step
+            meters.tally.add(result.skipped)
+            progress.step += 1
+            progress.samples_seen += global_batch
+            run.metrics.advance()
+            if due.sync:
+                at_sync_point(run, progress, meters, result=result, due=due, lr=lr)
 
-        last = progress.samples_seen >= t.total_samples
-        checkpoint_due = crossed(progress.samples_seen, global_batch, t.checkpoint_every_samples) or last
-        maybe_eval(cfg, model=unwrap(model), bundle=bundle, step=progress.step, samples_seen=progress.samples_seen,
-                   batch_size=global_batch, checkpoint_due=checkpoint_due)
-        if not (checkpoint_due or progress.step % t.log_every_steps == 0):
-            continue
-        stats = gather_step_stats(result, tally, model=model, loader=loader, stop_requested=stop_signal.requested)
-        tally.reset()
-        progress.skipped_steps += stats.skipped
-        if stats.max_streak >= t.max_nonfinite_steps:
-            checkpointer.save(progress, emergency=True)
-            raise NonFiniteLoss(
-                f"{stats.max_streak} consecutive steps with non-finite loss or gradients before step "
-                f"{progress.step}; saved the weights (the non-finite updates were skipped). Lower "
-                f"optim.lr_peak, set optim.grad_clip_norm, or use train.precision='bf16'")
-        if checkpoint_due or stats.stop:
-            checkpointer.save(progress, emergency=stats.stop)
-        elapsed = time.perf_counter() - t_log
-        per_device = (progress.samples_seen - samples_at_log) / elapsed / info.world_size
-        t_log, samples_at_log = time.perf_counter(), progress.samples_seen
-        metrics.log({
-            "step": progress.step, "samples_seen": progress.samples_seen, "loss": stats.loss,
-            "grad_norm": stats.grad_norm, "lr": lr, "logit_scale": stats.logit_scale,
-            "samples_per_s": per_device * info.world_size, "samples_per_s_per_device": per_device,
-            "mfu": mfu(flops_per_sample=flops_per_sample, samples_per_s_per_device=per_device, peak=peak),
-            "skipped_steps": progress.skipped_steps, "max_memory_gb": max_memory_gb(info.device),
-            **({"loss_scale": scaler.get_scale()} if scaler is not None and scaler.is_enabled() else {}),
-            **timer.pop(), **stats.data,
-        })
-        if stats.stop:
-            log.warning("stopped at step %d on a signal; start the run again to resume", progress.step)
-            raise Preempted()
+
+def at_sync_point(run: Run, progress: Progress, meters: Meters, *, result: StepResult, due: Due, lr: float) -> None:
+    """Collective, on every rank: agree on the step statistics and the stop flag, act on them (a
+    non-finite streak stops after an emergency save; evaluate, checkpoint or stop when due), log.
+    Raises NonFiniteLoss or Preempted to end the run. The saves for either are emergency saves
+    (synchronous, never pruning: the newest checkpoint before the trouble may be the last good one)."""
+    cfg, received = run.cfg, run.stop_signal.received  # read once: a signal may arrive meanwhile
+    stats = gather_step_stats(result, meters.tally, model=run.model, loader=run.loader,
+                              stop_requested=received is not None)  # agree
+    meters.tally.reset()
+    progress.skipped_steps += stats.skipped
+    if stats.max_streak >= cfg.train.max_nonfinite_steps:
+        run.checkpointer.save(progress, emergency=True)
+        raise NonFiniteLoss(
+            f"{stats.max_streak} consecutive steps with non-finite loss or gradients before step "
+            f"{progress.step}; saved the weights (the non-finite updates were skipped). Lower "
+            f"optim.lr_peak, set optim.grad_clip_norm, or use train.precision='bf16'")
+    if received is not None:  # logged here, not in the signal handler
+        log.warning("received %s: saving and stopping at step %d", received.name, progress.step)
+    if due.eval:
+        maybe_eval(cfg, model=unwrap(run.model), bundle=run.bundle, step=progress.step,
+                   samples_seen=progress.samples_seen, batch_size=cfg.train.global_batch_size,
+                   checkpoint_due=due.checkpoint)
+    if due.checkpoint or stats.stop:
+        run.checkpointer.save(progress, emergency=stats.stop)
+    log_step(run, progress, meters, stats=stats, lr=lr)
+    if stats.stop:
+        stop_preempted(run, progress)
+
+
+def log_step(run: Run, progress: Progress, meters: Meters, *, stats: StepStats, lr: float) -> None:
+    """One metrics line (rank 0 writes it)."""
+    info, scaler = run.info, run.scaler
+    per_device = meters.samples_per_s(progress.samples_seen) / info.world_size
+    run.metrics.log({
+        "step": progress.step, "samples_seen": progress.samples_seen, "loss": stats.loss,
+        "grad_norm": stats.grad_norm, "lr": lr, "logit_scale": stats.logit_scale,
+        "samples_per_s": per_device * info.world_size, "samples_per_s_per_device": per_device,
+        "mfu": mfu(flops_per_sample=run.flops_per_sample, samples_per_s_per_device=per_device, peak=meters.peak_flops),
+        "skipped_steps": progress.skipped_steps, "max_memory_gb": max_memory_gb(info.device),
+        **({"loss_scale": scaler.get_scale()} if scaler is not None and scaler.is_enabled() else {}),
+        **meters.timer.pop(), **stats.data,
+    })
+
+
+def stop_preempted(run: Run, progress: Progress) -> None:
+    """After the stop's checkpoint: rank 0 writes the `preempted` marker (the one place it is written),
+    which tells slurm/train.sbatch to requeue (torchrun's exit code cannot), before any rank exits:
+    a launcher that kills the other ranks once one exits (`srun --kill-on-bad-exit=1`) cannot race
+    the marker, and a watcher sees it before training.json goes (`clipscale.run_state`)."""
+    marker = run.cfg.run_dir / PREEMPTED_MARKER
+    main_does(lambda: marker.write_text(f"{EXIT_PREEMPTED}\n"), what=f"writing {marker}")
+    log.warning("stopped at step %d on a signal; start the run again to resume", progress.step)
+    raise Preempted()
 
 
 def train_step(model: torch.nn.Module, images: torch.Tensor, texts: torch.Tensor, *,
@@ -341,7 +403,7 @@ def build_checkpointer(cfg: Config, *, model, optimizer, loader, progress: Progr
         states["grad_scaler"] = ckpt.PlainState(scaler.state_dict, scaler.load_state_dict)
     return ckpt.Checkpointer(
         cfg.run_dir / "checkpoints", states=states, meta={"config": config_to_dict(cfg)},
-        async_periodic=cfg.train.async_checkpoint,
+        async_periodic=cfg.train.async_checkpoint, collective_timeout_s=cfg.train.collective_timeout_s,
         policy=ckpt.RetentionPolicy(keep_last=cfg.train.keep_last, keep_every_samples=cfg.train.keep_every_samples))
 
 

@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import json
 import logging
+import multiprocessing
+import os
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -27,7 +30,7 @@ from clipscale.data.config import DataConfig
 from clipscale.data.decode import JpegCrop, decode_jpegs_on
 from clipscale.data.shards import DataError, check_first_shards, expand_sources, read_sizes, shard_weights
 from clipscale.data.streams import StreamPlan, StreamReader, StreamState, SubBatch
-from clipscale.dist import ignore_stop_signals, rank0_value
+from clipscale.dist import init_loader_worker, rank0_value
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 2
@@ -63,9 +66,17 @@ class Batch:
 
 def normalize_images(images: torch.Tensor, *, mean, std) -> torch.Tensor:
     """uint8 (B, 3, H, W) -> float32 normalised, once per batch on the batch's device."""
-    mean = torch.tensor(mean, device=images.device, dtype=torch.float32).view(1, 3, 1, 1) * 255
-    std = torch.tensor(std, device=images.device, dtype=torch.float32).view(1, 3, 1, 1) * 255
+    mean, std = _pixel_stats(tuple(mean), tuple(std), images.device)
     return (images.float() - mean) / std
+
+
+@functools.lru_cache(maxsize=8)
+def _pixel_stats(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(1, 3, 1, 1) mean and std in uint8 pixel units on `device`, built once: a tensor made from a
+    Python list is a blocking host-to-device copy, which every step would otherwise pay."""
+    def pixels(values):
+        return torch.tensor(values, dtype=torch.float32).view(1, 3, 1, 1).mul(255).to(device)
+    return pixels(mean), pixels(std)
 
 
 class SharedBuffers:
@@ -136,9 +147,18 @@ class TrainLoader:
         dataset = _WorkerStreams(self.plan, self.cfg, states={s: self.states[s] for s in self.streams},
                                  image_size=self.image_size, tokenizer=self.tokenizer, free=free)
         loader = DataLoader(dataset, batch_size=None, num_workers=self.cfg.workers, pin_memory=self.pin_memory,
-                            worker_init_fn=ignore_stop_signals,  # the training process saves and stops
+                            worker_init_fn=functools.partial(init_loader_worker, parent_pid=os.getpid()),
                             persistent_workers=False, prefetch_factor=2 if self.cfg.workers else None)
         parts = iter(loader)
+        try:
+            yield from self._batches(parts, free)
+        finally:
+            # Closing this generator shuts the workers down now (a sentinel each, then a join), not
+            # whenever an exception's traceback lets the DataLoader iterator go: a rank on its way
+            # out would otherwise wait for workers that wait for it.
+            del parts
+
+    def _batches(self, parts: Iterator, free: torch.Tensor) -> Iterator[Batch]:
         lent: list[tuple[int, int, StorageWeakRef]] = []  # (row of `free`, slot, the slot's storage)
         while True:
             lent = self._reclaim(lent, free)
@@ -188,6 +208,14 @@ class TrainLoader:
         self.totals = {s: st.get("totals", {}) for s, st in enumerate(state["streams"])}
 
 
+def kill_loader_workers() -> None:
+    """SIGKILL this process's DataLoader workers that outlived their loader's shutdown (stuck in a
+    shard read), so that the interpreter's exit, which joins them, is bounded. They hold no state."""
+    for worker in multiprocessing.active_children():
+        worker.kill()
+        worker.join()
+
+
 def sum_counters(counters) -> dict[str, int]:
     total: collections.Counter = collections.Counter()
     for c in counters:
@@ -203,15 +231,14 @@ def merge_rank_states(states: list[dict[str, Any]]) -> dict[str, Any]:
 
 def build_train_loader(cfg: DataConfig, *, tokenizer: Callable, image_size: int, batch_size: int,
                        rank: int, world_size: int, seed: int, device: torch.device = CPU) -> TrainLoader:
-    """Validate the shard spec and stream layout against the launch, then build the loader of batches
-    for the training `device` (batches for a CUDA device arrive in pinned memory). Collective: rank 0
-    lists the shards and reads their sizes once, and every rank uses its list."""
+    """Validate the shard spec and stream layout against the launch (as `check_data` did before the
+    process group), then build the loader of batches for the training `device` (batches for a CUDA
+    device arrive in pinned memory). Collective: rank 0 lists the shards and reads their sizes once,
+    and every rank uses its list."""
     check_decode_device(cfg, device=device)
-    if cfg.train_weights and not cfg.resampled:
-        raise DataError("data.train_weights needs data.resampled=true: exact epochs read every shard once")
     sources, sizes = rank0_value(lambda: list_shards(cfg))
     urls = [u for source in sources for u in source]
-    num_streams = resolve_num_streams(cfg, num_shards=len(urls), batch_size=batch_size, world_size=world_size)
+    num_streams = resolve_layout(cfg, num_shards=len(urls), batch_size=batch_size, world_size=world_size)
     if rank == 0 and cfg.num_streams is None:
         log.info("data.num_streams=%d (unset by the recipe: it follows %d shards, world size %d x %d workers and the "
                  "global batch %d); set it to keep batches the same across launches", num_streams, len(urls),
@@ -227,6 +254,23 @@ def build_train_loader(cfg: DataConfig, *, tokenizer: Callable, image_size: int,
                  num_streams, quota // num_streams, quota, total, len(urls), max(total - quota, 0))
     return TrainLoader(plan, cfg, tokenizer=tokenizer, image_size=image_size, rank=rank, world_size=world_size,
                        device=device)
+
+
+def check_data(cfg: DataConfig, *, global_batch_size: int, world_size: int) -> int:
+    """What `build_train_loader` checks of the data, without a process group: the shard spec (its
+    first shards exist, their sizes are known), data.train_weights and the stream layout against the
+    launch. Cheap enough for every rank to run before the process group starts, so that a bad spec
+    fails at once on every rank. Returns data.num_streams, resolved when the recipe leaves it unset."""
+    sources, _ = list_shards(cfg)
+    return resolve_layout(cfg, num_shards=sum(map(len, sources)), batch_size=global_batch_size // world_size,
+                          world_size=world_size)
+
+
+def resolve_layout(cfg: DataConfig, *, num_shards: int, batch_size: int, world_size: int) -> int:
+    """data.num_streams for this launch (`resolve_num_streams`), after data.train_weights is checked."""
+    if cfg.train_weights and not cfg.resampled:
+        raise DataError("data.train_weights needs data.resampled=true: exact epochs read every shard once")
+    return resolve_num_streams(cfg, num_shards=num_shards, batch_size=batch_size, world_size=world_size)
 
 
 def list_shards(cfg: DataConfig) -> tuple[list[list[str]], list[int]]:

@@ -75,3 +75,18 @@ def test_a_failing_rank_0_step_stops_every_rank_with_its_error(tmp_path):
     assert results[1]["outcome"].startswith("PeerRankError: rank 0 failed completing checkpoint")
     assert "not JSON serializable" in results[1]["outcome"]
     assert ckpt.complete_checkpoints(tmp_path / "checkpoints") == []
+
+
+def async_group_worker(rank: int, port: int, out_dir: str) -> None:
+    start(rank, port)
+    saver = ckpt.Checkpointer(Path(out_dir) / "ckpt", states={"model": ckpt.ModelState(torch.nn.Linear(4, 4))},
+                              policy=ckpt.RetentionPolicy(), async_periodic=True, collective_timeout_s=5)
+    backend = saver.async_group._get_backend(torch.device("cpu"))
+    torch.save({"timeout_s": backend.options._timeout.total_seconds()}, Path(out_dir) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_the_save_thread_gives_up_on_a_lost_peer_after_the_training_timeout(tmp_path):
+    """The asynchronous save's group of its own takes train.collective_timeout_s, not torch's 30 min
+    default: a save thread waiting on a lost peer would otherwise hold the rank's exit that long."""
+    assert [r["timeout_s"] for r in spawn_ranks(async_group_worker, tmp_path, world=WORLD)] == [5.0, 5.0]

@@ -90,7 +90,7 @@ SlurmdLogFile={root}/slurmd.%n.log
 SlurmdPidFile={root}/slurmd.%n.pid
 KillWait=30
 SlurmdParameters=config_overrides
-MinJobAge=600
+MinJobAge=3600
 {nodes}PartitionName=debug Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE State=UP
 """
 
@@ -182,6 +182,22 @@ class Cluster:
 
     def scancel(self, *args: str) -> None:
         _run("scancel", *args, env=self.env)
+
+
+def job_processes(job_id: int | str, *, node: str | None = None) -> list[int]:
+    """Live processes of a job (every process SLURM started for it, and their children, carries
+    SLURM_JOB_ID in its environment), on one virtual node when `node` is given."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if not proc.name.isdigit() or (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                continue
+            env = dict(v.split(b"=", 1) for v in (proc / "environ").read_bytes().split(b"\0") if b"=" in v)
+        except (OSError, IndexError):
+            continue
+        if env.get(b"SLURM_JOB_ID") == str(job_id).encode() and node in (None, env.get(b"SLURMD_NODENAME", b"").decode()):
+            pids.append(int(proc.name))
+    return pids
 
 
 def _wait_gone(pid_file: Path, timeout_s: float = 20) -> None:

@@ -4,6 +4,8 @@ Every training run here has world size 2 and the same global batch, so its final
 equal, bit for bit, those of one uninterrupted 2-process torchrun run on this machine.
 """
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -13,7 +15,7 @@ import pytest
 import torch
 
 from tests.helpers import REPO, run_cli
-from tests.slurm.cluster import FINAL_STATES
+from tests.slurm.cluster import FINAL_STATES, job_processes
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 TRAIN = str(REPO / "slurm" / "train.sbatch")
@@ -79,33 +81,88 @@ def reference(jobs, synthetic_data, runs):
     return final_weights(runs / "reference")
 
 
-def test_preempted_twice_requeues_resumes_and_matches(slurm_cluster, jobs, runs, request):
-    # First: its job is already running. The reference trains only once both stops are done.
+def latest_step(run_dir: Path) -> int:
     from clipscale.checkpoint import complete_checkpoints
 
+    return max((int(p.name.split("_")[1]) for p in complete_checkpoints(run_dir / "checkpoints")), default=0)
+
+
+def wait_for_new_checkpoint(cluster, job: int, run_dir: Path) -> None:
+    """Until the job's current start saves a checkpoint: it is training (a requeued start is started at once)."""
+    seen = latest_step(run_dir)
+    deadline = time.monotonic() + 600
+    while latest_step(run_dir) <= seen:
+        info = cluster.settled(job)
+        assert info["JobState"] not in FINAL_STATES and time.monotonic() < deadline, \
+            f"{info}\n{job_log(run_dir, job)[-6000:]}"
+        if info.get("Reason") == "BeginTime":
+            cluster.start_requeued(job)
+        time.sleep(0.5)
+
+
+def wait_for_restarts(cluster, job: int, restarts: int) -> None:
+    deadline = time.monotonic() + 300
+    while cluster.job(job).get("Restarts") != str(restarts):
+        assert time.monotonic() < deadline, cluster.job(job)
+        time.sleep(0.5)
+
+
+def test_preempted_twice_requeues_resumes_and_matches(slurm_cluster, jobs, runs, request):
+    # First: its job is already running. The reference trains only once both stops are done.
     run_dir, job = runs / "preempted", jobs["preempted"]
-    steps = lambda: [int(p.name.split("_")[1]) for p in complete_checkpoints(run_dir / "checkpoints")]  # noqa: E731
     for restarts in (1, 2):
-        seen = max(steps(), default=0)
-        deadline = time.monotonic() + 300
-        while max(steps(), default=0) <= seen:  # a new checkpoint of this start: it is training
-            info = slurm_cluster.settled(job)
-            assert info["JobState"] not in FINAL_STATES and time.monotonic() < deadline, \
-                f"{info}\n{job_log(run_dir, job)[-6000:]}"
-            if info.get("Reason") == "BeginTime":
-                slurm_cluster.start_requeued(job)
-            time.sleep(0.5)
+        wait_for_new_checkpoint(slurm_cluster, job, run_dir)
         slurm_cluster.scancel("--signal=USR1", "--batch", str(job))  # what --signal=B:USR1@N does
-        deadline = time.monotonic() + 300
-        while slurm_cluster.job(job).get("Restarts") != str(restarts):
-            assert time.monotonic() < deadline, slurm_cluster.job(job)
-            time.sleep(0.5)
+        wait_for_restarts(slurm_cluster, job, restarts)
     info = slurm_cluster.wait(job)
     log = job_log(run_dir, job)
     assert info["JobState"] == "COMPLETED", log[-4000:]
     assert log.count("exited 75 on a signal: requeueing") == 2, log[-4000:]
     assert log.count("resumed from") == 2, log[-4000:]
     assert not (run_dir / "preempted").exists()
+    assert_bitwise_equal(final_weights(run_dir), request.getfixturevalue("reference"))
+
+
+def test_scheduler_requeue_saves_resumes_and_matches(slurm_cluster, synthetic_data, runs, request):
+    """`scontrol requeue` (what a preemption does): SLURM itself sends SIGTERM to every process of
+    the job, requeues it, and kills what is left after KillWait. The ranks save at the next step.
+    Submitted here, not with the others: the job must still be running when this test starts."""
+    run_dir, job = runs / "requeued", submit_train(slurm_cluster, synthetic_data, runs, "requeued")
+    wait_for_new_checkpoint(slurm_cluster, job, run_dir)
+    slurm_cluster.scontrol("requeue", str(job))
+    wait_for_restarts(slurm_cluster, job, 1)
+    info = slurm_cluster.wait(job)
+    log = job_log(run_dir, job)
+    assert info["JobState"] == "COMPLETED", log[-4000:]
+    assert "received SIGTERM: saving and stopping" in log and log.count("resumed from") == 1, log[-4000:]
+    assert_bitwise_equal(final_weights(run_dir), request.getfixturevalue("reference"))
+
+
+def test_lost_node_leaves_no_orphans_and_the_requeued_job_matches(slurm_cluster, synthetic_data, runs, request):
+    """Every process of the job on n2 (its torchrun, rank and loader worker) is SIGKILLed after a
+    checkpoint. Everything else of that start must end by itself, and the next start resumes bitwise."""
+    run_dir, job = runs / "node_lost", submit_train(slurm_cluster, synthetic_data, runs, "node_lost")
+    wait_for_new_checkpoint(slurm_cluster, job, run_dir)
+    lost = job_processes(job, node="n2")
+    assert len(lost) >= 3, lost  # torchrun, its rank, the rank's DataLoader worker
+    for sig in (signal.SIGSTOP, signal.SIGKILL):  # frozen first: none reacts to another's death
+        for pid in lost:
+            os.kill(pid, sig)
+    info = slurm_cluster.wait(job)  # the step is killed (srun --kill-on-bad-exit=1), the job ends
+    assert info["JobState"] == "FAILED", f"{info}\n{job_log(run_dir, job)[-4000:]}"
+    deadline = time.monotonic() + 120
+    while job_processes(job) and time.monotonic() < deadline:
+        time.sleep(1)
+    survivors = {pid: Path(f"/proc/{pid}/cmdline").read_bytes()[:200] for pid in job_processes(job)}
+    for pid in survivors:
+        os.kill(pid, signal.SIGKILL)
+    assert not survivors, f"left running after the job ended: {survivors}"
+    # What SLURM's requeue after a node failure starts; a job of its own here, as a requeue of the
+    # killed job can be cancelled by the nodes' late cleanup of its previous start on a loaded host.
+    again = submit_train(slurm_cluster, synthetic_data, runs, "node_lost")
+    info = slurm_cluster.wait(again)
+    log = job_log(run_dir, again)
+    assert info["JobState"] == "COMPLETED" and "resumed from" in log, log[-4000:]
     assert_bitwise_equal(final_weights(run_dir), request.getfixturevalue("reference"))
 
 

@@ -100,6 +100,74 @@ def test_sweep_with_bad_key_fails_before_any_run(tmp_path):
         load_sweep(recipe)
 
 
+@pytest.mark.parametrize("override, allowed", [
+    ("train.log_every_steps=0", ">= 1"),
+    ("train.max_nonfinite_steps=0", ">= 1"),
+    ("train.keep_last=-1", ">= 0"),
+    ("train.keep_every_samples=-64", ">= 0"),
+    ("train.checkpoint_every_samples=-1", ">= 0"),
+    ("eval.every_samples=-1", ">= 0"),
+    ("train.global_batch_size=0", ">= 1"),
+    ("train.chunk_size=0", ">= 1"),
+    ("train.collective_timeout_s=0", "> 0"),
+    ("train.num_threads=0", ">= 1"),
+    ("optim.lr_peak=0", "> 0"),
+    ("optim.warmup_samples=-1", ">= 0"),
+    ("optim.beta2=1.0", "in [0, 1)"),
+    ("optim.lr_min_ratio=1.5", "in [0, 1]"),
+    ("optim.grad_clip_norm=0", "> 0"),
+    ("model.patch_dropout=1.0", "in [0, 1)"),
+    ("data.num_streams=0", ">= 1"),
+    ("data.workers=-1", ">= 0"),
+    ("data.max_bad_fraction=1.5", "in [0, 1]"),
+    ("data.block_shards=0", ">= 1"),
+    ("data.read_timeout_s=0", "> 0"),
+    ("eval.batch_size=0", ">= 1"),
+])
+def test_every_range_is_checked_when_the_config_is_built(override, allowed):
+    key, value = override.split("=")
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert str(err.value).startswith(f"{key}=")
+    assert f"it must be {allowed}; set {key} to a value {allowed}" in str(err.value)
+
+
+def test_combinations_are_checked_when_the_config_is_built():
+    for overrides, needle in [
+        (["train.total_samples=10"], "less than one global batch"),
+        (["train.precision='fp16'", "train.parallel='fsdp'"], "FSDP2 needs a sharded grad scaler"),
+        (["loss.kind='siglip'"], "set model.init_logit_bias=-10.0"),
+        (["eval.every_samples=64", "train.parallel='fsdp'"], "clipscale eval RUN_DIR --watch"),
+        (["optim.schedule='const-cooldown'", "optim.cooldown_samples=99999"], "shorten the cooldown"),
+    ]:
+        with pytest.raises(ConfigError, match=None) as err:
+            load_config(None, overrides)
+        assert needle in str(err.value)
+
+
+def test_every_numeric_field_has_a_range():
+    """A new numeric field must be added to RANGES (or be free of range, like seeds and logit inits)."""
+    import typing
+
+    from clipscale.config import RANGES
+
+    free = {"run.seed", "model.init_logit_scale", "model.init_logit_bias",
+            "loss.tile_size", "eval.loss_batch_size"}  # LossConfig and EvalConfig check these themselves
+    numeric = {f"{section}.{field}" for section, cls in typing.get_type_hints(Config).items()
+               for field, tp in typing.get_type_hints(cls).items() if {int, float} & {tp, *typing.get_args(tp)}}
+    assert numeric - free - set(RANGES) == set()
+
+
+def test_sweep_points_are_validated_with_the_overrides_applied_to_every_run(tmp_path):
+    """A point shorter than the recipe's batch is valid once the sweep's own overrides shrink the batch."""
+    recipe = write(tmp_path, '[run]\nname = "g"\n[train]\nglobal_batch_size = 256\ntotal_samples = 512\n'
+                             '[sweep]\nsamples = [{ name = "s64", "train.total_samples" = 64 }]\n')
+    with pytest.raises(ConfigError, match="less than one global batch"):
+        load_sweep(recipe)
+    [(name, overrides)] = load_sweep(recipe, ["train.global_batch_size=32"])
+    assert name == "g-s64" and load_config(recipe, [*overrides, "train.global_batch_size=32"]).train.total_samples == 64
+
+
 def test_shipped_recipes_resolve_by_name_and_an_unknown_name_lists_them(tmp_path, monkeypatch):
     from clipscale.config import RECIPES
 

@@ -6,10 +6,12 @@ import numpy as np
 import open_clip
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from clipscale.data import pipeline
 from clipscale.data.config import DataConfig
-from clipscale.data.pipeline import POOL_SLOTS, TrainLoader, build_train_loader, merge_rank_states, sum_counters
+from clipscale.data.pipeline import (POOL_SLOTS, TrainLoader, build_train_loader, merge_rank_states,
+                                    normalize_images, sum_counters)
 from clipscale.data.shards import DataError
 from clipscale.data.streams import StreamPlan
 from tests.shard_kit import write_dataset
@@ -238,6 +240,33 @@ def test_gpu_decoded_batches_match_the_cpu_loader(uneven):
         images = batch.images_on(cuda)
         assert images.device.type == "cuda" and batch.keys == ref.keys
         assert (images.cpu().int() - host_images(ref).int()).abs().float().mean() < 2  # nvJPEG vs libjpeg-turbo
+
+
+class CountOps(TorchDispatchMode):
+    """Records the aten ops run under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+def test_normalize_images_builds_its_constants_once():
+    """Each step normalises a batch; a mean/std tensor made from a Python list per call would be a
+    blocking host-to-device copy per step on a GPU. Only the arithmetic remains after the first call."""
+    images = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
+    mean, std = (0.48, 0.45, 0.40), (0.26, 0.26, 0.27)
+    first = normalize_images(images, mean=mean, std=std)
+    with CountOps() as counter:
+        again = normalize_images(images, mean=list(mean), std=list(std))
+    assert torch.equal(first, again)
+    # images.float() is the one copy; no tensor is made from the lists (lift_fresh) nor scaled again
+    assert sorted(str(op) for op in counter.ops) == ["aten._to_copy.default", "aten.div.Tensor", "aten.sub.Tensor"]
+    reference = (images.float() - torch.tensor(mean).view(1, 3, 1, 1) * 255) / (torch.tensor(std).view(1, 3, 1, 1) * 255)
+    assert torch.equal(again, reference)
 
 
 def test_unset_num_streams_follows_the_shards_and_the_launch(tmp_path, caplog):
