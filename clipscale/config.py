@@ -468,7 +468,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.num_threads": _at_least(1),
     "eval.batch_size": _at_least(1), "eval.num_workers": _at_least(0), "eval.every_samples": _at_least(0),
     "data.train_num_samples": _at_least(1), "data.num_streams": _at_least(1), "data.workers": _at_least(0),
-    "data.shuffle_buffer": _at_least(0), "data.block_shards": _at_least(1),
+    "data.shuffle_buffer": _at_least(0), "data.shuffle_buffer_mb": _above(0), "data.block_shards": _at_least(1),
     "data.crop_scale_min": _within(0, 1), "data.max_bad_fraction": _within(0, 1),
     "data.shard_retries": _at_least(0), "data.retry_backoff_s": _at_least(0), "data.read_timeout_s": _above(0),
     "data.max_failed_shards": _at_least(1),

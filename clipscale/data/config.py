@@ -6,7 +6,6 @@ import re
 
 GENERIC_DIRS = ("train", "training", "shards", "tars", "wds", "webdataset", "data")
 
-from clipscale.errors import DataError  # not from data.shards: a config must load without torch
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -52,11 +51,6 @@ class DataConfig:
     """A shard that delivers no bytes for this long counts as stalled."""
     max_failed_shards: int = 16
     """Stop with an error when this many shards in a row cannot be read."""
-
-    def __post_init__(self) -> None:
-        if not self.shuffle_buffer_mb > 0:
-            raise DataError(f"data.shuffle_buffer_mb={self.shuffle_buffer_mb} must be above 0 (megabytes of "
-                            "samples per stream's shuffle buffer); set e.g. data.shuffle_buffer_mb=256")
 
     @property
     def dataset_name(self) -> str:

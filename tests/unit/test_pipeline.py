@@ -333,5 +333,7 @@ def test_shuffle_buffer_is_bounded_in_bytes_too():
 
 
 def test_shuffle_buffer_mb_must_be_positive():
-    with pytest.raises(DataError, match="data.shuffle_buffer_mb=0 must be above 0"):
-        DataConfig(shuffle_buffer_mb=0)
+    from clipscale.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"data.shuffle_buffer_mb=0 is out of range: it must be > 0"):
+        load_config(None, ["data.shuffle_buffer_mb=0"])
