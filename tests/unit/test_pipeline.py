@@ -335,5 +335,5 @@ def test_shuffle_buffer_is_bounded_in_bytes_too():
 def test_shuffle_buffer_mb_must_be_positive():
     from clipscale.config import ConfigError, load_config
 
-    with pytest.raises(ConfigError, match=r"data.shuffle_buffer_mb=0 is out of range: it must be > 0"):
+    with pytest.raises(ConfigError, match=r"data.shuffle_buffer_mb=0(\.0)? is out of range: it must be > 0"):
         load_config(None, ["data.shuffle_buffer_mb=0"])
