@@ -31,8 +31,6 @@ from clipscale.scaling.fit import Fit, _optimal_log_split, _resampled, _select, 
 from clipscale.scaling import laws
 from clipscale.scaling.results import FitError
 
-Z95 = 1.959964
-
 
 @dataclass(frozen=True, kw_only=True)
 class Candidate:
@@ -224,8 +222,8 @@ class _Simulator:
 
     def widths(self, var: np.ndarray | float) -> tuple[np.ndarray, np.ndarray]:
         """95% CI and PI widths of E at the target for variances of log E."""
-        ci = np.exp(self.center) * 2 * np.sinh(Z95 * np.sqrt(var))
-        pi = np.exp(self.center) * 2 * np.sinh(Z95 * np.sqrt(var + self.var_noise))
+        ci = np.exp(self.center) * 2 * np.sinh(laws.Z95 * np.sqrt(var))
+        pi = np.exp(self.center) * 2 * np.sinh(laws.Z95 * np.sqrt(var + self.var_noise))
         return ci, pi
 
 
@@ -261,7 +259,7 @@ def design(f: Fit, *, target: float, candidates: Sequence[Candidate], budget: fl
     if f.law is not laws.ND and f.frontier != "none":
         notes.append("a law on the frontier assumes every candidate lands on the frontier; an nd fit values "
                      "model size and samples seen separately")
-    half = [np.exp(sim.center - Z95 * np.sqrt(v)) for v in (sim.var_now, sim.var_now + sim.var_noise)]
+    half = [np.exp(sim.center - laws.Z95 * np.sqrt(v)) for v in (sim.var_now, sim.var_now + sim.var_noise)]
     return Design(target=float(target), x=f.x, y=f.y, form=f.form, budget=float(budget), budget_unit=budget_unit,
                   start_ci95=[float(half[0]), float(np.exp(2 * sim.center) / half[0])],
                   start_pi95=[float(half[1]), float(np.exp(2 * sim.center) / half[1])],

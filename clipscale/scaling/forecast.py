@@ -34,14 +34,14 @@ import pandas as pd
 from scipy.optimize import nnls
 from scipy.stats import t as student_t
 
-from clipscale.scaling.fit import Fit, fit
 from clipscale.results import load_results
+from clipscale.scaling import laws
+from clipscale.scaling.fit import Fit, fit
 from clipscale.scaling.results import FitError, select
 
 MOMENTUM = 0.999  # lambda of the annealing momentum (Tissue et al. 2024, sec. 3)
 ALPHAS = np.geomspace(0.05, 3.0, 48)  # the loss law's exponent: a grid, each point a linear NNLS fit
 LAST_EVALS = 3  # the forecast averages the mapping over this many latest evaluations
-Z95 = 1.959964
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -277,7 +277,6 @@ class Forecast:
 def law_prediction(law: Fit, c: RunCurves) -> tuple[float, list[float]]:
     """The grid law's error at the run's final inputs and its 95% PI (nd: params and samples seen; a
     law on an axis: the run's value on it)."""
-    from clipscale.scaling import laws
 
     if law.law is laws.ND:
         curves = laws.evaluate(law.law, law._replicates(), np.array([[c.params, c.total_samples]]))
@@ -321,17 +320,17 @@ def forecast(run_dir: str | Path, *, grid: Sequence[str | Path], metric: str, ev
         n = len(resid)
         bias = float(np.mean(resid))
         half = float(student_t.ppf(0.975, n - 1) * np.std(resid, ddof=1) * np.sqrt(1 + 1 / n))
-        half = max(half, Z95 * float(np.std(own[1:])))
+        half = max(half, laws.Z95 * float(np.std(own[1:])))
     else:
         notes.append(f"only {len(resid)} finished grid runs to calibrate on: the interval is the bootstrap of the "
                      f"loss fit alone and likely too narrow")
-        bias, half = 0.0, Z95 * float(np.std(own[1:]))
+        bias, half = 0.0, laws.Z95 * float(np.std(own[1:]))
     mu = float(own[0] + bias)
     law_mu, law_pi = law_prediction(law, run)
-    sd_own, sd_law = half / Z95, (np.log(law_pi[1]) - np.log(law_pi[0])) / (2 * Z95)
+    sd_own, sd_law = half / laws.Z95, (np.log(law_pi[1]) - np.log(law_pi[0])) / (2 * laws.Z95)
     w = np.array([1 / max(sd_own, 1e-6) ** 2, 1 / max(sd_law, 1e-6) ** 2])
     mu_c = float((w[0] * mu + w[1] * np.log(law_mu)) / w.sum())
-    half_c = Z95 / np.sqrt(w.sum())
+    half_c = laws.Z95 / np.sqrt(w.sum())
     return Forecast(run=run.run, metric=metric, y=law.y, samples_seen=run.samples_seen, total_samples=run.total_samples,
                     observed=[[float(s), float(e)] for s, e in zip(run.eval_samples, run.eval_errors)],
                     forecast=float(np.exp(mu)), forecast_pi95=[float(np.exp(mu - half)), float(np.exp(mu + half))],

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 import numpy as np
 
+Z95 = 1.959964  # two-sided 95% quantile of the standard normal
 BIG = 50.0  # bound of log-coefficients: e^50 covers any coefficient in float64 without overflow
 
 
