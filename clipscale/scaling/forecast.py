@@ -277,7 +277,6 @@ class Forecast:
 def law_prediction(law: Fit, c: RunCurves) -> tuple[float, list[float]]:
     """The grid law's error at the run's final inputs and its 95% PI (nd: params and samples seen; a
     law on an axis: the run's value on it)."""
-
     if law.law is laws.ND:
         curves = laws.evaluate(law.law, law._replicates(), np.array([[c.params, c.total_samples]]))
     else:
