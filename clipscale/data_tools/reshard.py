@@ -46,8 +46,8 @@ from tqdm import tqdm
 
 from clipscale.data.shards import DataError
 from clipscale.data_tools.dedup import RecordWriter, digest, later_occurrences
-from clipscale.data_tools.shardio import (ShardWriter, caption_extension, image_extension, member_key, parallel_map,
-                                          read_json, read_shard, remove_temporary, write_json)
+from clipscale.data_tools.shardio import (ShardWriter, TempFile, caption_extension, image_extension, member_key,
+                                          parallel_map, read_json, read_shard, remove_temporary, write_json)
 
 log = logging.getLogger(__name__)
 MAX_OPEN = 128  # buckets of one split open at once (in step 1, and when splitting one bucket)
@@ -115,7 +115,7 @@ def bound_bytes(params: dict[str, Any]) -> int:
     return int(params["bucket_mb"] * 1e6)
 
 
-class BucketWriter:
+class BucketWriter(TempFile):
     """A bucket: samples framed as (3 x uint32 lengths, key, image, caption), appended in order.
 
     Buckets are this run's private scratch, so they skip tar's 512-byte headers and its parser.
@@ -124,12 +124,8 @@ class BucketWriter:
     """
 
     def __init__(self, path: str) -> None:
-        self.fs, self.path = fsspec.core.url_to_fs(path)
+        super().__init__(path)
         self.url = path
-        directory, name = posixpath.split(self.path)
-        self.fs.makedirs(directory, exist_ok=True)
-        self.tmp = posixpath.join(directory, f".{name}.tmp")
-        self.file = self.fs.open(self.tmp, "wb")
         self.samples, self.bytes = 0, 0
 
     def write(self, sample: dict[str, Any]) -> None:
@@ -138,15 +134,6 @@ class BucketWriter:
         self.file.write(key + sample["image"] + sample["caption"])
         self.samples += 1
         self.bytes += len(key) + len(sample["image"]) + len(sample["caption"]) + SAMPLE_OVERHEAD
-
-    def commit(self) -> None:
-        self.file.close()
-        self.fs.mv(self.tmp, self.path)
-
-    def abort(self) -> None:
-        self.file.close()
-        if self.fs.exists(self.tmp):
-            self.fs.rm(self.tmp)
 
 
 def bucket_samples(path: str) -> Iterator[dict[str, Any]]:

@@ -94,12 +94,9 @@ def ustar_header(name: bytes, size: int) -> bytes:
     return header[:148] + b"%06o\0 " % sum(header) + header[156:]
 
 
-class ShardWriter:
-    """One tar shard written to `.NAME.tmp` next to `path` and renamed to `path` by `commit()`.
-
-    Members carry fixed metadata (mtime 0, mode 0644), so equal samples give equal bytes. Use as a
-    context manager: leaving it with an exception removes the temporary file.
-    """
+class TempFile:
+    """A file written as `.NAME.tmp` next to `path` (any fsspec URL) that appears under `path` only on
+    `commit()`: a run killed mid-write leaves no partial file under the final name."""
 
     def __init__(self, path: str) -> None:
         self.fs, self.path = fsspec.core.url_to_fs(path)
@@ -107,6 +104,27 @@ class ShardWriter:
         self.fs.makedirs(directory, exist_ok=True)
         self.tmp = posixpath.join(directory, f".{name}.tmp")
         self.file = self.fs.open(self.tmp, "wb")
+
+    def commit(self) -> None:
+        self.file.close()
+        self.fs.mv(self.tmp, self.path)
+
+    def abort(self) -> None:
+        """Drop the file: its temporary file is removed and nothing appears under its final name."""
+        self.file.close()
+        if self.fs.exists(self.tmp):
+            self.fs.rm(self.tmp)
+
+
+class ShardWriter(TempFile):
+    """One tar shard written to `.NAME.tmp` next to `path` and renamed to `path` by `commit()`.
+
+    Members carry fixed metadata (mtime 0, mode 0644), so equal samples give equal bytes. Use as a
+    context manager: leaving it with an exception removes the temporary file.
+    """
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
         self.tar = tarfile.open(fileobj=self.file, mode="w", format=tarfile.PAX_FORMAT)
         self.samples, self.bytes = 0, 0
 
@@ -126,14 +144,7 @@ class ShardWriter:
 
     def commit(self) -> None:
         self.tar.close()
-        self.file.close()
-        self.fs.mv(self.tmp, self.path)
-
-    def abort(self) -> None:
-        """Drop the shard: its temporary file is removed and nothing appears under its final name."""
-        self.file.close()
-        if self.fs.exists(self.tmp):
-            self.fs.rm(self.tmp)
+        super().commit()
 
     def __enter__(self) -> ShardWriter:
         return self
