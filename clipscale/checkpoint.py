@@ -371,7 +371,7 @@ class Checkpointer:
             self._publish(tmp, meta)
 
     def _prepare(self, tmp: Path) -> None:
-        """Rank 0: remove what killed saves left (`.tmp`, `.old`), then create `tmp`."""
+        """Rank 0: remove what killed saves or prunes left (`.tmp`, `.old`, `.pruned`), then create `tmp`."""
         for p in self.ckpt_dir.iterdir() if self.ckpt_dir.is_dir() else ():
             if LEFTOVER.fullmatch(p.name):
                 shutil.rmtree(p)

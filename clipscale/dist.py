@@ -87,10 +87,6 @@ class StopSignal:
             signal.signal(sig, self._handle)
         stop_when_launcher_dies()
 
-    @property
-    def requested(self) -> bool:
-        return self.received is not None
-
     def _handle(self, signum: int, frame) -> None:
         if self.received == signal.SIGINT and signum in (signal.SIGINT, signal.SIGTERM):
             _die_of(signal.Signals(signum))

@@ -46,7 +46,6 @@ from clipscale.run_state import PREEMPTED, training_marker
 log = logging.getLogger(__name__)
 MAX_LOGIT_SCALE = math.log(100)  # temperature floor of 0.01 (Radford et al. 2021)
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: saved on a signal, resume by starting again
-PREEMPTED_MARKER = PREEMPTED  # file in the run directory: the last launch saved and exited on a signal
 
 
 class Preempted(SystemExit):
@@ -314,7 +313,7 @@ def stop_preempted(run: Run, progress: Progress) -> None:
     which tells slurm/train.sbatch to requeue (torchrun's exit code cannot), before any rank exits:
     a launcher that kills the other ranks once one exits (`srun --kill-on-bad-exit=1`) cannot race
     the marker, and a watcher sees it before training.json goes (`clipscale.run_state`)."""
-    marker = run.cfg.run_dir / PREEMPTED_MARKER
+    marker = run.cfg.run_dir / PREEMPTED
     main_does(lambda: marker.write_text(f"{EXIT_PREEMPTED}\n"), what=f"writing {marker}")
     log.warning("stopped at step %d on a signal; start the run again to resume", progress.step)
     raise Preempted()

@@ -75,11 +75,12 @@ def signal_torchrun_after_first_checkpoint(data: dict, run_dir: Path, sig: signa
 
 
 def assert_saved_and_preempted(run_dir: Path, first_step: int, output: str) -> None:
-    from clipscale.train import EXIT_PREEMPTED, PREEMPTED_MARKER
+    from clipscale.run_state import PREEMPTED
+    from clipscale.train import EXIT_PREEMPTED
 
     assert "is killed by signal" not in output, output[-4000:]  # no DataLoader worker died of it
     assert max(steps_saved(run_dir)) > first_step, output[-4000:]  # a checkpoint at the stop
-    marker = run_dir / PREEMPTED_MARKER
+    marker = run_dir / PREEMPTED
     assert marker.is_file() and marker.read_text().strip() == str(EXIT_PREEMPTED), output[-4000:]
 
 
